@@ -1,0 +1,15 @@
+"""tokenrelay: a resumable streaming gateway and web chat for OpenAI-compatible LLM APIs."""
+
+from tokenrelay.config import Settings, load_settings
+
+__version__ = "0.1.0"
+
+
+def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def]
+    """Build the ASGI application (imported lazily so ``import tokenrelay`` stays light)."""
+    from tokenrelay.app import create_app as _create_app
+
+    return _create_app(settings)
+
+
+__all__ = ["Settings", "__version__", "create_app", "load_settings"]

@@ -1,0 +1,185 @@
+"""create_app(settings): the ASGI application and the lifespan that builds its parts.
+
+The lifespan owns every long-lived object: the upstream HTTP session, the built-in
+simulator's server (when no upstream is configured), the journal, the store and the hub.
+Handlers reach them through ``request.app.state``; nothing is global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from tokenrelay.config import SIMULATOR, Settings, load_settings
+from tokenrelay.errors import BadRequest, TokenRelayError
+from tokenrelay.hub import Hub
+from tokenrelay.journal.base import open_journal
+from tokenrelay.routes import chat, openai, streams
+from tokenrelay.routes.common import JSONResponse, error_response
+from tokenrelay.upstream import UpstreamClient
+
+log = logging.getLogger("tokenrelay")
+
+WEB_DIR = Path(__file__).parent / "web"
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",
+}
+
+
+@contextlib.asynccontextmanager
+async def _simulator_server(speed: float) -> AsyncIterator[str]:
+    """Run the built-in simulator on a loopback port of this event loop; yield its base URL."""
+    import uvicorn
+
+    from tokenrelay.simulator import SimulatorConfig, create_simulator
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_simulator(SimulatorConfig(speed=speed)),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        http="httptools",
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        server.force_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 5)
+        sock.close()
+
+
+def _open_store(settings: Settings) -> Any:
+    if not settings.database_url or settings.database_url == "none":
+        return None
+    from tokenrelay.store import open_store
+
+    return open_store(settings.database_url, instance_id=settings.instance_id)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    async with contextlib.AsyncExitStack() as stack:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        stack.push_async_callback(session.close)
+        base_urls = {}
+        if SIMULATOR in settings.providers:
+            base_urls[SIMULATOR] = await stack.enter_async_context(
+                _simulator_server(settings.simulator_speed)
+            )
+            log.info("no upstream configured: serving the built-in simulator (simulated models)")
+        upstream = UpstreamClient(settings, session, base_urls)
+        journal = open_journal(settings.journal_url, settings.journal,
+                               instance_id=settings.instance_id)
+        stack.push_async_callback(journal.aclose)
+        store = _open_store(settings)
+        if store is not None:
+            await store.start()
+            stack.push_async_callback(store.aclose)
+        hub = Hub(settings, journal, upstream, store)
+        await hub.startup()
+        app.state.upstream = upstream
+        app.state.journal = journal
+        app.state.store = store
+        app.state.hub = hub
+        try:
+            yield
+        finally:
+            await hub.shutdown(drain_s=0.0)
+
+
+async def _handle_ours(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TokenRelayError)
+    return error_response(exc)
+
+
+async def _handle_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    code = codes.get(exc.status_code, "http_error")
+    return error_response(BadRequest(str(exc.detail), code=code, status=exc.status_code))
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(
+        {"error": {"code": "internal_error", "message": "internal error", "retryable": True}},
+        status_code=500,
+    )
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
+
+
+async def health(request: Request) -> JSONResponse:
+    hub: Hub = request.app.state.hub
+    return JSONResponse(
+        {"status": "draining" if hub.draining else "ok", "streams": len(hub.generations)}
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the tokenrelay ASGI app. Settings default to :func:`load_settings`."""
+    settings = settings or load_settings()
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/healthz", health, methods=["GET"]),
+        *chat.routes,
+        *streams.routes,
+        *openai.routes,
+    ]
+    try:
+        from tokenrelay.routes import conversations
+
+        routes.extend(conversations.routes)
+    except ImportError:  # the history API ships with the store
+        pass
+    routes.append(Mount("/static", StaticFiles(directory=WEB_DIR), name="static"))
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            TokenRelayError: _handle_ours,
+            HTTPException: _handle_http,
+            Exception: _handle_unexpected,
+        },
+    )
+    app.state.settings = settings
+    return app

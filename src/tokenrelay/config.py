@@ -1,0 +1,361 @@
+"""Settings: read once from a TOML file and the environment, typed, frozen, validated.
+
+This is the only module that reads the environment or the config file. Everything else
+gets a :class:`Settings` passed down, so any component can be tested with a hand-built one.
+
+Sources, later ones winning: built-in defaults, the TOML file (``--config`` or
+``TOKENRELAY_CONFIG``), then ``TOKENRELAY_*`` environment variables.
+
+With no upstream configured at all, every model routes to the built-in simulator.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from tokenrelay.errors import ConfigError
+from tokenrelay.journal.base import JournalLimits
+
+SIMULATOR = "simulator"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Time budgets for one upstream request, in seconds."""
+
+    connect: float = 10.0
+    first_token: float = 120.0  # reasoning models can think for minutes
+    idle: float = 60.0  # between two chunks once streaming
+    total: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries before the first token: exponential backoff with full jitter."""
+
+    max_attempts: int = 4  # per model, including the first try
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+    max_retry_after: float = 60.0  # cap on what an upstream's Retry-After may make us wait
+    budget: float = 120.0  # total seconds spent waiting across attempts and fallbacks
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """An OpenAI-compatible upstream."""
+
+    name: str
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    timeouts: Timeouts = Timeouts()
+    retry: RetryPolicy = RetryPolicy()
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """A client-facing model name mapped to a provider and its upstream model name."""
+
+    name: str
+    provider: str
+    upstream_model: str
+    fallbacks: tuple[str, ...] = ()
+    think_tags: bool = False  # <think>...</think> inside content is reasoning
+    description: str = ""
+    simulated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Request limits (4xx when exceeded)."""
+
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 500
+    max_message_chars: int = 200_000
+    max_tokens_cap: int = 32_768
+    body_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything tokenrelay needs to run; frozen once loaded."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    providers: Mapping[str, Provider] = field(default_factory=dict)
+    models: Mapping[str, ModelRoute] = field(default_factory=dict)
+    passthrough_provider: str | None = None  # any unknown model name goes here
+    default_model: str | None = None
+    heartbeat_s: float = 15.0
+    grace_s: float = 30.0
+    send_timeout_s: float = 30.0  # a client that does not read for this long is dropped
+    checkpoint_s: float = 1.0
+    journal_url: str = "memory://"
+    journal: JournalLimits = JournalLimits()
+    database_url: str = "sqlite:///tokenrelay.db"
+    redis_url: str | None = None
+    limits: Limits = Limits()
+    simulator_speed: float = 1.0
+    log_level: str = "info"
+    instance_id: str | None = None
+
+    def route(self, model: str) -> ModelRoute | None:
+        """The route for a client-facing model name, or None if unknown."""
+        found = self.models.get(model)
+        if found is None and self.passthrough_provider is not None and model:
+            return ModelRoute(model, self.passthrough_provider, model)
+        return found
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every upstream key, for redaction."""
+        return tuple(p.api_key for p in self.providers.values() if p.api_key)
+
+
+_ENV_FLOATS = {
+    "TOKENRELAY_HEARTBEAT_S": "heartbeat_s",
+    "TOKENRELAY_GRACE_S": "grace_s",
+    "TOKENRELAY_SEND_TIMEOUT_S": "send_timeout_s",
+    "TOKENRELAY_CHECKPOINT_S": "checkpoint_s",
+    "TOKENRELAY_SIMULATOR_SPEED": "simulator_speed",
+}
+_ENV_STRINGS = {
+    "TOKENRELAY_HOST": "host",
+    "TOKENRELAY_JOURNAL_URL": "journal_url",
+    "TOKENRELAY_DATABASE_URL": "database_url",
+    "TOKENRELAY_REDIS_URL": "redis_url",
+    "TOKENRELAY_LOG_LEVEL": "log_level",
+    "TOKENRELAY_DEFAULT_MODEL": "default_model",
+    "TOKENRELAY_INSTANCE_ID": "instance_id",
+}
+_TIMEOUT_ENV = {
+    "TOKENRELAY_CONNECT_TIMEOUT_S": "connect",
+    "TOKENRELAY_FIRST_TOKEN_TIMEOUT_S": "first_token",
+    "TOKENRELAY_IDLE_TIMEOUT_S": "idle",
+    "TOKENRELAY_TOTAL_TIMEOUT_S": "total",
+}
+_RETRY_ENV = {
+    "TOKENRELAY_RETRY_MAX_ATTEMPTS": "max_attempts",
+    "TOKENRELAY_RETRY_BASE_DELAY_S": "base_delay",
+    "TOKENRELAY_RETRY_MAX_DELAY_S": "max_delay",
+    "TOKENRELAY_RETRY_AFTER_MAX_S": "max_retry_after",
+    "TOKENRELAY_RETRY_BUDGET_S": "budget",
+}
+_JOURNAL_ENV = {
+    "TOKENRELAY_JOURNAL_MAX_EVENTS": "max_events",
+    "TOKENRELAY_JOURNAL_MAX_BYTES": "max_bytes",
+    "TOKENRELAY_JOURNAL_MAX_STREAMS": "max_streams",
+    "TOKENRELAY_RETENTION_S": "retention_s",
+}
+_LIMITS_ENV = {
+    "TOKENRELAY_MAX_BODY_BYTES": "max_body_bytes",
+    "TOKENRELAY_MAX_MESSAGES": "max_messages",
+    "TOKENRELAY_MAX_MESSAGE_CHARS": "max_message_chars",
+    "TOKENRELAY_MAX_TOKENS_CAP": "max_tokens_cap",
+    "TOKENRELAY_BODY_TIMEOUT_S": "body_timeout_s",
+}
+
+
+def _number(key: str, value: Any, kind: type) -> Any:
+    """Convert ``value`` to int/float or fail naming the key (starlette.config style)."""
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"Config {key!r} has value {value!r}. Not a valid {kind.__name__}."
+        ) from None
+    if number < 0:
+        raise ConfigError(f"Config {key!r} has value {value!r}. Must not be negative.")
+    return number
+
+
+def _overlay(obj: Any, values: Mapping[str, Any], where: str) -> Any:
+    """Return a copy of dataclass ``obj`` with ``values`` applied, type-checked per field."""
+    known = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"Config '{where}.{key}' is not a known setting.")
+        current = getattr(obj, key)
+        if isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"Config '{where}.{key}' has value {value!r}. Not a bool.")
+            changes[key] = value
+        elif isinstance(current, int | float):
+            changes[key] = _number(f"{where}.{key}", value, type(current))
+        else:
+            changes[key] = value
+    return replace(obj, **changes)
+
+
+def _env_overlay(
+    obj: Any, env: Mapping[str, str], table: Mapping[str, str], where: str
+) -> Any:
+    return _overlay(
+        obj, {attr: env[key] for key, attr in table.items() if key in env}, where
+    )
+
+
+def simulator_models() -> dict[str, ModelRoute]:
+    """Routes for the built-in simulator's models."""
+    from tokenrelay.simulator import DEFAULT_MODELS
+
+    return {
+        spec.name: ModelRoute(
+            spec.name,
+            SIMULATOR,
+            spec.name,
+            think_tags=spec.think_tags,
+            description=spec.description,
+            simulated=True,
+        )
+        for spec in DEFAULT_MODELS
+    }
+
+
+def _parse_providers(raw: Any, env: Mapping[str, str]) -> dict[str, Provider]:
+    if not isinstance(raw, dict):
+        raise ConfigError("Config 'providers' must be a table of tables.")
+    providers: dict[str, Provider] = {}
+    for name, table in raw.items():
+        where = f"providers.{name}"
+        if not isinstance(table, dict) or not isinstance(table.get("base_url"), str):
+            raise ConfigError(f"Config '{where}.base_url' is required (a URL string).")
+        key_env = table.get("api_key_env")
+        api_key = None
+        if key_env is not None:
+            if not isinstance(key_env, str):
+                raise ConfigError(f"Config '{where}.api_key_env' must name a variable.")
+            api_key = env.get(key_env) or None
+            if api_key is None:
+                raise ConfigError(
+                    f"Config '{where}.api_key_env' names {key_env!r}, which is not set."
+                )
+        headers = table.get("headers", {})
+        if not isinstance(headers, dict):
+            raise ConfigError(f"Config '{where}.headers' must be a table of strings.")
+        providers[name] = Provider(
+            name=name,
+            base_url=table["base_url"].rstrip("/"),
+            api_key=api_key,
+            timeouts=_overlay(Timeouts(), table.get("timeouts", {}), f"{where}.timeouts"),
+            retry=_overlay(RetryPolicy(), table.get("retry", {}), f"{where}.retry"),
+            headers=tuple((str(k), str(v)) for k, v in headers.items()),
+        )
+        unknown = set(table) - {"base_url", "api_key_env", "timeouts", "retry", "headers"}
+        if unknown:
+            raise ConfigError(f"Config '{where}.{sorted(unknown)[0]}' is not a known setting.")
+    return providers
+
+
+def _parse_models(raw: Any, providers: Mapping[str, Provider]) -> dict[str, ModelRoute]:
+    if not isinstance(raw, dict):
+        raise ConfigError("Config 'models' must be a table of tables.")
+    models: dict[str, ModelRoute] = {}
+    for name, table in raw.items():
+        where = f"models.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"Config '{where}' must be a table.")
+        provider = table.get("provider")
+        if provider not in providers:
+            raise ConfigError(f"Config '{where}.provider' names unknown provider {provider!r}.")
+        fallbacks = table.get("fallbacks", [])
+        if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
+            raise ConfigError(f"Config '{where}.fallbacks' must be a list of model names.")
+        models[name] = ModelRoute(
+            name=name,
+            provider=provider,
+            upstream_model=str(table.get("upstream_model", name)),
+            fallbacks=tuple(fallbacks),
+            think_tags=bool(table.get("think_tags", False)),
+            description=str(table.get("description", "")),
+        )
+    for route in models.values():
+        for fallback in route.fallbacks:
+            if fallback not in models:
+                raise ConfigError(
+                    f"Config 'models.{route.name}.fallbacks' names unknown model {fallback!r}."
+                )
+    return models
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build :class:`Settings` from defaults, a TOML file, the environment and overrides."""
+    env = os.environ if environ is None else environ
+    path = path or env.get("TOKENRELAY_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"Cannot read config file {str(path)!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {exc}") from None
+
+    server = data.get("server", {})
+    settings = Settings()
+    simple = {k: v for k, v in server.items() if k not in ("journal", "limits")}
+    settings = _overlay(settings, simple, "server")
+    journal = _overlay(JournalLimits(), server.get("journal", {}), "server.journal")
+    limits = _overlay(Limits(), server.get("limits", {}), "server.limits")
+
+    settings = _env_overlay(settings, env, _ENV_FLOATS, "env")
+    settings = replace(
+        settings, **{attr: env[key] for key, attr in _ENV_STRINGS.items() if key in env}
+    )
+    if "TOKENRELAY_PORT" in env:
+        settings = replace(settings, port=_number("TOKENRELAY_PORT", env["TOKENRELAY_PORT"], int))
+    journal = _env_overlay(journal, env, _JOURNAL_ENV, "env")
+    limits = _env_overlay(limits, env, _LIMITS_ENV, "env")
+
+    providers = _parse_providers(data.get("providers", {}), env)
+    models = _parse_models(data.get("models", {}), providers)
+    passthrough = None
+    if env.get("TOKENRELAY_UPSTREAM_URL"):
+        providers["upstream"] = Provider(
+            "upstream",
+            env["TOKENRELAY_UPSTREAM_URL"].rstrip("/"),
+            api_key=env.get("TOKENRELAY_UPSTREAM_API_KEY") or None,
+        )
+        passthrough = "upstream"
+    if not providers:
+        providers[SIMULATOR] = Provider(SIMULATOR, "")  # base_url filled in by the app
+        models = simulator_models()
+
+    # Env tunables apply to every provider (handy for tests and single-upstream setups).
+    providers = {
+        name: replace(
+            p,
+            timeouts=_env_overlay(p.timeouts, env, _TIMEOUT_ENV, "env"),
+            retry=_env_overlay(p.retry, env, _RETRY_ENV, "env"),
+        )
+        for name, p in providers.items()
+    }
+    default_model = settings.default_model or (next(iter(models)) if models else None)
+    if SIMULATOR in providers and "sim-chat" in models and not settings.default_model:
+        default_model = "sim-chat"
+    settings = replace(
+        settings,
+        providers=providers,
+        models=models,
+        passthrough_provider=passthrough,
+        default_model=default_model,
+        journal=journal,
+        limits=limits,
+    )
+    if overrides:
+        settings = replace(settings, **overrides)
+    if settings.heartbeat_s <= 0:
+        raise ConfigError("Config 'heartbeat_s' must be positive.")
+    if settings.redis_url and settings.journal_url == "memory://":
+        settings = replace(settings, journal_url=settings.redis_url)
+    return settings

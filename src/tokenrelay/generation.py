@@ -1,0 +1,356 @@
+"""One answer's task: upstream events -> numbered SSE frames in the journal.
+
+A generation never touches a socket. It owns the upstream request (through an
+:class:`~tokenrelay.upstream.UpstreamCall`), appends frames to its stream's journal, keeps
+the text so far (checkpointed to the store about once a second), and always ends the
+stream with exactly one terminal frame:
+
+* ``done`` with state ``complete`` (the upstream sent ``[DONE]``),
+* ``done`` with state ``cancelled`` (Stop, or nobody came back within the grace period),
+* ``error`` with state ``error`` (upstream failure, journal bound) or ``interrupted``
+  (the process is shutting down).
+
+Cancelling is ``Generation.cancel(reason)``: it cancels the inner relay task, which exits
+the upstream response context and closes the upstream connection, so the provider stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tokenrelay import events as ev
+from tokenrelay.config import ModelRoute
+from tokenrelay.errors import JournalFull, TokenRelayError, UpstreamError
+from tokenrelay.journal.base import Journal
+from tokenrelay.store.base import AssistantResult, Store
+from tokenrelay.upstream import RetryNotice, UpstreamClient
+
+log = logging.getLogger("tokenrelay.generation")
+
+CANCEL_USER = "user"
+CANCEL_ABANDONED = "abandoned"
+CANCEL_SHUTDOWN = "shutdown"
+
+
+class Generation:
+    """Runs one answer from the upstream into the journal (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        stream_id: str,
+        message_id: str,
+        conversation_id: str | None,
+        owner: str,
+        route: ModelRoute,
+        body: dict[str, Any],
+        journal: Journal,
+        upstream: UpstreamClient,
+        store: Store | None,
+        checkpoint_s: float = 1.0,
+        on_finish: Callable[[Generation], Awaitable[None] | None] | None = None,
+        observer: Any = None,
+    ) -> None:
+        self.stream_id = stream_id
+        self.message_id = message_id
+        self.conversation_id = conversation_id
+        self.owner = owner
+        self.route = route
+        self.body = body
+        self.journal = journal
+        self.upstream = upstream
+        self.store = store
+        self.checkpoint_s = checkpoint_s
+        self.on_finish = on_finish
+        self.observer = observer  # metrics hooks (optional)
+        self.seq = 0
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.usage: ev.Usage | None = None
+        self.finish_reason: str | None = None
+        self.state = ev.STREAMING
+        self.model_used = route.name
+        self.created = time.time()
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.cancel_reason: str | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
+        self._dirty = False
+        self.error: TokenRelayError | None = None
+        self.finished = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start_frame(self) -> bytes:
+        """The ``start`` event; appended by the hub before the task runs (first bytes)."""
+        self.seq = 1
+        payload = {
+            "stream_id": self.stream_id,
+            "message_id": self.message_id,
+            "conversation_id": self.conversation_id,
+            "model": self.route.name,
+            "created": int(self.created),
+        }
+        return ev.frame(1, ev.START, ev.dumps(payload))
+
+    def start(self) -> asyncio.Task[None]:
+        self.task = asyncio.get_running_loop().create_task(
+            self.run(), name=f"generation-{self.stream_id[:8]}"
+        )
+        return self.task
+
+    def cancel(self, reason: str = CANCEL_USER) -> bool:
+        """Ask the generation to stop; False if it had already finished."""
+        if self.finished.is_set() or self.cancel_reason is not None:
+            return False
+        self.cancel_reason = reason
+        # Only the inner relay task is cancelled: the outer task must live on to write the
+        # terminal frame (run() checks cancel_reason before it starts the relay).
+        if self._relay is not None:
+            self._relay.cancel()
+        return True
+
+    async def run(self) -> None:
+        checkpointer = None
+        if self.store is not None and self.checkpoint_s > 0:
+            checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
+        error: TokenRelayError | None = None
+        try:
+            self._relay = asyncio.get_running_loop().create_task(self._relay_upstream())
+            if self.cancel_reason is not None:
+                self._relay.cancel()
+            try:
+                await self._relay
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+            if self.cancel_reason is not None and self.state == ev.STREAMING:
+                self.state = (
+                    ev.INTERRUPTED if self.cancel_reason == CANCEL_SHUTDOWN else ev.CANCELLED
+                )
+        except TokenRelayError as exc:
+            error = exc
+            self.state = ev.FAILED
+        except asyncio.CancelledError:
+            self.state = ev.INTERRUPTED
+            raise
+        except Exception as exc:  # a bug must still end the stream for its readers
+            log.exception("generation %s failed", self.stream_id[:8])
+            error = TokenRelayError("internal error while streaming the answer")
+            self.state = ev.FAILED
+            del exc
+        finally:
+            if checkpointer is not None:
+                checkpointer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await checkpointer
+            await asyncio.shield(self._finish(error))
+
+    async def _relay_upstream(self) -> None:
+        call = self.upstream.call(self.route, self.body, on_retry=self._on_retry)
+        try:
+            async for batch in call.events():
+                await self._append_batch(batch)
+            self.state = ev.COMPLETE
+        finally:
+            self.model_used = call.route_used.name
+            self.content_chunks = call.content_chunks
+
+    # -- events -> frames (the hot path) -------------------------------------------------
+
+    async def _append_batch(self, batch: list[ev.Event]) -> None:
+        frames: list[bytes] = []
+        seq = self.seq
+        for item in batch:
+            kind = type(item)
+            if kind is ev.TextDelta:
+                seq += 1
+                frames.append(ev.text_frame(seq, item.text))  # type: ignore[union-attr]
+                self.text.append(item.text)  # type: ignore[union-attr]
+            elif kind is ev.ReasoningDelta:
+                seq += 1
+                frames.append(ev.frame(seq, ev.REASONING, ev.dumps({"reasoning": item.text})))  # type: ignore[union-attr]
+                self.reasoning.append(item.text)  # type: ignore[union-attr]
+            elif kind is ev.ToolCallDelta:
+                seq += 1
+                frames.append(self._tool_frame(seq, item))  # type: ignore[arg-type]
+            elif kind is ev.Usage:
+                self.usage = item  # type: ignore[assignment]
+            elif kind is ev.Finish:
+                self.finish_reason = item.reason  # type: ignore[union-attr]
+        if frames:
+            now = time.monotonic()
+            if self.first_token_at is None:
+                self.first_token_at = now
+                if self.observer is not None:
+                    self.observer.first_token(self, now - self.started)
+            self.last_token_at = now
+            await self.journal.append(self.stream_id, frames)
+            self.seq = seq
+            self._dirty = True
+            if self.observer is not None:
+                self.observer.relayed(self, len(frames))
+
+    def _tool_frame(self, seq: int, item: ev.ToolCallDelta) -> bytes:
+        call = self.tool_calls.setdefault(
+            item.index, {"index": item.index, "id": None, "name": None, "arguments": ""}
+        )
+        if item.id:
+            call["id"] = item.id
+        if item.name:
+            call["name"] = item.name
+        call["arguments"] += item.arguments
+        payload = {
+            "index": item.index,
+            "id": item.id,
+            "name": item.name,
+            "arguments": item.arguments,
+        }
+        return ev.frame(seq, ev.TOOL_CALL, ev.dumps(payload))
+
+    async def _on_retry(self, notice: RetryNotice) -> None:
+        self.seq += 1
+        payload = {
+            "attempt": notice.attempt,
+            "max_attempts": notice.max_attempts,
+            "wait_ms": round(notice.wait_s * 1000),
+            "reason": notice.reason,
+            "status": notice.status,
+            "model": notice.model,
+            "next_model": notice.next_model,
+            "message": notice.message,
+        }
+        await self.journal.append(self.stream_id, [ev.frame(self.seq, ev.RETRY, ev.dumps(payload))])
+        if self.observer is not None:
+            self.observer.retry(self, notice)
+
+    # -- the end -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        tokens = self.completion_tokens()
+        ttft = None if self.first_token_at is None else (self.first_token_at - self.started)
+        tps = None
+        if self.first_token_at is not None and self.last_token_at is not None:
+            span = self.last_token_at - self.first_token_at
+            if span > 0 and tokens > 1:
+                tps = (tokens - 1) / span
+        return {
+            "ttft_ms": None if ttft is None else round(ttft * 1000, 1),
+            "tokens_per_s": None if tps is None else round(tps, 1),
+            "tokens": tokens,
+            "duration_ms": round((now - self.started) * 1000, 1),
+        }
+
+    def completion_tokens(self) -> int:
+        if self.usage is not None:
+            return self.usage.completion_tokens
+        chunks = getattr(self, "content_chunks", 0)
+        if chunks:
+            return int(chunks)
+        chars = sum(len(t) for t in self.text) + sum(len(t) for t in self.reasoning)
+        return max(1, round(chars / 4)) if chars else 0
+
+    def _usage_payload(self) -> dict[str, Any]:
+        if self.usage is not None:
+            u = self.usage
+            return {
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "total_tokens": u.total_tokens,
+                "estimated": False,
+            }
+        tokens = self.completion_tokens()
+        return {
+            "prompt_tokens": None,
+            "completion_tokens": tokens,
+            "total_tokens": None,
+            "estimated": True,
+        }
+
+    async def _finish(self, error: TokenRelayError | None) -> None:
+        self.error = error
+        seq = self.seq + 1
+        stats = self.stats()
+        if error is None and self.state in (ev.COMPLETE, ev.CANCELLED):
+            payload = {
+                "state": self.state,
+                "finish_reason": self.finish_reason
+                or ("cancelled" if self.state == ev.CANCELLED else None),
+                "model": self.model_used,
+                "usage": self._usage_payload(),
+                "stats": stats,
+            }
+            frame = ev.frame(seq, ev.DONE, ev.dumps(payload))
+        else:
+            if error is None:
+                error = TokenRelayError(
+                    "the server shut down before the answer was complete", code="interrupted"
+                )
+                error.retryable = True
+            elif isinstance(error, UpstreamError | JournalFull):
+                error.message = self.upstream.redact(error.message)
+            payload = {
+                "error": error.to_dict(),
+                "state": self.state,
+                "model": self.model_used,
+                "usage": self._usage_payload(),
+                "stats": stats,
+            }
+            frame = ev.frame(seq, ev.ERROR, ev.dumps(payload))
+        try:
+            if await self.journal.finish(self.stream_id, frame, self.state):
+                self.seq = seq
+        except Exception:
+            log.exception("cannot write the end of stream %s", self.stream_id[:8])
+        if self.store is not None:
+            usage = self.usage
+            result = AssistantResult(
+                state=self.state,
+                content="".join(self.text),
+                reasoning="".join(self.reasoning),
+                tool_calls=list(self.tool_calls.values()) or None,
+                finish_reason=self.finish_reason,
+                model_used=self.model_used,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=self.completion_tokens(),
+                usage_estimated=usage is None,
+                ttft_ms=stats["ttft_ms"],
+                tokens_per_s=stats["tokens_per_s"],
+                error_code=error.code if error else None,
+                error_message=error.message if error else None,
+            )
+            try:
+                await self.store.finish_assistant(self.message_id, result)
+            except Exception:
+                log.warning("cannot store the end of message %s", self.message_id[:8])
+        self.finished.set()
+        if self.observer is not None:
+            self.observer.finished(self, error)
+        if self.on_finish is not None:
+            result_ = self.on_finish(self)
+            if result_ is not None:
+                await result_
+
+    async def _checkpoints(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.checkpoint_s)
+            if not self._dirty:
+                continue
+            self._dirty = False
+            try:
+                await self.store.checkpoint(
+                    self.message_id, "".join(self.text), "".join(self.reasoning)
+                )
+            except Exception:
+                log.warning("checkpoint of message %s failed", self.message_id[:8])

@@ -1,0 +1,242 @@
+"""The hub: registry of this process's live generations, subscriber counts and grace timers.
+
+Routes ask the hub to start, find, follow and cancel streams; the hub never writes to a
+socket. Streams are visible only to their owner: any other caller gets
+:class:`~tokenrelay.errors.StreamNotFound`, exactly like an unknown id.
+
+Grace period: when the last subscriber of a live stream leaves, a timer of ``grace_s``
+starts; a subscriber that (re)attaches in time cancels it, otherwise the generation is
+cancelled so the provider stops billing for an answer nobody reads.
+
+In a cluster (Redis journal) a cancel for a stream owned by another instance travels
+through the journal's cancel channel, and this instance renews a lease for each of its
+live generations so readers elsewhere can tell a dead owner from a slow one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tokenrelay.config import ModelRoute, Settings
+from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError
+from tokenrelay.generation import CANCEL_ABANDONED, CANCEL_SHUTDOWN, CANCEL_USER, Generation
+from tokenrelay.journal.base import Journal, StreamInfo
+from tokenrelay.store.base import Store
+from tokenrelay.upstream import UpstreamClient
+
+log = logging.getLogger("tokenrelay.hub")
+
+
+def new_id(prefix: str = "") -> str:
+    """An unguessable id: 128 random bits, URL-safe."""
+    return prefix + secrets.token_urlsafe(16)
+
+
+class Hub:
+    """See module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        journal: Journal,
+        upstream: UpstreamClient,
+        store: Store | None = None,
+        observer: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.upstream = upstream
+        self.store = store
+        self.observer = observer
+        self.instance_id = settings.instance_id or new_id("i-")
+        self.generations: dict[str, Generation] = {}
+        self._subscribers: dict[str, int] = {}
+        self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._grace_override: dict[str, float] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self.draining = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._listen_cancels()))
+        if self.journal.distributed:
+            self._background.append(loop.create_task(self._renew_leases()))
+
+    async def shutdown(self, drain_s: float = 0.0) -> None:
+        """Stop accepting streams, let running ones finish up to ``drain_s``, end the rest."""
+        self.draining = True
+        live = [g for g in self.generations.values() if g.task is not None]
+        if live and drain_s > 0:
+            await asyncio.wait([g.finished.wait() for g in live], timeout=drain_s)  # type: ignore[misc]
+        for gen in list(self.generations.values()):
+            gen.cancel(CANCEL_SHUTDOWN)
+        tasks = [g.task for g in self.generations.values() if g.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        for handle in self._grace.values():
+            handle.cancel()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- streams -------------------------------------------------------------------------
+
+    async def start(
+        self,
+        *,
+        owner: str,
+        route: ModelRoute,
+        body: dict[str, Any],
+        conversation_id: str | None = None,
+        message_id: str | None = None,
+        grace_s: float | None = None,
+        record: bool = False,
+    ) -> Generation:
+        """Create the stream, write its ``start`` event, and launch the generation.
+
+        With ``record`` (and a store), the answer is stored as an assistant message of
+        ``conversation_id``: created now as ``streaming``, checkpointed, then finished.
+        """
+        if self.draining:
+            raise ServiceUnavailable("this instance is shutting down; retry on another one")
+        stream_id = new_id()
+        store = self.store if record and conversation_id else None
+        gen = Generation(
+            stream_id=stream_id,
+            message_id=message_id or new_id("m-"),
+            conversation_id=conversation_id,
+            owner=owner,
+            route=route,
+            body=body,
+            journal=self.journal,
+            upstream=self.upstream,
+            store=store,
+            checkpoint_s=self.settings.checkpoint_s,
+            on_finish=self._forget,
+            observer=self.observer,
+        )
+        meta = {
+            "owner": owner,
+            "model": route.name,
+            "message_id": gen.message_id,
+            "conversation_id": conversation_id,
+            "instance": self.instance_id,
+            "created": int(gen.created),
+        }
+        if store is not None and conversation_id is not None:
+            try:
+                await store.begin_assistant(
+                    owner, conversation_id, gen.message_id, stream_id, route.name
+                )
+            except TokenRelayError:
+                raise
+            except Exception as exc:
+                raise ServiceUnavailable("the database is unavailable; try again shortly") from exc
+        await self.journal.create(stream_id, meta)
+        await self.journal.append(stream_id, [gen.start_frame()])
+        self.generations[stream_id] = gen
+        if grace_s is not None:
+            self._grace_override[stream_id] = grace_s
+        gen.start()
+        return gen
+
+    async def _forget(self, gen: Generation) -> None:
+        self.generations.pop(gen.stream_id, None)
+        self._grace_override.pop(gen.stream_id, None)
+        handle = self._grace.pop(gen.stream_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def info(self, stream_id: str, owner: str) -> StreamInfo:
+        """The stream's info if it exists and belongs to ``owner``; else StreamNotFound."""
+        info = await self.journal.info(stream_id)
+        if info is None or info.meta.get("owner") != owner:
+            raise StreamNotFound("no such stream (unknown, expired, or not yours)")
+        return info
+
+    async def cancel(self, stream_id: str, owner: str) -> bool:
+        """Stop a stream. True if a live generation was asked to stop."""
+        info = await self.info(stream_id, owner)
+        if info.finished:
+            return False
+        gen = self.generations.get(stream_id)
+        if gen is not None:
+            return gen.cancel(CANCEL_USER)
+        await self.journal.request_cancel(stream_id)
+        return True
+
+    async def _listen_cancels(self) -> None:
+        while True:
+            try:
+                async for stream_id in self.journal.cancel_requests():
+                    gen = self.generations.get(stream_id)
+                    if gen is not None:
+                        gen.cancel(CANCEL_USER)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cancel channel failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+    async def _renew_leases(self) -> None:
+        period = max(0.05, float(getattr(self.journal, "lease_s", 5.0)) / 3)
+        while True:
+            try:
+                await self.journal.hold(list(self.generations))  # type: ignore[attr-defined]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease renewal failed (%s)", type(exc).__name__)
+            await asyncio.sleep(period)
+
+    # -- subscribers and the grace period -----------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscribed(self, stream_id: str) -> AsyncIterator[None]:
+        """Count a subscriber for the grace period while the block runs."""
+        self._subscribers[stream_id] = self._subscribers.get(stream_id, 0) + 1
+        handle = self._grace.pop(stream_id, None)
+        if handle is not None:
+            handle.cancel()
+        try:
+            yield
+        finally:
+            left = self._subscribers.get(stream_id, 1) - 1
+            if left > 0:
+                self._subscribers[stream_id] = left
+            else:
+                self._subscribers.pop(stream_id, None)
+                self._start_grace(stream_id)
+
+    def _start_grace(self, stream_id: str) -> None:
+        gen = self.generations.get(stream_id)
+        if gen is None or gen.finished.is_set():
+            return
+        grace = self._grace_override.get(stream_id, self.settings.grace_s)
+        loop = asyncio.get_running_loop()
+        if grace <= 0:
+            gen.cancel(CANCEL_ABANDONED)
+            return
+        self._grace[stream_id] = loop.call_later(grace, self._abandon, stream_id)
+
+    def _abandon(self, stream_id: str) -> None:
+        self._grace.pop(stream_id, None)
+        if self._subscribers.get(stream_id):
+            return
+        gen = self.generations.get(stream_id)
+        if gen is not None:
+            log.info("stream %s abandoned after the grace period; cancelling", stream_id[:8])
+            gen.cancel(CANCEL_ABANDONED)
+
+    def subscriber_count(self) -> int:
+        return sum(self._subscribers.values())

@@ -1,0 +1,117 @@
+"""The journal: an append-only, numbered list of SSE frames per stream.
+
+One writer (the stream's generation) appends frames that already carry their ``id: <seq>``
+(seq 1, 2, 3, ... with no gaps); any number of readers replay "everything after seq N" and
+then tail. A stream ends with exactly one terminal frame written by :meth:`Journal.finish`.
+Finished streams stay readable for ``retention_s`` seconds.
+
+Backends are chosen by URL (``memory://`` or ``redis://...``) in :func:`open_journal`.
+Both pass ``tests/journal/test_contract.py``.
+
+Bounds: ``max_events`` and ``max_bytes`` per stream (appends past them raise
+:class:`~tokenrelay.errors.JournalFull`; the terminal frame is always accepted), and
+``max_streams`` retained streams (creating one more evicts the oldest finished stream, or
+raises ``JournalFull`` when all are live).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class ReadResult:
+    """Frames after the requested seq, and whether the stream has ended."""
+
+    frames: list[bytes]
+    finished: bool
+    state: str | None = None  # final state once finished
+
+
+@dataclass(frozen=True, slots=True)
+class JournalLimits:
+    """Bounds of a journal (see module docstring)."""
+
+    max_events: int = 100_000
+    max_bytes: int = 16 * 1024 * 1024
+    max_streams: int = 20_000
+    retention_s: float = 600.0
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    """What the journal knows about a stream besides its frames."""
+
+    stream_id: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False
+    state: str | None = None
+    last_seq: int = 0
+
+
+class Journal(abc.ABC):
+    """Interface of a journal backend."""
+
+    limits: JournalLimits
+    distributed = False  # True when other processes share it (leases and remote cancel)
+
+    @abc.abstractmethod
+    async def create(self, stream_id: str, meta: dict[str, Any]) -> None:
+        """Register a new, empty stream. ``meta`` is small JSON-able data (owner, model...)."""
+
+    @abc.abstractmethod
+    async def append(self, stream_id: str, frames: list[bytes]) -> None:
+        """Append frames (already numbered by the writer) and wake readers."""
+
+    @abc.abstractmethod
+    async def finish(self, stream_id: str, frame: bytes, state: str) -> bool:
+        """Append the terminal frame and mark the stream finished.
+
+        Returns False (and writes nothing) if the stream had already finished: two parties
+        racing to end a stream (its generation, and a reader noticing a dead owner) produce
+        exactly one terminal event.
+        """
+
+    @abc.abstractmethod
+    async def read(
+        self, stream_id: str, after: int, timeout: float, limit: int = 2048
+    ) -> ReadResult:
+        """Up to ``limit`` frames with seq > ``after``; waits up to ``timeout`` s for one.
+
+        ``finished`` is True only once the returned frames include the terminal frame.
+
+        Raises :class:`~tokenrelay.errors.StreamNotFound` for unknown or expired streams.
+        """
+
+    @abc.abstractmethod
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        """Metadata and state of a stream, or None if unknown/expired."""
+
+    async def request_cancel(self, stream_id: str) -> None:  # noqa: B027 - optional hook
+        """Ask the instance that owns the stream's generation to cancel it (cluster only)."""
+
+    async def cancel_requests(self) -> AsyncIterator[str]:
+        """Stream ids whose cancellation another instance asked for (cluster only)."""
+        if False:  # pragma: no cover - an empty async generator
+            yield ""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and timers."""
+
+
+def open_journal(url: str, limits: JournalLimits, **options: Any) -> Journal:
+    """Build the journal backend named by ``url``; optional drivers load only when chosen."""
+    if url.startswith("memory:"):
+        from tokenrelay.journal.memory import MemoryJournal
+
+        return MemoryJournal(limits)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from tokenrelay.journal.redis import RedisJournal  # type: ignore[import-not-found]
+
+        return RedisJournal(url, limits, **options)  # type: ignore[no-any-return]
+    from tokenrelay.errors import ConfigError
+
+    raise ConfigError(f"journal_url {url!r}: expected memory:// or redis://")

@@ -1,0 +1,112 @@
+"""``POST /api/chat`` (start an answer and follow it), ``GET /api/models``, ``GET /api/config``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from tokenrelay import __version__
+from tokenrelay.errors import ServiceUnavailable, TokenRelayError, UpstreamError
+from tokenrelay.hub import Hub, new_id
+from tokenrelay.routes.common import JSONResponse, owner_of
+from tokenrelay.subscriber import SubscriberResponse
+from tokenrelay.validation import ChatRequest, read_json_body, validate_chat
+
+log = logging.getLogger("tokenrelay.routes")
+
+
+def _title(messages: list[dict[str, Any]]) -> str:
+    for msg in reversed(messages):
+        if msg["role"] == "user" and isinstance(msg["content"], str):
+            text = " ".join(msg["content"].split())
+            return (text[:60] + "…") if len(text) > 60 else (text or "New chat")
+    return "New chat"
+
+
+async def record_request(request: Request, chat: ChatRequest, message_id: str) -> str | None:
+    """Store the user's message and the (empty) assistant message; returns the conversation."""
+    store = request.app.state.store
+    if store is None:
+        return chat.conversation_id
+    owner = owner_of(request)
+    try:
+        conversation_id: str = await store.ensure_conversation(
+            owner, chat.conversation_id, _title(chat.messages)
+        )
+        last = chat.messages[-1]
+        if last["role"] == "user" and isinstance(last["content"], str):
+            await store.add_user_message(owner, conversation_id, last["content"])
+    except TokenRelayError:
+        raise
+    except Exception as exc:
+        log.warning("storing the request failed: %s", type(exc).__name__)
+        raise ServiceUnavailable("the database is unavailable; try again shortly") from None
+    return conversation_id
+
+
+async def chat(request: Request) -> Any:
+    settings = request.app.state.settings
+    hub: Hub = request.app.state.hub
+    data = await read_json_body(request, settings.limits)
+    chat_request = validate_chat(data, settings, extra_fields=frozenset({"conversation_id"}))
+    message_id = new_id("m-")
+    conversation_id = await record_request(request, chat_request, message_id)
+    gen = await hub.start(
+        owner=owner_of(request),
+        route=chat_request.route,
+        body=chat_request.upstream_body(),
+        conversation_id=conversation_id,
+        message_id=message_id,
+        record=True,
+    )
+    headers = [(b"x-message-id", message_id.encode())]
+    if conversation_id:
+        headers.append((b"x-conversation-id", conversation_id.encode()))
+    return SubscriberResponse(hub, gen.stream_id, 0, headers=headers)
+
+
+async def models(request: Request) -> JSONResponse:
+    settings = request.app.state.settings
+    items: list[dict[str, Any]] = [
+        {
+            "id": route.name,
+            "simulated": route.simulated,
+            "description": route.description
+            or ("Built-in simulator (no real model)" if route.simulated else ""),
+            "fallbacks": list(route.fallbacks),
+        }
+        for route in settings.models.values()
+    ]
+    if settings.passthrough_provider is not None:
+        provider = settings.providers[settings.passthrough_provider]
+        known = {item["id"] for item in items}
+        try:
+            for model in await request.app.state.upstream.list_models(provider):
+                if model["id"] not in known:
+                    items.append({"id": model["id"], "simulated": False, "description": "",
+                                  "fallbacks": []})
+        except UpstreamError as exc:
+            log.warning("cannot list upstream models: %s", exc.code)
+    default = settings.default_model or (items[0]["id"] if items else None)
+    return JSONResponse({"models": items, "default": default})
+
+
+async def config(request: Request) -> JSONResponse:
+    state = request.app.state
+    return JSONResponse(
+        {
+            "auth_required": bool(getattr(state, "auth_required", False)),
+            "version": __version__,
+            "heartbeat_s": state.settings.heartbeat_s,
+        }
+    )
+
+
+routes = [
+    Route("/api/chat", chat, methods=["POST"]),
+    Route("/api/models", models, methods=["GET"]),
+    Route("/api/config", config, methods=["GET"]),
+]

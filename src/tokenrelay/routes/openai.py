@@ -1,0 +1,172 @@
+"""The OpenAI API itself: ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``.
+
+Official SDKs can use ``http://host:port/v1`` as their ``base_url``. Answers run through the
+same hub and journal as the browser protocol; journal frames are re-encoded as
+``chat.completion.chunk`` objects. SDK clients do not resume, so a disconnect cancels the
+upstream at once (no grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.routing import Route
+
+from tokenrelay import events as ev
+from tokenrelay.errors import TokenRelayError
+from tokenrelay.hub import Hub
+from tokenrelay.routes.common import JSONResponse, owner_of
+from tokenrelay.subscriber import SubscriberResponse
+from tokenrelay.validation import read_json_body, validate_chat
+
+
+def _chunk(base: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> bytes:
+    body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + ev.dumps(body) + b"\n\n"
+
+
+def chunk_transform(
+    completion_id: str, created: int, model: str, include_usage: bool
+) -> Callable[[list[bytes]], bytes]:
+    """Re-encode our journal frames as OpenAI streaming chunks."""
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+            "model": model}
+
+    def transform(frames: list[bytes]) -> bytes:
+        out: list[bytes] = []
+        for raw in frames:
+            _, name, data = ev.parse_frame(raw)
+            if name is None:
+                out.append(_chunk(base, {"content": orjson.loads(data)["content"]}))
+                continue
+            payload = orjson.loads(data)
+            if name == ev.START:
+                out.append(_chunk(base, {"role": "assistant", "content": ""}))
+            elif name == ev.REASONING:
+                out.append(_chunk(base, {"reasoning_content": payload["reasoning"]}))
+            elif name == ev.TOOL_CALL:
+                call: dict[str, Any] = {"index": payload["index"], "type": "function",
+                                        "function": {"arguments": payload["arguments"]}}
+                if payload.get("id"):
+                    call["id"] = payload["id"]
+                if payload.get("name"):
+                    call["function"]["name"] = payload["name"]
+                out.append(_chunk(base, {"tool_calls": [call]}))
+            elif name == ev.RETRY:
+                out.append(b": retry in %d ms (%s)\n\n" % (payload["wait_ms"],
+                                                          payload["reason"].encode()))
+            elif name == ev.DONE:
+                reason = payload.get("finish_reason") or "stop"
+                out.append(_chunk(base, {}, reason))
+                if include_usage:
+                    usage = payload["usage"]
+                    body = {**base, "choices": [], "usage": {
+                        "prompt_tokens": usage.get("prompt_tokens") or 0,
+                        "completion_tokens": usage.get("completion_tokens") or 0,
+                        "total_tokens": usage.get("total_tokens")
+                        or (usage.get("prompt_tokens") or 0)
+                        + (usage.get("completion_tokens") or 0),
+                    }}
+                    out.append(b"data: " + ev.dumps(body) + b"\n\n")
+                out.append(b"data: [DONE]\n\n")
+            elif name == ev.ERROR:
+                error = payload["error"]
+                out.append(b"data: " + ev.dumps({"error": {
+                    "message": error["message"], "type": "upstream_error",
+                    "code": error["code"]}}) + b"\n\n")
+        return b"".join(out)
+
+    return transform
+
+
+async def chat_completions(request: Request) -> Any:
+    settings = request.app.state.settings
+    hub: Hub = request.app.state.hub
+    data = await read_json_body(request, settings.limits)
+    chat = validate_chat(data, settings)
+    gen = await hub.start(
+        owner=owner_of(request),
+        route=chat.route,
+        body=chat.upstream_body(),
+        grace_s=0.0,
+    )
+    completion_id = "chatcmpl-" + gen.stream_id
+    created = int(gen.created)
+    if chat.stream:
+        transform = chunk_transform(completion_id, created, chat.route.name, chat.include_usage)
+        return SubscriberResponse(hub, gen.stream_id, 0, transform=transform)
+    async with hub.subscribed(gen.stream_id):
+        waiter = asyncio.ensure_future(gen.finished.wait())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((waiter, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiter, gone):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if not gen.finished.is_set():
+        return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+    return _completion(gen, completion_id, created, chat.route.name)
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _completion(gen: Any, completion_id: str, created: int, model: str) -> JSONResponse:
+    if gen.state not in (ev.COMPLETE, ev.CANCELLED):
+        error = gen.error or TokenRelayError("the answer failed")
+        return JSONResponse({"error": {**error.to_dict(), "type": "upstream_error"}},
+                            status_code=error.status if error.status >= 400 else 502)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(gen.text)}
+    if gen.reasoning:
+        message["reasoning_content"] = "".join(gen.reasoning)
+    if gen.tool_calls:
+        message["tool_calls"] = [
+            {"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for _, c in sorted(gen.tool_calls.items())
+        ]
+    usage = gen.usage
+    prompt = usage.prompt_tokens if usage else 0
+    completion = gen.completion_tokens()
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": gen.finish_reason or "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion},
+        }
+    )
+
+
+async def list_models(request: Request) -> JSONResponse:
+    settings = request.app.state.settings
+    now = int(time.time())
+    data = [
+        {"id": r.name, "object": "model", "created": now,
+         "owned_by": "tokenrelay-simulator" if r.simulated else r.provider,
+         "simulated": r.simulated}
+        for r in settings.models.values()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+]

@@ -1,0 +1,52 @@
+"""Resume, inspect and stop streams: ``/api/streams/{id}[/events|/cancel]``."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from tokenrelay.hub import Hub
+from tokenrelay.routes.common import JSONResponse, owner_of
+from tokenrelay.subscriber import SubscriberResponse
+from tokenrelay.validation import parse_last_event_id
+
+
+async def stream_info(request: Request) -> JSONResponse:
+    hub: Hub = request.app.state.hub
+    info = await hub.info(request.path_params["stream_id"], owner_of(request))
+    return JSONResponse(
+        {
+            "stream_id": info.stream_id,
+            "finished": info.finished,
+            "state": info.state or "streaming",
+            "last_seq": info.last_seq,
+            "model": info.meta.get("model"),
+            "conversation_id": info.meta.get("conversation_id"),
+            "message_id": info.meta.get("message_id"),
+        }
+    )
+
+
+async def stream_events(request: Request) -> SubscriberResponse:
+    """Replay after Last-Event-ID (header, or ?last_event_id= for fetch clients), then tail."""
+    hub: Hub = request.app.state.hub
+    stream_id = request.path_params["stream_id"]
+    after = parse_last_event_id(
+        request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    )
+    await hub.info(stream_id, owner_of(request))
+    return SubscriberResponse(hub, stream_id, after)
+
+
+async def cancel(request: Request) -> JSONResponse:
+    hub: Hub = request.app.state.hub
+    stream_id = request.path_params["stream_id"]
+    cancelled = await hub.cancel(stream_id, owner_of(request))
+    return JSONResponse({"stream_id": stream_id, "cancelled": cancelled}, status_code=202)
+
+
+routes = [
+    Route("/api/streams/{stream_id}", stream_info, methods=["GET"]),
+    Route("/api/streams/{stream_id}/events", stream_events, methods=["GET"]),
+    Route("/api/streams/{stream_id}/cancel", cancel, methods=["POST"]),
+]

@@ -1,0 +1,98 @@
+"""The Store: conversations and messages, behind one small interface.
+
+Routes and generations call these methods, never SQL. ``owner`` scopes every read and
+write to one tenant (a client API key's id; ``"local"`` when no keys are configured).
+Something that is not the caller's is reported exactly like something that does not exist.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class AssistantResult:
+    """Everything recorded about an assistant message when it ends (or is checkpointed)."""
+
+    state: str  # streaming | complete | cancelled | error | interrupted
+    content: str
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
+    model_used: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    usage_estimated: bool = False
+    ttft_ms: float | None = None
+    tokens_per_s: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class Store(abc.ABC):
+    """Persistence of conversations and messages."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect, apply migrations, and mark messages left ``streaming`` as ``interrupted``."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Dispose of connections."""
+
+    @abc.abstractmethod
+    async def ensure_conversation(
+        self, owner: str, conversation_id: str | None, title: str
+    ) -> str:
+        """Return ``conversation_id`` if it is the owner's, create one when it is None.
+
+        Raises :class:`~tokenrelay.errors.StreamNotFound`-like ``BadRequest(404)`` when the id
+        is not the owner's.
+        """
+
+    @abc.abstractmethod
+    async def add_user_message(self, owner: str, conversation_id: str, content: str) -> str:
+        """Store a user message; returns its id."""
+
+    @abc.abstractmethod
+    async def begin_assistant(
+        self,
+        owner: str,
+        conversation_id: str,
+        message_id: str,
+        stream_id: str,
+        model_requested: str,
+    ) -> None:
+        """Create the assistant message in state ``streaming``."""
+
+    @abc.abstractmethod
+    async def checkpoint(self, message_id: str, content: str, reasoning: str) -> None:
+        """Save the text so far of a message still streaming."""
+
+    @abc.abstractmethod
+    async def finish_assistant(self, message_id: str, result: AssistantResult) -> None:
+        """Record the final state of an assistant message."""
+
+    @abc.abstractmethod
+    async def list_conversations(
+        self, owner: str, limit: int = 50, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """Newest first: id, title, created_at, updated_at."""
+
+    @abc.abstractmethod
+    async def get_conversation(self, owner: str, conversation_id: str) -> dict[str, Any] | None:
+        """The conversation with its messages in order, or None."""
+
+    @abc.abstractmethod
+    async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> bool:
+        """False when there is no such conversation of this owner."""
+
+    @abc.abstractmethod
+    async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
+        """False when there is no such conversation of this owner."""
+
+    @abc.abstractmethod
+    async def model_stats(self) -> list[dict[str, Any]]:
+        """Per model used: count, ttft p50/p95, tokens/s p50, error and cancel rates."""

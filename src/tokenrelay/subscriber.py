@@ -1,0 +1,141 @@
+"""The subscriber: an ASGI response that replays a stream's journal and then tails it.
+
+Two tasks race for each response, and the first to finish cancels the other:
+
+* the **send loop** reads frames after ``after`` from the journal and writes them (all that
+  is pending in one write, so a subscriber that fell behind catches up in big writes);
+  when nothing arrives for ``heartbeat_s`` it writes a ``: heartbeat`` comment; each write
+  has a ``send_timeout_s`` deadline, so a client that stopped reading is dropped instead
+  of holding memory; in a cluster it also notices a dead owner and ends the stream with
+  ``error``/``interrupted``;
+* the **disconnect listener** waits for ``http.disconnect``.
+
+The generation never waits for a subscriber: a subscriber is only an index into the
+journal. ``ARCHITECTURE.md`` draws the timelines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tokenrelay import events as ev
+from tokenrelay.errors import TokenRelayError
+from tokenrelay.hub import Hub
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class SubscriberResponse:
+    """Streams one journal stream to one client as SSE (see module docstring)."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        stream_id: str,
+        after: int = 0,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        transform: Callable[[list[bytes]], bytes] | None = None,
+        heartbeat: bytes = ev.HEARTBEAT,
+    ) -> None:
+        self.hub = hub
+        self.stream_id = stream_id
+        self.after = after
+        self.headers = SSE_HEADERS + [(b"x-stream-id", stream_id.encode())] + (headers or [])
+        self.transform = transform
+        self.heartbeat = heartbeat
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        async with self.hub.subscribed(self.stream_id):
+            loop = asyncio.get_running_loop()
+            sender = loop.create_task(self._send_loop(send))
+            listener = loop.create_task(_wait_disconnect(receive))
+            completed = False
+            try:
+                await asyncio.wait((sender, listener), return_when=asyncio.FIRST_COMPLETED)
+                completed = sender.done() and not listener.done() and sender.exception() is None
+            finally:
+                for task in (sender, listener):
+                    task.cancel()
+                for task in (sender, listener):
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            if completed:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_loop(self, send: Any) -> None:
+        hub = self.hub
+        journal = hub.journal
+        settings = hub.settings
+        heartbeat_s = settings.heartbeat_s
+        send_timeout = settings.send_timeout_s
+        # Only a shared journal can outlive the instance that writes to it.
+        lease_check = getattr(journal, "owner_alive", None) if journal.distributed else None
+        check_every = float(getattr(journal, "lease_s", heartbeat_s)) / 2
+        transform = self.transform
+        pos = self.after
+        last_write = time.monotonic()
+
+        async def write(data: bytes) -> None:
+            async with asyncio.timeout(send_timeout):
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        # A comment first: bytes reach the client (and any proxy) before the upstream answers.
+        await write(b": stream " + self.stream_id.encode() + b"\n\n")
+        while True:
+            idle_for = time.monotonic() - last_write
+            wait = max(0.0, heartbeat_s - idle_for)
+            if lease_check is not None:
+                wait = min(wait, check_every)
+            result = await journal.read(self.stream_id, pos, wait)
+            if result.frames:
+                pos += len(result.frames)
+                if transform is not None:
+                    data = transform(result.frames)
+                    if data:
+                        await write(data)
+                else:
+                    await write(b"".join(result.frames))
+                last_write = time.monotonic()
+                if result.finished:
+                    return
+                continue
+            if result.finished:
+                return
+            if time.monotonic() - last_write >= heartbeat_s * 0.999:
+                await write(self.heartbeat)
+                last_write = time.monotonic()
+            if lease_check is not None and self.stream_id not in hub.generations:
+                if not await lease_check(self.stream_id):
+                    await _end_interrupted(hub, self.stream_id)
+
+
+async def _wait_disconnect(receive: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _end_interrupted(hub: Hub, stream_id: str) -> None:
+    """Write the terminal frame for a stream whose owning instance died."""
+    info = await hub.journal.info(stream_id)
+    if info is None or info.finished:
+        return
+    error = TokenRelayError(
+        "the instance generating this answer stopped; the partial answer is kept",
+        code="interrupted",
+    )
+    error.retryable = True
+    payload = {"error": error.to_dict(), "state": ev.INTERRUPTED, "model": info.meta.get("model")}
+    frame = ev.frame(info.last_seq + 1, ev.ERROR, ev.dumps(payload))
+    await hub.journal.finish(stream_id, frame, ev.INTERRUPTED)

@@ -1,0 +1,419 @@
+"""OpenAI-compatible upstream client: request, retries, fallbacks, time budgets, decoding.
+
+One :class:`UpstreamCall` per answer. ``events()`` yields lists of normalized events, one list
+per network read (bulk parsing: a read of 50 tokens becomes a handful of objects).
+
+Policy (DESIGN.md "Upstreams and models"):
+
+* Before the first relayed event, connect errors, timeouts, 408/409/425/429/5xx, and
+  streams that end before any token are retried with exponential backoff and full jitter,
+  honouring ``Retry-After`` (seconds, HTTP date, or ``retry-after-ms``) capped by the
+  policy. Each wait is announced through ``on_retry`` so subscribers see a ``retry`` event.
+  When a model's attempts are spent (or the provider says it is overloaded), the next model
+  of the fallback chain is tried. Other 4xx end the call at once.
+* After the first relayed event nothing is ever retried: a drop, a corrupt chunk or a
+  missing ``[DONE]`` raises, and the generation ends the stream with an ``error`` event
+  after the text already relayed.
+* Three budgets: first token (from the request), idle (between reads once streaming) and
+  total. A silent upstream raises :class:`UpstreamTimeout`, never hangs.
+
+aiohttp errors never leave this module: :func:`_map_errors` turns each into the most
+specific :class:`~tokenrelay.errors.UpstreamError`. Error messages are built from statuses
+and the provider's own error text, redacted of every configured key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tokenrelay.chunks import ChunkDecoder
+from tokenrelay.config import ModelRoute, Provider, Settings
+from tokenrelay.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamIncomplete,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    redact,
+)
+from tokenrelay.events import Event, Finish, Usage
+from tokenrelay.sse import SSEDecoder
+
+_READ_SIZE = 1 << 16
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(slots=True)
+class RetryNotice:
+    """A wait before the next attempt, announced to subscribers as a ``retry`` event."""
+
+    attempt: int  # the attempt that failed, 1-based, per model
+    max_attempts: int
+    wait_s: float
+    reason: str  # an error code, e.g. upstream_rate_limited
+    status: int | None
+    model: str  # the model that failed
+    next_model: str  # the model of the next attempt (differs on fallback)
+    message: str
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` in seconds or HTTP date."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _error_message(body: bytes, status: int) -> str:
+    """The provider's own error message from a JSON or text error body."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return text[:500] or f"upstream answered HTTP {status}"
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail") or err.get("msg")
+            if isinstance(msg, str) and msg:
+                return msg[:500]
+        elif isinstance(err, str) and err:
+            return err[:500]
+    return f"upstream answered HTTP {status}"
+
+
+@contextmanager
+def _map_errors(phase: str, timeouts_for: Callable[[str], float]) -> Iterator[None]:
+    """Translate aiohttp/asyncio failures into UpstreamError subclasses."""
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except TimeoutError:
+        raise UpstreamTimeout(phase, timeouts_for(phase)) from None
+    except aiohttp.ClientPayloadError:
+        raise UpstreamIncomplete("upstream connection broke in the middle of the answer") from None
+    except aiohttp.ServerDisconnectedError:
+        raise UpstreamIncomplete("upstream closed the connection") from None
+    except aiohttp.ClientConnectorError as exc:
+        reason = exc.os_error.strerror or "refused"
+        raise UpstreamConnectError(f"cannot connect to upstream ({reason})") from None
+    except (aiohttp.ClientOSError, ConnectionError) as exc:
+        raise UpstreamConnectError(f"upstream connection failed ({type(exc).__name__})") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamConnectError(f"upstream request failed ({type(exc).__name__})") from None
+
+
+class UpstreamClient:
+    """Holds the shared HTTP session and resolves routes to providers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        base_urls: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session = session
+        self._base_urls = dict(base_urls or {})
+        self._secrets = settings.secrets
+
+    def provider(self, route: ModelRoute) -> Provider:
+        return self.settings.providers[route.provider]
+
+    def base_url(self, provider: Provider) -> str:
+        return self._base_urls.get(provider.name) or provider.base_url
+
+    def call(
+        self,
+        route: ModelRoute,
+        body: dict[str, Any],
+        on_retry: Callable[[RetryNotice], Awaitable[None]] | None = None,
+    ) -> UpstreamCall:
+        return UpstreamCall(self, route, body, on_retry)
+
+    def redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    async def list_models(self, provider: Provider) -> list[dict[str, Any]]:
+        """The provider's ``/models`` list (for passthrough setups)."""
+        headers = {"Accept": "application/json"}
+        if provider.api_key:
+            headers["Authorization"] = f"Bearer {provider.api_key}"
+        timeout = aiohttp.ClientTimeout(total=provider.timeouts.connect + 5)
+        with _map_errors("connect", lambda _: provider.timeouts.connect):
+            async with self.session.get(
+                self.base_url(provider) + "/models", headers=headers, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise UpstreamStatusError(resp.status, f"upstream answered HTTP {resp.status}")
+                data = await resp.json(loads=orjson.loads, content_type=None)
+        items = data.get("data", []) if isinstance(data, dict) else []
+        return [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+class UpstreamCall:
+    """One answer's upstream request, with retries and fallbacks before the first token."""
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        route: ModelRoute,
+        body: dict[str, Any],
+        on_retry: Callable[[RetryNotice], Awaitable[None]] | None,
+    ) -> None:
+        self.client = client
+        self.route = route
+        self.body = body
+        self.on_retry = on_retry
+        self.route_used: ModelRoute = route
+        self.upstream_model: str | None = None  # what the provider says it ran
+        self.attempts = 0
+        self.content_chunks = 0  # upstream chunks that carried text (a token estimate)
+
+    def _chain(self) -> list[ModelRoute]:
+        chain = [self.route]
+        for name in self.route.fallbacks:
+            fallback = self.client.settings.route(name)
+            if fallback is not None and fallback not in chain:
+                chain.append(fallback)
+        return chain
+
+    async def events(self) -> AsyncIterator[list[Event]]:
+        """Yield lists of events; raises UpstreamError when the answer cannot go on."""
+        chain = self._chain()
+        started = time.monotonic()
+        budget = self.client.provider(self.route).retry.budget
+        for index, route in enumerate(chain):
+            provider = self.client.provider(route)
+            policy = provider.retry
+            attempt = 0
+            while True:
+                attempt += 1
+                self.attempts += 1
+                self.route_used = route
+                relayed = False
+                try:
+                    async for events in self._attempt(route, provider):
+                        relayed = True
+                        yield events
+                    return
+                except UpstreamError as exc:
+                    if relayed or not exc.retryable:
+                        raise
+                    last_model = index == len(chain) - 1
+                    overloaded = isinstance(exc, UpstreamStatusError) and exc.overloaded
+                    spent = attempt >= policy.max_attempts
+                    if spent and last_model:
+                        raise
+                    fall_back = not last_model and (spent or (overloaded and attempt >= 2))
+                    wait = self._wait(exc, attempt, policy)
+                    if time.monotonic() - started + wait > budget:
+                        if last_model:
+                            raise
+                        fall_back = True
+                    next_route = chain[index + 1] if fall_back else route
+                    if fall_back:
+                        wait = min(wait, policy.base_delay)
+                    await self._announce(exc, attempt, policy.max_attempts, wait, route, next_route)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    if fall_back:
+                        break
+
+    def _wait(self, exc: UpstreamError, attempt: int, policy: Any) -> float:
+        if exc.retry_after is not None:
+            return float(min(exc.retry_after, policy.max_retry_after))
+        ceiling = min(policy.max_delay, policy.base_delay * (2 ** (attempt - 1)))
+        return random.uniform(0, ceiling)  # full jitter
+
+    async def _announce(
+        self,
+        exc: UpstreamError,
+        attempt: int,
+        max_attempts: int,
+        wait: float,
+        route: ModelRoute,
+        next_route: ModelRoute,
+    ) -> None:
+        if self.on_retry is None:
+            return
+        status = exc.upstream_status if isinstance(exc, UpstreamStatusError) else None
+        reason = exc.code
+        if next_route is not route:
+            reason = "fallback"
+        await self.on_retry(
+            RetryNotice(
+                attempt, max_attempts, wait, reason, status, route.name, next_route.name,
+                exc.message,
+            )
+        )
+
+    def _request_body(self, route: ModelRoute) -> bytes:
+        body = dict(self.body)
+        body["model"] = route.upstream_model
+        body["stream"] = True
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}
+        return orjson.dumps(body)
+
+    async def _attempt(
+        self, route: ModelRoute, provider: Provider
+    ) -> AsyncIterator[list[Event]]:
+        """One HTTP request: yields event lists; the first yield marks the first token."""
+        timeouts = provider.timeouts
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            **dict(provider.headers),
+        }
+        if provider.api_key:
+            headers["Authorization"] = f"Bearer {provider.api_key}"
+        url = self.client.base_url(provider) + "/chat/completions"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        total_deadline = start + timeouts.total
+        first_deadline = min(start + timeouts.first_token, total_deadline)
+
+        def budget(phase: str) -> float:
+            return float(getattr(timeouts, phase))
+
+        with _map_errors("first_token", budget):
+            # No yield inside this timeout: it may only ever cancel this await.
+            async with asyncio.timeout_at(first_deadline):
+                resp = await self.client.session.post(
+                    url,
+                    data=self._request_body(route),
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, connect=timeouts.connect, sock_connect=timeouts.connect
+                    ),
+                    read_bufsize=_READ_SIZE,
+                )
+        watchdog = _Watchdog(loop, first_deadline, "first_token", resp.close)
+        try:
+            if resp.status != 200:
+                with _map_errors("first_token", budget):
+                    async with asyncio.timeout(timeouts.connect + 5):
+                        body = await resp.content.read(_ERROR_BODY_LIMIT)
+                message = self.client.redact(_error_message(body, resp.status))
+                raise UpstreamStatusError(
+                    resp.status,
+                    f"upstream answered HTTP {resp.status}: {message}",
+                    retry_after=parse_retry_after(resp.headers),
+                    overloaded="overload" in message.lower(),
+                )
+            sse = SSEDecoder()
+            chunks = ChunkDecoder(think_tags=route.think_tags)
+            content = resp.content
+            waiting_first = True
+            idle = timeouts.idle
+            try:
+                while True:
+                    data = await content.readany()
+                    if not data:
+                        break
+                    out: list[Event] = []
+                    for event in sse.decode(data):
+                        if event.event == "message" or event.event == "error":
+                            chunks.feed(event.data, out)
+                    if waiting_first:
+                        if not out or all(isinstance(e, Usage | Finish) for e in out):
+                            continue
+                        waiting_first = False
+                        watchdog.phase = "idle"
+                        self.upstream_model = chunks.model
+                    # The watchdog re-arms itself lazily: per read we only move a float.
+                    watchdog.deadline = min(loop.time() + idle, total_deadline)
+                    if watchdog.deadline == total_deadline:
+                        watchdog.phase = "total"
+                    self.content_chunks = getattr(chunks, "content_chunks", 0)
+                    yield out
+                tail: list[Event] = []
+                chunks.flush(tail)
+                if tail:
+                    yield tail
+                if watchdog.expired:
+                    raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase))
+                chunks.finish()
+            except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+                if watchdog.expired:
+                    raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
+                with _map_errors(watchdog.phase, budget):
+                    raise exc from None
+            except UpstreamIncomplete:
+                if watchdog.expired:
+                    raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
+                raise
+        finally:
+            watchdog.cancel()
+            # Closing (not releasing) the response drops the connection, so an upstream that
+            # was cut off mid-answer (Stop, timeout, error) sees it closed and stops billing.
+            if not resp.closed:
+                resp.close()
+
+
+class _Watchdog:
+    """A lazily re-armed timer: fires ``on_expire`` once ``deadline`` (loop time) passes.
+
+    Moving ``deadline`` is a plain assignment; the timer notices when it fires early and
+    re-arms itself, so the hot path pays no timer operations per read.
+    """
+
+    __slots__ = ("_handle", "_loop", "_on_expire", "deadline", "expired", "phase")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+        phase: str,
+        on_expire: Callable[[], object],
+    ) -> None:
+        self._loop = loop
+        self.deadline = deadline
+        self.phase = phase
+        self.expired = False
+        self._on_expire = on_expire
+        self._handle: asyncio.TimerHandle | None = loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        if self._loop.time() < self.deadline:
+            self._handle = self._loop.call_at(self.deadline, self._fire)
+            return
+        self._handle = None
+        self.expired = True
+        self._on_expire()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

@@ -1,0 +1,244 @@
+"""Validation of chat requests: every violation is a BadRequest with a clear message.
+
+Shared by ``POST /api/chat`` and ``POST /v1/chat/completions``. Pure functions, no I/O
+except :func:`read_json_body`, which reads a request body with a size cap and a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from tokenrelay.config import Limits, ModelRoute, Settings
+from tokenrelay.errors import BadRequest
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+# Sampling and tool parameters passed through to the upstream, with their JSON types.
+_NUMBER = (int, float)
+PASSTHROUGH: dict[str, tuple[type, ...]] = {
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "presence_penalty": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "max_tokens": (int,),
+    "max_completion_tokens": (int,),
+    "seed": (int,),
+    "stop": (str, list),
+    "tools": (list,),
+    "tool_choice": (str, dict),
+    "parallel_tool_calls": (bool,),
+    "response_format": (dict,),
+    "reasoning_effort": (str,),
+    "logit_bias": (dict,),
+    "logprobs": (bool,),
+    "top_logprobs": (int,),
+    "user": (str,),
+    "metadata": (dict,),
+    "sim": (dict,),  # per-request knobs of the built-in simulator
+}
+_OWN_FIELDS = frozenset({"messages", "model", "stream", "stream_options", "n"})
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated chat request."""
+
+    route: ModelRoute
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    conversation_id: str | None = None
+    stream: bool = True
+    include_usage: bool = False
+
+    def upstream_body(self) -> dict[str, Any]:
+        return {"messages": self.messages, **self.params}
+
+
+async def read_json_body(request: Request, limits: Limits) -> Any:
+    """The request's JSON body, bounded in size and time."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length header")
+        if int(declared) > limits.max_body_bytes:
+            raise _too_large(limits)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise _too_large(limits)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(
+            f"the request body did not arrive within {limits.body_timeout_s:g} s",
+            code="request_timeout",
+            status=408,
+        ) from None
+    body = b"".join(chunks)
+    if not body.strip():
+        raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(
+            f"the request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+
+
+def _too_large(limits: Limits) -> BadRequest:
+    return BadRequest(
+        f"the request body is larger than {limits.max_body_bytes} bytes",
+        code="body_too_large",
+        status=413,
+    )
+
+
+def _content_ok(content: Any) -> tuple[bool, int]:
+    """Whether a message content is a string or a list of text/image parts; its length."""
+    if isinstance(content, str):
+        return True, len(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                return False, 0
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                return False, 0
+            total += len(text)
+        return True, total
+    return False, 0
+
+
+def validate_messages(messages: Any, limits: Limits) -> list[dict[str, Any]]:
+    if not isinstance(messages, list):
+        raise BadRequest("'messages' must be a list of {role, content} objects",
+                         code="invalid_messages")
+    if not messages:
+        raise BadRequest("'messages' must not be empty", code="invalid_messages")
+    if len(messages) > limits.max_messages:
+        raise BadRequest(f"too many messages (at most {limits.max_messages})",
+                         code="too_many_messages")
+    clean: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise BadRequest(f"messages[{i}] must be an object", code="invalid_messages")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise BadRequest(
+                f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}",
+                code="invalid_messages",
+            )
+        content = msg.get("content")
+        if content is None and (role == "assistant" and msg.get("tool_calls")):
+            content = ""
+        ok, length = _content_ok(content)
+        if not ok:
+            raise BadRequest(
+                f"messages[{i}].content must be a string or a list of content parts",
+                code="invalid_messages",
+            )
+        if length > limits.max_message_chars:
+            raise BadRequest(
+                f"messages[{i}].content is longer than {limits.max_message_chars} characters",
+                code="message_too_long",
+            )
+        if isinstance(content, str) and "\x00" in content:
+            raise BadRequest(f"messages[{i}].content contains a NUL character",
+                             code="invalid_messages")
+        item: dict[str, Any] = {"role": role, "content": content}
+        for key in ("name", "tool_call_id"):
+            if key in msg:
+                if not isinstance(msg[key], str):
+                    raise BadRequest(f"messages[{i}].{key} must be a string",
+                                     code="invalid_messages")
+                item[key] = msg[key]
+        if "tool_calls" in msg:
+            if not isinstance(msg["tool_calls"], list):
+                raise BadRequest(f"messages[{i}].tool_calls must be a list",
+                                 code="invalid_messages")
+            item["tool_calls"] = msg["tool_calls"]
+        clean.append(item)
+    return clean
+
+
+def validate_chat(
+    data: Any,
+    settings: Settings,
+    *,
+    extra_fields: frozenset[str] = frozenset(),
+) -> ChatRequest:
+    """Check a chat request body; raises BadRequest naming the first problem."""
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object", code="invalid_request")
+    allowed = PASSTHROUGH.keys() | _OWN_FIELDS | extra_fields
+    unknown = sorted(k for k in data if k not in allowed)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}", code="unknown_field")
+    model = data.get("model", settings.default_model)
+    if model is None or model == "":
+        model = settings.default_model
+    if not isinstance(model, str) or not model or len(model) > 200:
+        raise BadRequest("'model' must be a model name (see GET /api/models)",
+                         code="invalid_model")
+    route = settings.route(model)
+    if route is None:
+        raise BadRequest(f"unknown model {model!r} (see GET /api/models)",
+                         code="model_not_found", status=404)
+    messages = validate_messages(data.get("messages"), settings.limits)
+    params: dict[str, Any] = {}
+    for key, types in PASSTHROUGH.items():
+        if key not in data or data[key] is None:
+            continue
+        value = data[key]
+        if isinstance(value, bool) and bool not in types:
+            raise BadRequest(f"'{key}' has the wrong type", code="invalid_parameter")
+        if not isinstance(value, types):
+            raise BadRequest(f"'{key}' has the wrong type", code="invalid_parameter")
+        params[key] = value
+    cap = settings.limits.max_tokens_cap
+    for key in ("max_tokens", "max_completion_tokens"):
+        if key in params and not 1 <= params[key] <= cap:
+            raise BadRequest(f"'{key}' must be between 1 and {cap}", code="invalid_parameter")
+    n = data.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise BadRequest("only n=1 is supported", code="invalid_parameter")
+    stream = data.get("stream", True)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean", code="invalid_parameter")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", code="invalid_parameter")
+    conversation_id = data.get("conversation_id")
+    if conversation_id is not None and (
+        not isinstance(conversation_id, str) or not 1 <= len(conversation_id) <= 100
+    ):
+        raise BadRequest("'conversation_id' must be a conversation id string",
+                         code="invalid_parameter")
+    return ChatRequest(
+        route=route,
+        messages=messages,
+        params=params,
+        conversation_id=conversation_id,
+        stream=stream,
+        include_usage=bool(options.get("include_usage", False)),
+    )
+
+
+def parse_last_event_id(value: str | None) -> int:
+    """A Last-Event-ID (or ?last_event_id=) value: a non-negative integer, or 0 if absent."""
+    if value is None or value == "":
+        return 0
+    value = value.strip()
+    if not value.isdigit() or len(value) > 18:
+        raise BadRequest("Last-Event-ID must be a non-negative integer sequence number",
+                         code="invalid_last_event_id")
+    return int(value)
