@@ -175,6 +175,7 @@ def validate_chat(
     settings: Settings,
     *,
     extra_fields: frozenset[str] = frozenset(),
+    default_stream: bool = True,
 ) -> ChatRequest:
     """Check a chat request body; raises BadRequest naming the first problem."""
     if not isinstance(data, dict):
@@ -183,6 +184,7 @@ def validate_chat(
     unknown = sorted(k for k in data if k not in allowed)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}", code="unknown_field")
+    messages = validate_messages(data.get("messages"), settings.limits)
     model = data.get("model", settings.default_model)
     if model is None or model == "":
         model = settings.default_model
@@ -193,7 +195,6 @@ def validate_chat(
     if route is None:
         raise BadRequest(f"unknown model {model!r} (see GET /api/models)",
                          code="model_not_found", status=404)
-    messages = validate_messages(data.get("messages"), settings.limits)
     params: dict[str, Any] = {}
     for key, types in PASSTHROUGH.items():
         if key not in data or data[key] is None:
@@ -211,7 +212,7 @@ def validate_chat(
     n = data.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise BadRequest("only n=1 is supported", code="invalid_parameter")
-    stream = data.get("stream", True)
+    stream = data.get("stream", default_stream)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", code="invalid_parameter")
     options = data.get("stream_options") or {}

@@ -89,7 +89,7 @@ async def chat_completions(request: Request) -> Any:
     settings = request.app.state.settings
     hub: Hub = request.app.state.hub
     data = await read_json_body(request, settings.limits)
-    chat = validate_chat(data, settings)
+    chat = validate_chat(data, settings, default_stream=False)  # as OpenAI's API
     gen = await hub.start(
         owner=owner_of(request),
         route=chat.route,

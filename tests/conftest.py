@@ -1,0 +1,53 @@
+"""Shared fixtures: a simulator on a real loopback port, and gateways in front of it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support.gateway import Gateway, running_gateway, serve_app  # noqa: E402
+
+from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator  # noqa: E402
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[tuple[Simulator, str]]:
+    """A fast simulator (speed x20, short first-token delays) on 127.0.0.1; (app, /v1 URL)."""
+    sim = create_simulator(SimulatorConfig(speed=20.0, first_token_delay_scale=0.1))
+    async with serve_app(sim, lifespan="off") as url:
+        yield sim, url + "/v1"
+
+
+@pytest.fixture
+def gateway_factory(
+    simulator: tuple[Simulator, str],
+) -> Callable[..., AbstractAsyncContextManager[Gateway]]:
+    """``async with gateway_factory(**env) as gw``: a gateway whose upstream is the simulator."""
+    _, url = simulator
+
+    def factory(**env: str) -> AbstractAsyncContextManager[Gateway]:
+        env.setdefault("TOKENRELAY_UPSTREAM_URL", url)
+        env.setdefault("TOKENRELAY_DATABASE_URL", "none")  # TEMP until the store lands
+        return running_gateway(**env)
+
+    return factory
+
+
+@pytest.fixture
+async def gateway(gateway_factory: Callable[..., Any]) -> AsyncIterator[Gateway]:
+    async with gateway_factory() as gw:
+        yield gw
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session

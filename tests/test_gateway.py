@@ -1,0 +1,353 @@
+"""The browser protocol end to end: real gateway, real simulator, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import random
+import re
+
+import aiohttp
+import orjson
+from support.client import chat_body, read_stream
+
+from tokenrelay.simulator import build_text
+
+
+def expected_text(content: str, model: str = "sim-chat", **kw: object) -> str:
+    return "".join(build_text(model, [{"role": "user", "content": content}], **kw))
+
+
+async def test_chat_streams_the_whole_answer_with_numbered_events(gateway, http):
+    async with http.post(gateway.base_url + "/api/chat", json=chat_body("Hello")) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.headers["Cache-Control"].startswith("no-cache")
+        assert resp.headers["X-Accel-Buffering"] == "no"
+        stream_id = resp.headers["X-Stream-Id"]
+        assert len(stream_id) >= 22  # 128 random bits, base64url
+        assert "Content-Encoding" not in resp.headers
+        stream = await read_stream(resp)
+    events = stream.events
+    assert events[0].event == "start"
+    assert events[0].data["stream_id"] == stream_id
+    assert events[0].data["model"] == "sim-chat"
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert len(stream.terminal) == 1 and events[-1].event == "done"
+    done = events[-1].data
+    assert done["state"] == "complete"
+    assert done["finish_reason"] == "stop"
+    assert done["usage"]["estimated"] is False and done["usage"]["completion_tokens"] > 0
+    assert done["stats"]["ttft_ms"] is not None
+    assert stream.text == expected_text("Hello")
+    # Named events never carry "content" (the article's client would print them).
+    assert all("content" not in e.data for e in events if e.event != "message")
+    # LF framing only, one data line per event.
+    assert b"\r" not in stream.raw
+
+
+async def test_first_bytes_go_out_before_the_upstream_answers(gateway, http):
+    body = chat_body("slow", sim={"first_token_delay_s": 30})
+    async with http.post(gateway.base_url + "/api/chat", json=body) as resp:
+        stream = await read_stream(resp, stop_after=1)
+        assert stream.events[0].event == "start"
+        await http.post(
+            f"{gateway.base_url}/api/streams/{stream.events[0].data['stream_id']}/cancel"
+        )
+
+
+async def test_heartbeats_flow_while_waiting_for_the_first_token(gateway_factory, http):
+    async with gateway_factory(TOKENRELAY_HEARTBEAT_S="0.05") as gw:
+        body = chat_body("think first", sim={"first_token_delay_s": 1.0})
+        async with http.post(gw.base_url + "/api/chat", json=body) as resp:
+            raw = b""
+            async for chunk in resp.content.iter_any():
+                raw += chunk
+                if b'"content"' in raw:
+                    break
+    before_first_token = raw[: raw.index(b'"content"')]
+    assert before_first_token.count(b": heartbeat\n\n") >= 2
+
+
+def article_client(raw: bytes, chunk_size: int = 7) -> str:
+    """The article's streamChat loop, line for line, over arbitrary network chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()  # TextDecoder with {stream: true}
+    text = ""
+    buffer = ""
+    for i in range(0, len(raw), chunk_size):
+        buffer += decoder.decode(raw[i : i + chunk_size])
+        lines = buffer.split("\n\n")
+        buffer = lines.pop()
+        for line in lines:
+            if line.startswith("event: done"):
+                continue
+            match = re.search(r"^data: (.+)$", line, re.MULTILINE)  # "." stops at line ends
+            if match:
+                try:
+                    content = orjson.loads(match.group(1)).get("content")
+                except orjson.JSONDecodeError:
+                    continue
+                if content:
+                    text += content
+    return text
+
+
+async def test_the_articles_own_client_reads_the_stream(gateway, http):
+    question = "Does the article's client work? \u2028 line separator and <b>tags</b>"
+    async with http.post(gateway.base_url + "/api/chat", json=chat_body(question)) as resp:
+        stream = await read_stream(resp)
+    assert "\u2028".encode() not in stream.raw  # escaped, so a JS regex "." keeps it
+    assert article_client(stream.raw) == stream.text == expected_text(question)
+
+
+async def test_resume_after_disconnects_at_random_points_gives_the_exact_text(gateway, http):
+    rng = random.Random(7)
+    body = chat_body("resume me", sim={"tokens_per_s": 400})
+    async with http.post(gateway.base_url + "/api/chat", json=body) as resp:
+        first = await read_stream(resp, stop_after=rng.randint(2, 15))
+    stream_id = first.events[0].data["stream_id"]
+    events = list(first.events)
+    while events[-1].event not in ("done", "error"):
+        headers = {"Last-Event-ID": str(events[-1].id)}
+        url = f"{gateway.base_url}/api/streams/{stream_id}/events"
+        async with http.get(url, headers=headers) as resp:
+            assert resp.status == 200
+            part = await read_stream(resp, stop_after=rng.randint(1, 40))
+        assert part.events, "a resume must deliver what comes next"
+        events.extend(part.events)
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    text = "".join(e.data["content"] for e in events if e.event == "message")
+    assert text == expected_text("resume me")
+
+
+async def test_resume_by_query_parameter_and_after_the_end(gateway, http):
+    async with http.post(gateway.base_url + "/api/chat", json=chat_body("replay")) as resp:
+        full = await read_stream(resp)
+    stream_id = full.events[0].data["stream_id"]
+    url = f"{gateway.base_url}/api/streams/{stream_id}/events?last_event_id=3"
+    async with http.get(url) as resp:
+        replay = await read_stream(resp)
+    assert [e.id for e in replay.events] == [e.id for e in full.events[3:]]
+    async with http.get(f"{gateway.base_url}/api/streams/{stream_id}") as resp:
+        info = await resp.json()
+    assert info["finished"] is True and info["state"] == "complete"
+    assert info["last_seq"] == full.last_id
+
+
+async def test_two_subscribers_receive_identical_events(gateway, http):
+    body = chat_body("two tabs", sim={"tokens_per_s": 300})
+    async with http.post(gateway.base_url + "/api/chat", json=body) as resp:
+        stream_id = resp.headers["X-Stream-Id"]
+        url = f"{gateway.base_url}/api/streams/{stream_id}/events"
+        async with http.get(url) as second:
+            a, b = await asyncio.gather(read_stream(resp), read_stream(second))
+    assert [(e.id, e.event, e.data) for e in a.events] == [
+        (e.id, e.event, e.data) for e in b.events
+    ]
+    assert a.text == expected_text("two tabs")
+
+
+async def test_unknown_stream_is_404_json(gateway, http):
+    for path in ("", "/events"):
+        async with http.get(f"{gateway.base_url}/api/streams/nope{path}") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "stream_not_found"
+    async with http.post(f"{gateway.base_url}/api/streams/nope/cancel") as resp:
+        assert resp.status == 404
+
+
+async def test_bad_last_event_id_is_400(gateway, http):
+    async with http.post(gateway.base_url + "/api/chat", json=chat_body("x")) as resp:
+        stream = await read_stream(resp)
+    url = f"{gateway.base_url}/api/streams/{stream.events[0].data['stream_id']}/events"
+    async with http.get(url, headers={"Last-Event-ID": "abc"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "invalid_last_event_id"
+
+
+async def test_stop_aborts_the_upstream_and_keeps_the_text(simulator, gateway, http):
+    sim, _ = simulator
+    body = chat_body("stop me", sim={"tokens_per_s": 50})
+    async with http.post(gateway.base_url + "/api/chat", json=body) as resp:
+        stream_id = resp.headers["X-Stream-Id"]
+        before = await read_stream(resp, stop_after=4)
+        async with http.post(f"{gateway.base_url}/api/streams/{stream_id}/cancel") as c:
+            assert c.status == 202
+            assert (await c.json())["cancelled"] is True
+        rest = await read_stream(resp)
+    await asyncio.wait_for(sim.wait_disconnected(1), 10)
+    events = before.events + rest.events
+    assert events[-1].event == "done" and events[-1].data["state"] == "cancelled"
+    assert len([e for e in events if e.event in ("done", "error")]) == 1
+    text = "".join(e.data["content"] for e in events if e.event == "message")
+    assert expected_text("stop me").startswith(text) and text
+
+
+async def test_stop_before_the_first_token(simulator, gateway, http):
+    sim, _ = simulator
+    body = chat_body("never mind", sim={"first_token_delay_s": 60})
+    async with http.post(gateway.base_url + "/api/chat", json=body) as resp:
+        stream_id = resp.headers["X-Stream-Id"]
+        await sim.wait_for("active", 1)
+        await http.post(f"{gateway.base_url}/api/streams/{stream_id}/cancel")
+        stream = await read_stream(resp)
+    await asyncio.wait_for(sim.wait_disconnected(1), 10)
+    assert stream.events[-1].data["state"] == "cancelled"
+    assert stream.text == ""
+
+
+async def test_abandoned_stream_is_cancelled_after_the_grace_period(
+    simulator, gateway_factory, http
+):
+    sim, _ = simulator
+    async with gateway_factory(TOKENRELAY_GRACE_S="0.2") as gw:
+        body = chat_body("walk away", sim={"tokens_per_s": 20})
+        async with http.post(gw.base_url + "/api/chat", json=body) as resp:
+            stream_id = resp.headers["X-Stream-Id"]
+            await read_stream(resp, stop_after=2)
+        await asyncio.wait_for(sim.wait_disconnected(1), 10)
+        async with http.get(f"{gw.base_url}/api/streams/{stream_id}/events") as resp:
+            replay = await read_stream(resp)
+        assert replay.events[-1].data["state"] == "cancelled"
+
+
+async def test_reattaching_within_the_grace_period_keeps_the_answer(gateway_factory, http):
+    async with gateway_factory(TOKENRELAY_GRACE_S="30") as gw:
+        body = chat_body("come back", sim={"tokens_per_s": 200})
+        async with http.post(gw.base_url + "/api/chat", json=body) as resp:
+            stream_id = resp.headers["X-Stream-Id"]
+            first = await read_stream(resp, stop_after=3)
+        url = f"{gw.base_url}/api/streams/{stream_id}/events"
+        async with http.get(url, headers={"Last-Event-ID": str(first.last_id)}) as resp:
+            rest = await read_stream(resp)
+    assert rest.events[-1].data["state"] == "complete"
+    assert first.text + rest.text == expected_text("come back")
+
+
+async def test_a_client_that_stops_reading_slows_nobody(gateway_factory, http):
+    async with gateway_factory(TOKENRELAY_SEND_TIMEOUT_S="1") as gw:
+        body = chat_body("big answer", sim={"tokens": 3000})
+        async with http.post(gw.base_url + "/api/chat", json=body) as stalled:
+            stream_id = stalled.headers["X-Stream-Id"]
+            # `stalled` is never read again; a second subscriber reads everything.
+            url = f"{gw.base_url}/api/streams/{stream_id}/events"
+            async with http.get(url) as reader:
+                stream = await read_stream(reader)
+            assert stream.events[-1].data["state"] == "complete"
+            gen_done = stream_id not in gw.hub.generations
+            assert gen_done
+
+
+async def test_journal_bound_ends_the_stream_with_a_clear_error(gateway_factory, http):
+    async with gateway_factory(TOKENRELAY_JOURNAL_MAX_EVENTS="20") as gw:
+        async with http.post(gw.base_url + "/api/chat", json=chat_body("long")) as resp:
+            stream = await read_stream(resp)
+    assert len(stream.terminal) == 1
+    error = stream.events[-1]
+    assert error.event == "error" and error.data["error"]["code"] == "journal_full"
+    assert stream.last_id <= 21
+
+
+async def test_upstream_key_is_sent_but_never_shown(http):
+    from support.gateway import running_gateway, serve_app
+
+    from tokenrelay.simulator import SimulatorConfig, create_simulator
+
+    secret = "sk-test-0123456789abcdef"
+    sim = create_simulator(SimulatorConfig(speed=50, api_key=secret))
+    async with (
+        serve_app(sim, lifespan="off") as url,
+        running_gateway(
+            TOKENRELAY_UPSTREAM_URL=url + "/v1", TOKENRELAY_UPSTREAM_API_KEY=secret
+        ) as gw,
+    ):
+        async with http.post(gw.base_url + "/api/chat", json=chat_body("key?")) as resp:
+            stream = await read_stream(resp)
+        assert sim.last_request_headers["authorization"] == f"Bearer {secret}"
+        assert stream.events[-1].data["state"] == "complete"
+        assert secret.encode() not in stream.raw
+    async with (
+        serve_app(sim, lifespan="off") as url,
+        running_gateway(
+            TOKENRELAY_UPSTREAM_URL=url + "/v1", TOKENRELAY_UPSTREAM_API_KEY="sk-wrong-key-999999"
+        ) as gw,
+    ):
+        async with http.post(gw.base_url + "/api/chat", json=chat_body("key?")) as resp:
+            stream = await read_stream(resp)
+        error = stream.events[-1].data["error"]
+        assert error["code"] == "upstream_rejected"
+        assert b"sk-wrong-key-999999" not in stream.raw
+
+
+async def test_bad_requests_get_clear_4xx_json(gateway, http):
+    url = gateway.base_url + "/api/chat"
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (b"", 400, "invalid_json"),
+        (b"[]", 400, "invalid_request"),
+        (orjson.dumps({"messages": []}), 400, "invalid_messages"),
+        (orjson.dumps({"messages": "hi"}), 400, "invalid_messages"),
+        (orjson.dumps({"messages": [{"role": "wizard", "content": "x"}]}), 400, "invalid_messages"),
+        (orjson.dumps({"messages": [{"role": "user", "content": 5}]}), 400, "invalid_messages"),
+        (
+            orjson.dumps({"messages": [{"role": "user", "content": "x"}], "model": 3}),
+            400,
+            "invalid_model",
+        ),
+        (
+            orjson.dumps(
+                {
+                    "model": "sim-chat",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "temperature": "hot",
+                }
+            ),
+            400,
+            "invalid_parameter",
+        ),
+        (
+            orjson.dumps(
+                {
+                    "model": "sim-chat",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "max_tokens": 10**9,
+                }
+            ),
+            400,
+            "invalid_parameter",
+        ),
+        (
+            orjson.dumps(
+                {"model": "sim-chat", "messages": [{"role": "user", "content": "x"}], "bogus": 1}
+            ),
+            400,
+            "unknown_field",
+        ),
+        (
+            orjson.dumps({"messages": [{"role": "user", "content": "a\x00b"}]}),
+            400,
+            "invalid_messages",
+        ),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "invalid_json"),
+        (b" " * 2_000_000, 413, "body_too_large"),
+    ]
+    for body, status, code in cases:
+        async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == status, (body[:60], await r.text())
+            error = (await r.json())["error"]
+            assert error["code"] == code, (body[:60], error)
+            assert error["message"]
+
+
+async def test_unknown_model_with_a_configured_model_table(http):
+    from support.gateway import running_gateway
+
+    async with running_gateway() as gw:  # the built-in simulator's model table
+        body = chat_body("x", model="gpt-99")
+        async with http.post(gw.base_url + "/api/chat", json=body) as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "model_not_found"
+        async with http.get(gw.base_url + "/api/models") as r:
+            models = (await r.json())["models"]
+        assert {"sim-chat", "sim-fast", "sim-reasoner"} <= {m["id"] for m in models}
+        assert all(m["simulated"] for m in models)
