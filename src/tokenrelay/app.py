@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 from tokenrelay.config import SIMULATOR, Settings, load_settings
 from tokenrelay.errors import BadRequest, TokenRelayError
 from tokenrelay.hub import Hub
+from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
 from tokenrelay.journal.base import open_journal
 from tokenrelay.routes import chat, openai, streams
 from tokenrelay.routes.common import JSONResponse, error_response
@@ -91,6 +92,13 @@ def _open_store(settings: Settings) -> Any:
     return open_store(settings.database_url, instance_id=settings.instance_id)
 
 
+def _open_idempotency(settings: Settings) -> IdempotencyStore:
+    retention = settings.journal.retention_s
+    if settings.redis_url:
+        return RedisIdempotency(settings.redis_url, retention, settings.redis_prefix)
+    return MemoryIdempotency(retention)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -112,12 +120,15 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if store is not None:
             await store.start()
             stack.push_async_callback(store.aclose)
+        idempotency = _open_idempotency(settings)
+        stack.push_async_callback(idempotency.aclose)
         hub = Hub(settings, journal, upstream, store)
         await hub.startup()
         app.state.upstream = upstream
         app.state.journal = journal
         app.state.store = store
         app.state.hub = hub
+        app.state.idempotency = idempotency
         try:
             yield
         finally:

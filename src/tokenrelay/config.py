@@ -99,6 +99,7 @@ class Settings:
     journal: JournalLimits = JournalLimits()
     database_url: str = "sqlite:///tokenrelay.db"
     redis_url: str | None = None
+    redis_prefix: str = "tokenrelay:"  # every Redis key tokenrelay writes starts with this
     limits: Limits = Limits()
     simulator_speed: float = 1.0
     log_level: str = "info"
@@ -129,6 +130,7 @@ _ENV_STRINGS = {
     "TOKENRELAY_JOURNAL_URL": "journal_url",
     "TOKENRELAY_DATABASE_URL": "database_url",
     "TOKENRELAY_REDIS_URL": "redis_url",
+    "TOKENRELAY_REDIS_PREFIX": "redis_prefix",
     "TOKENRELAY_LOG_LEVEL": "log_level",
     "TOKENRELAY_DEFAULT_MODEL": "default_model",
     "TOKENRELAY_INSTANCE_ID": "instance_id",

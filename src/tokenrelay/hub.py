@@ -100,6 +100,7 @@ class Hub:
         message_id: str | None = None,
         grace_s: float | None = None,
         record: bool = False,
+        stream_id: str | None = None,
     ) -> Generation:
         """Create the stream, write its ``start`` event, and launch the generation.
 
@@ -108,7 +109,7 @@ class Hub:
         """
         if self.draining:
             raise ServiceUnavailable("this instance is shutting down; retry on another one")
-        stream_id = new_id()
+        stream_id = stream_id or new_id()
         store = self.store if record and conversation_id else None
         gen = Generation(
             stream_id=stream_id,

@@ -351,6 +351,7 @@ class UpstreamCall:
                             continue
                         waiting_first = False
                         watchdog.phase = "idle"
+                        watchdog.rearm(min(loop.time() + idle, total_deadline))
                         self.upstream_model = chunks.model
                     # The watchdog re-arms itself lazily: per read we only move a float.
                     watchdog.deadline = min(loop.time() + idle, total_deadline)
@@ -412,6 +413,12 @@ class _Watchdog:
         self._handle = None
         self.expired = True
         self._on_expire()
+
+    def rearm(self, deadline: float) -> None:
+        """Move the deadline, also earlier than the timer currently set."""
+        self.cancel()
+        self.deadline = deadline
+        self._handle = self._loop.call_at(deadline, self._fire)
 
     def cancel(self) -> None:
         if self._handle is not None:

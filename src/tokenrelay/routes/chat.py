@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -9,8 +10,9 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from tokenrelay import __version__
-from tokenrelay.errors import ServiceUnavailable, TokenRelayError, UpstreamError
+from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError, UpstreamError
 from tokenrelay.hub import Hub, new_id
+from tokenrelay.idempotency import check_key, fingerprint
 from tokenrelay.routes.common import JSONResponse, owner_of
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import ChatRequest, read_json_body, validate_chat
@@ -52,6 +54,14 @@ async def chat(request: Request) -> Any:
     hub: Hub = request.app.state.hub
     data = await read_json_body(request, settings.limits)
     chat_request = validate_chat(data, settings, extra_fields=frozenset({"conversation_id"}))
+    stream_id = new_id()
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        earlier = await request.app.state.idempotency.claim(
+            owner_of(request), check_key(key), fingerprint(data), stream_id
+        )
+        if earlier is not None:
+            return await _attach_existing(request, hub, earlier)
     message_id = new_id("m-")
     conversation_id = await record_request(request, chat_request, message_id)
     gen = await hub.start(
@@ -61,11 +71,31 @@ async def chat(request: Request) -> Any:
         conversation_id=conversation_id,
         message_id=message_id,
         record=True,
+        stream_id=stream_id,
     )
     headers = [(b"x-message-id", message_id.encode())]
     if conversation_id:
         headers.append((b"x-conversation-id", conversation_id.encode()))
     return SubscriberResponse(hub, gen.stream_id, 0, headers=headers)
+
+
+async def _attach_existing(request: Request, hub: Hub, stream_id: str) -> SubscriberResponse:
+    """A repeated Idempotency-Key: follow the stream the first request started."""
+    owner = owner_of(request)
+    # The first request may still be between its claim and the stream's creation.
+    for _ in range(50):
+        try:
+            info = await hub.info(stream_id, owner)
+            break
+        except StreamNotFound:
+            await asyncio.sleep(0.1)
+    else:
+        info = await hub.info(stream_id, owner)
+    headers = [(b"idempotent-replayed", b"true")]
+    message_id = info.meta.get("message_id")
+    if isinstance(message_id, str):
+        headers.append((b"x-message-id", message_id.encode()))
+    return SubscriberResponse(hub, stream_id, 0, headers=headers)
 
 
 async def models(request: Request) -> JSONResponse:
