@@ -13,9 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support.gateway import Gateway, running_gateway, serve_app  # noqa: E402
-
-from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator  # noqa: E402
+from support.gateway import Gateway, running_gateway, serve_app
+from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator
 
 
 @pytest.fixture
@@ -35,7 +34,6 @@ def gateway_factory(
 
     def factory(**env: str) -> AbstractAsyncContextManager[Gateway]:
         env.setdefault("TOKENRELAY_UPSTREAM_URL", url)
-        env.setdefault("TOKENRELAY_DATABASE_URL", "none")  # TEMP until the store lands
         return running_gateway(**env)
 
     return factory

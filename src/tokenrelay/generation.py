@@ -307,11 +307,7 @@ class Generation:
                 "stats": stats,
             }
             frame = ev.frame(seq, ev.ERROR, ev.dumps(payload))
-        try:
-            if await self.journal.finish(self.stream_id, frame, self.state):
-                self.seq = seq
-        except Exception:
-            log.exception("cannot write the end of stream %s", self.stream_id[:8])
+        # The store first: once a client sees the end, history already shows it.
         if self.store is not None:
             usage = self.usage
             result = AssistantResult(
@@ -330,9 +326,15 @@ class Generation:
                 error_message=error.message if error else None,
             )
             try:
-                await self.store.finish_assistant(self.message_id, result)
+                async with asyncio.timeout(10):  # a stuck database must not hold the stream
+                    await self.store.finish_assistant(self.message_id, result)
             except Exception:
                 log.warning("cannot store the end of message %s", self.message_id[:8])
+        try:
+            if await self.journal.finish(self.stream_id, frame, self.state):
+                self.seq = seq
+        except Exception:
+            log.exception("cannot write the end of stream %s", self.stream_id[:8])
         self.finished.set()
         if self.observer is not None:
             self.observer.finished(self, error)

@@ -343,11 +343,17 @@ class UpstreamCall:
                     if not data:
                         break
                     out: list[Event] = []
-                    for event in sse.decode(data):
-                        if event.event == "message" or event.event == "error":
-                            chunks.feed(event.data, out)
+                    failure: UpstreamError | None = None
+                    try:
+                        for event in sse.decode(data):
+                            if event.event == "message" or event.event == "error":
+                                chunks.feed(event.data, out)
+                    except UpstreamError as exc:
+                        failure = exc  # relay the good text of this read first
                     if waiting_first:
                         if not out or all(isinstance(e, Usage | Finish) for e in out):
+                            if failure is not None:
+                                raise failure
                             continue
                         waiting_first = False
                         watchdog.phase = "idle"
@@ -358,7 +364,10 @@ class UpstreamCall:
                     if watchdog.deadline == total_deadline:
                         watchdog.phase = "total"
                     self.content_chunks = getattr(chunks, "content_chunks", 0)
-                    yield out
+                    if out:
+                        yield out
+                    if failure is not None:
+                        raise failure
                 tail: list[Event] = []
                 chunks.flush(tail)
                 if tail:

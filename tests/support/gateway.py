@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
+from support.servers import running_asgi
 from tokenrelay.app import create_app
 from tokenrelay.config import Settings, load_settings
 
@@ -30,36 +27,9 @@ class Gateway:
         return self.app.state.hub
 
 
-@contextlib.asynccontextmanager
-async def serve_app(app: Any, *, lifespan: str = "on") -> AsyncIterator[str]:
+def serve_app(app: Any, *, lifespan: str = "on") -> contextlib.AbstractAsyncContextManager[str]:
     """Serve an ASGI app with uvicorn on 127.0.0.1:<free port>; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan=lifespan,
-        http="httptools",
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("server stopped during start-up")
-            await asyncio.sleep(0.005)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
-        sock.close()
+    return running_asgi(app, lifespan=lifespan, timeout_graceful_shutdown=1)
 
 
 @contextlib.asynccontextmanager
