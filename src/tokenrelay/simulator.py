@@ -1,0 +1,1162 @@
+"""The built-in OpenAI-compatible upstream: deterministic, fast, and failing on purpose.
+
+It is what the demo, the tests and the benchmarks talk to when no real provider is
+configured, so it is a raw ASGI app (no framework on the per-token path) that speaks
+``GET /v1/models`` and ``POST /v1/chat/completions`` (streaming and not) exactly like
+OpenAI. Every answer is a pure function of (model, messages, seed): tests compute the
+expected text with :func:`build_text` instead of hard-coding it. ``max_tokens`` truncates
+that text, so a shorter answer is always a prefix of the longer one.
+
+Models (:data:`DEFAULT_MODELS`) cover the behaviours a gateway must survive: a paced chat
+model, an unpaced one for benchmarks, ``reasoning_content``, ``<think>`` tags, parallel
+tool calls, 429 + ``Retry-After``, a body that stops without ``[DONE]``, and a stall.
+:class:`SimulatorConfig` scales every speed so a test runs the same script 50x faster, and
+a request may carry ``"sim": {"tokens", "tokens_per_s", "first_token_delay_s",
+"reasoning_tokens"}`` to override its model's numbers (absolute values, not scaled).
+
+Concurrency per request is a race of two tasks: the generator (the only writer) and a
+listener on ``receive()``; when the client goes away the generator is cancelled at once.
+The app object exposes counters and awaitable thresholds (:meth:`Simulator.wait_for`) so
+tests never poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import random
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "ModelSpec",
+    "Simulator",
+    "SimulatorConfig",
+    "SimulatorStats",
+    "build_reasoning",
+    "build_text",
+    "build_tool_calls",
+    "create_simulator",
+    "run_simulator",
+    "serve_simulator",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+FLAKY = "flaky"
+DROP = "drop"
+STALL = "stall"
+FAULTS = frozenset({FLAKY, DROP, STALL})
+
+OWNER = "tokenrelay-simulator"
+MODELS_CREATED = 1_735_689_600  # 2025-01-01, a fixed date so /v1/models is stable
+MAX_BODY_BYTES = 8 * 1024 * 1024
+BATCH_TOKENS = 64  # chunks per ASGI send when unpaced (or late)
+BATCH_BYTES = 16 * 1024
+FLAKY_MEMORY = 4096  # prompts remembered by sim-flaky
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One simulated model. ``tokens_per_s == 0`` means unpaced (as fast as the socket)."""
+
+    name: str
+    description: str
+    tokens_per_s: float = 60.0
+    first_token_delay_s: float = 0.3
+    reasoning: bool = False  # stream ``reasoning_content`` before the answer
+    think_tags: bool = False  # put a ``<think>...</think>`` block at the start of content
+    tools: bool = False  # answer with two parallel tool calls
+    fault: str | None = None  # "flaky" | "drop" | "stall"
+    reasoning_s: float = 0.0  # how long it thinks, at its own token rate
+    fault_after: int = 0  # content tokens sent before "drop" or "stall"
+
+    def __post_init__(self) -> None:
+        if self.fault is not None and self.fault not in FAULTS:
+            raise ValueError(f"ModelSpec {self.name!r}: unknown fault {self.fault!r}")
+        if self.tokens_per_s < 0 or self.first_token_delay_s < 0 or self.reasoning_s < 0:
+            raise ValueError(f"ModelSpec {self.name!r}: rates and delays must be >= 0")
+
+
+DEFAULT_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        "sim-chat",
+        "Simulated chat model: ~60 tokens/s, first token after ~0.3 s.",
+    ),
+    ModelSpec(
+        "sim-fast",
+        "Simulated model with no delay at all, for benchmarks (many chunks per write).",
+        tokens_per_s=0.0,
+        first_token_delay_s=0.0,
+    ),
+    ModelSpec(
+        "sim-reasoner",
+        "Simulated reasoning model: streams reasoning_content for ~2.5 s, then the answer.",
+        first_token_delay_s=0.5,
+        reasoning=True,
+        reasoning_s=2.5,
+    ),
+    ModelSpec(
+        "sim-think",
+        "Simulated model that writes a <think>...</think> block before its answer.",
+        think_tags=True,
+        reasoning_s=1.5,
+    ),
+    ModelSpec(
+        "sim-tools",
+        "Simulated model that answers with two parallel tool calls.",
+        tools=True,
+    ),
+    ModelSpec(
+        "sim-flaky",
+        "Simulated model that answers 429 (Retry-After: 1) to every other request for a prompt.",
+        fault=FLAKY,
+    ),
+    ModelSpec(
+        "sim-drop",
+        "Simulated model whose connection drops after ~20 tokens, without [DONE].",
+        fault=DROP,
+        fault_after=20,
+    ),
+    ModelSpec(
+        "sim-stall",
+        "Simulated model that sends ~10 tokens, then goes silent until the client leaves.",
+        fault=STALL,
+        fault_after=10,
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    """Time scaling and model table. ``speed`` multiplies token rates; the delay scale
+    multiplies first-token delays (0 removes them)."""
+
+    speed: float = 1.0
+    first_token_delay_scale: float = 1.0
+    models: tuple[ModelSpec, ...] = DEFAULT_MODELS
+    api_key: str | None = None
+    retry_after_s: int = 1  # what sim-flaky asks the client to wait
+
+    def __post_init__(self) -> None:
+        if not self.speed > 0:
+            raise ValueError("SimulatorConfig 'speed' must be > 0.")
+        if self.first_token_delay_scale < 0:
+            raise ValueError("SimulatorConfig 'first_token_delay_scale' must be >= 0.")
+        if len({m.name for m in self.models}) != len(self.models):
+            raise ValueError("SimulatorConfig 'models' has duplicate names.")
+
+
+@dataclass(slots=True)
+class SimulatorStats:
+    """Counters for tests and the demo; ``active`` is streams in progress."""
+
+    requests: int = 0  # chat completion requests received (including rejected ones)
+    completed: int = 0  # answers fully sent (stream with [DONE], or a JSON body)
+    disconnected: int = 0  # the client went away before the answer was complete
+    active: int = 0
+    rejected: int = 0  # 4xx answers (bad request, auth, unknown model, 429)
+    faults: int = 0  # drops and stalls performed on purpose
+
+
+# --------------------------------------------------------------------------- text material
+# Immutable text the answers are assembled from. Kept small and varied: markdown features
+# (headings, lists, code, tables, emphasis, links), punctuation and some non-ASCII.
+
+_TITLES = (
+    "Streaming tokens reliably",
+    "How server-sent events work",
+    "Backpressure in practice",
+    "Retries without duplicates",
+    "Designing for reconnection",
+    "Measuring time to first token",
+    "Keeping connections alive",
+    "A short overview",
+    "Thinking about latency",
+    "What actually happens on the wire",
+)
+
+_INTROS = (
+    'You asked: "{q}". Here is a short, structured answer.',
+    'Regarding "{q}": here is how I would think about it.',
+    '"{q}" is a good question, so let me walk through it.',
+    'Thanks for asking about "{q}". The key points are below.',
+)
+
+_SENTENCES = (
+    "A streaming response sends each token as soon as the model produces it.",
+    "The client reads the body incrementally and renders text as it arrives.",
+    "Server-sent events are plain text: every event ends with a blank line.",
+    "Latency matters more than throughput for the first few words.",
+    "Most users perceive anything below twenty tokens per second as sluggish.",
+    "A proxy that buffers the response makes the whole answer arrive at once.",
+    "Retrying before the first token is safe; retrying after it duplicates text.",
+    "An idle connection may be closed by a load balancer after a minute or two.",
+    "A heartbeat comment keeps intermediaries from timing the stream out.",
+    "Every event carries an id, so a client can resume after a reload.",
+    "The generation should keep running while the browser reconnects.",
+    "Cancelling the upstream request is the only way to stop the billing.",
+    "Parsers must accept any chunking, including a UTF-8 character split in two.",
+    "Rate limits are announced with a 429 status and a Retry-After header.",
+    "Exponential backoff with jitter spreads retries out over time.",
+    "A partial answer is still worth keeping when the stream fails.",
+    "Reasoning models may think for a long time before they say anything.",
+    "Tool calls arrive as fragments that must be joined by their index.",
+    "It is worth measuring both time to first token and tokens per second.",
+    "Small, well-named functions make the hot path easy to profile.",
+    "The journal is append-only, which makes replay simple and exact.",
+    "Slow readers should never slow down the producer or other readers.",
+    "Café owners and naïve benchmarks both care about the résumé of a request.",
+    "Think of the stream as a log, not as a socket — the socket is just a view.",
+    "In short: decouple generation from delivery, and most problems disappear.",
+    "Backpressure tells the sender to wait until the receiver catches up.",
+    "A test that never fails proves nothing, so every check should be able to.",
+    "Determinism makes simulated answers easy to assert on in tests.",
+    "Compression middleware can silently buffer an event stream; turn it off.",
+    "HTTP/2 lets many streams share one connection without head-of-line waits.",
+)
+
+_SUBHEADINGS = ("Key points", "In practice", "Details", "Things to watch", "Summary")
+
+_BULLETS = (
+    "**Latency**: send the first token as early as possible.",
+    "**Resilience**: retry only before any text was delivered.",
+    "**Resume**: give every event a monotonic id.",
+    "**Cancellation**: abort the upstream call when the user presses Stop.",
+    "**Heartbeats**: a comment line every 15 seconds keeps proxies happy.",
+    "Disable buffering with `X-Accel-Buffering: no`.",
+    "Use `Cache-Control: no-cache` on event streams.",
+    "Escape model output before rendering it as HTML.",
+    "Keep partial content when the stream breaks.",
+    "Honour `Retry-After`, in seconds or as an HTTP date.",
+    "Measure tokens per second per model, not just price.",
+    "Bound every buffer, and say what happens when it is full.",
+    "Split lines on CR, LF or CRLF — never on anything else.",
+    "Prefer real servers over mocks in integration tests.",
+)
+
+_CODE = (
+    (
+        "python",
+        'async for chunk in client.stream("POST", url, json=body):\n'
+        "    for event in decoder.decode(chunk):\n"
+        '        print(event.data, end="", flush=True)',
+    ),
+    (
+        "javascript",
+        "const res = await fetch(url, { method: 'POST', body });\n"
+        "const reader = res.body.getReader();\n"
+        "const decoder = new TextDecoder();\n"
+        "while (true) {\n"
+        "  const { done, value } = await reader.read();\n"
+        "  if (done) break;\n"
+        "  buffer += decoder.decode(value, { stream: true });\n"
+        "}",
+    ),
+    (
+        "bash",
+        "curl -N http://localhost:8000/v1/chat/completions \\\n"
+        "  -H 'Content-Type: application/json' \\\n"
+        '  -d \'{"model": "sim-chat", "stream": true, "messages": []}\'',
+    ),
+    (
+        "json",
+        '{\n  "id": "chatcmpl-123",\n  "object": "chat.completion.chunk",\n'
+        '  "choices": [{"index": 0, "delta": {"content": "Hi"}}]\n}',
+    ),
+    (
+        "python",
+        "def backoff(attempt: int, base: float = 0.5, cap: float = 20.0) -> float:\n"
+        "    return random.uniform(0, min(cap, base * 2 ** attempt))",
+    ),
+)
+
+_TABLES = (
+    "| Model | Tokens/s | First token |\n|---|---:|---:|\n"
+    "| sim-chat | 60 | 0.3 s |\n| sim-fast | unlimited | 0 s |\n| sim-reasoner | 60 | ~3 s |",
+    "| Status | Meaning | Retry? |\n|---|---|---|\n"
+    "| 429 | rate limited | yes, after Retry-After |\n| 500 | server error | yes |\n"
+    "| 400 | bad request | no |",
+    "| Event | Carries |\n|---|---|\n| start | stream id |\n| delta | text |\n"
+    "| done | usage and timing |",
+)
+
+_CLOSINGS = (
+    "I hope this helps — let me know if you want more detail.",
+    "Feel free to ask a follow-up question.",
+    "That is the gist of it; the details depend on your setup.",
+    "If anything is unclear, ask and I will expand on it.",
+)
+
+_THOUGHTS = (
+    "Let me think about what the user is actually asking.",
+    'The message starts with "{q}", so that is the topic.',
+    "First, I should recall how streaming responses work.",
+    "Hmm, there are a few different angles here.",
+    "Maybe a structured answer with a list would be clearest.",
+    "I should mention retries, but only before the first token.",
+    "Wait, I also need to consider what happens on reconnect.",
+    "A small code example would make this concrete.",
+    "Let me double-check that the details are accurate.",
+    "Okay, I think I have enough to write a good answer.",
+    "The user probably wants something practical, not theory.",
+    "I will keep it concise but complete.",
+)
+
+_CITIES = ("Paris", "Tokyo", "Lisbon", "Nairobi", "Montréal", "Oslo", "Lima", "Seoul")
+_DEFAULT_TOOLS = (
+    ("get_weather", ("location", "unit")),
+    ("get_time", ("timezone",)),
+)
+
+# Word pieces: runs of newlines, an optional space plus a word, an optional space plus
+# punctuation, or lone whitespace. Pieces longer than _MAX_PIECE are cut further.
+_PIECE_RE = re.compile(r"\n+| ?\w+| ?[^\w\s]+|\s")
+_MAX_PIECE = 6
+
+
+def _tokenize(text: str) -> list[str]:
+    """Split text into word pieces of 1-6 characters (a leading space rides along)."""
+    out: list[str] = []
+    for piece in _PIECE_RE.findall(text):
+        limit = _MAX_PIECE + (piece[0] == " ")
+        if len(piece) <= limit:
+            out.append(piece)
+            continue
+        parts = -(-len(piece) // 5)  # near-equal pieces of at most 5-6 characters
+        step, extra = divmod(len(piece), parts)
+        i = 0
+        for k in range(parts):
+            size = step + (k < extra)
+            out.append(piece[i : i + size])
+            i += size
+    return out
+
+
+class _Material:
+    """The text material, pre-tokenized once so long answers cost list concatenation."""
+
+    def __init__(self) -> None:
+        self.sentences = [_tokenize(" " + s) for s in _SENTENCES]
+        self.bullets = [_tokenize("- " + b + "\n") for b in _BULLETS]
+        self.code = [_tokenize(f"```{lang}\n{src}\n```") for lang, src in _CODE]
+        self.tables = [_tokenize(t) for t in _TABLES]
+        self.titles = [_tokenize("## " + t) for t in _TITLES]
+        self.subheadings = [_tokenize("### " + t) for t in _SUBHEADINGS]
+        self.closings = [_tokenize(" " + c) for c in _CLOSINGS]
+
+
+# --------------------------------------------------------------------------- answer text
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _quote(messages: Sequence[Any]) -> str:
+    """The first words of the last user message, whitespace collapsed."""
+    for msg in reversed(messages):
+        if isinstance(msg, dict) and msg.get("role") == "user":
+            words = _message_text(msg.get("content")).split()
+            if not words:
+                break
+            text = " ".join(words[:8])
+            if len(text) > 60:
+                return text[:59].rstrip() + "…"
+            return text + ("…" if len(words) > 8 else "")
+    return "your message"
+
+
+def _digest(model: str, messages: Any, seed: Any) -> bytes:
+    return hashlib.sha256(
+        orjson.dumps([model, messages, seed], option=orjson.OPT_SORT_KEYS)
+    ).digest()
+
+
+def _rng(digest: bytes, salt: int) -> random.Random:
+    return random.Random(int.from_bytes(digest[:8], "big") ^ salt)
+
+
+def _paragraph(rng: random.Random, m: _Material, out: list[str], first: list[str] | None) -> None:
+    """Append 2-4 sentences; ``first`` (already tokenized) opens the paragraph."""
+    picks = rng.sample(range(len(m.sentences)), rng.randint(2, 4))
+    if first is not None:
+        out.extend(first)
+    else:
+        head = m.sentences[picks.pop(0)]
+        out.append(head[0][1:])  # drop the joining space at the start of a paragraph
+        out.extend(head[1:])
+    for i in picks:
+        out.extend(m.sentences[i])
+    out.append("\n\n")
+
+
+def _section(rng: random.Random, m: _Material, out: list[str]) -> None:
+    """One more block of markdown, for answers longer than the natural length."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        out.extend(rng.choice(m.subheadings))
+        out.append("\n\n")
+        _paragraph(rng, m, out, None)
+    elif kind == 1:
+        for i in rng.sample(range(len(m.bullets)), rng.randint(3, 5)):
+            out.extend(m.bullets[i])
+        out.append("\n")
+    elif kind == 2:
+        out.extend(rng.choice(m.code))
+        out.append("\n\n")
+    else:
+        _paragraph(rng, m, out, None)
+
+
+def _answer(rng: random.Random, m: _Material, quote: str, length: int | None) -> list[str]:
+    out: list[str] = list(rng.choice(m.titles))
+    out.append("\n\n")
+    intro = _tokenize(rng.choice(_INTROS).format(q=quote))
+    _paragraph(rng, m, out, intro)
+    target = rng.randint(170, 380)
+    out.extend(rng.choice(m.subheadings))
+    out.append("\n\n")
+    for i in rng.sample(range(len(m.bullets)), rng.randint(3, 5)):
+        out.extend(m.bullets[i])
+    out.append("\n")
+    tail = [*rng.choice(m.code), "\n\n"]
+    if rng.random() < 0.4:
+        tail += [*rng.choice(m.tables), "\n\n"]
+    closing = rng.choice(m.closings)
+    tail += [closing[0][1:], *closing[1:]]
+    while len(out) + len(tail) < target - 20:
+        _paragraph(rng, m, out, None)
+    out.extend(tail)
+    if length is not None:
+        while len(out) < length:
+            out.append("\n\n")
+            _section(rng, m, out)
+        del out[length:]
+    return out
+
+
+def _thoughts(rng: random.Random, quote: str, count: int) -> list[str]:
+    out: list[str] = []
+    order: list[str] = []
+    while len(out) < count:
+        if not order:  # a shuffled cycle, so consecutive thoughts differ
+            order = rng.sample(_THOUGHTS, len(_THOUGHTS))
+        line = order.pop().format(q=quote)
+        out.extend(_tokenize((" " if out else "") + line))
+    del out[count:]
+    return out
+
+
+def _reasoning_count(spec: ModelSpec) -> int:
+    return round(spec.reasoning_s * (spec.tokens_per_s or 60.0))
+
+
+def _content(
+    m: _Material, spec: ModelSpec, messages: Any, seed: Any, length: int | None
+) -> list[str]:
+    digest = _digest(spec.name, messages, seed)
+    quote = _quote(messages)
+    if spec.think_tags:
+        thoughts = _thoughts(_rng(digest, 1), quote, _reasoning_count(spec))
+        body = _answer(_rng(digest, 0), m, quote, None)
+        tokens = ["<think>", "\n", *thoughts, "\n", "</think>", "\n\n", *body]
+        if length is not None:
+            filler = _answer(_rng(digest, 0), m, quote, length)
+            tokens.extend(filler[len(body) :])
+            del tokens[length:]
+        return tokens
+    return _answer(_rng(digest, 0), m, quote, length)
+
+
+def _model(model: str | ModelSpec) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model
+    for spec in DEFAULT_MODELS:
+        if spec.name == model:
+            return spec
+    return ModelSpec(model, "")
+
+
+def build_text(
+    model: str | ModelSpec,
+    messages: Sequence[Any],
+    seed: int | None = None,
+    max_tokens: int | None = None,
+    *,
+    length: int | None = None,
+) -> list[str]:
+    """The content tokens the simulator streams for this request, so tests can compute
+    the exact expected text. ``length`` is the ``sim.tokens`` override. Tool-call
+    answers have no content (see :func:`build_tool_calls`)."""
+    spec = _model(model)
+    if spec.tools and not _after_tool_result(messages):
+        return []
+    tokens = _content(_Material(), spec, list(messages), seed, length)
+    return tokens if max_tokens is None else tokens[:max_tokens]
+
+
+def build_reasoning(
+    model: str | ModelSpec, messages: Sequence[Any], seed: int | None = None,
+    *, count: int | None = None,
+) -> list[str]:
+    """The ``reasoning_content`` tokens of a reasoning model (empty for other models)."""
+    spec = _model(model)
+    if not spec.reasoning:
+        return []
+    n = _reasoning_count(spec) if count is None else count
+    digest = _digest(spec.name, list(messages), seed)
+    return _thoughts(_rng(digest, 1), _quote(messages), n)
+
+
+def _after_tool_result(messages: Sequence[Any]) -> bool:
+    return bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool"
+
+
+def build_tool_calls(
+    model: str | ModelSpec,
+    messages: Sequence[Any],
+    seed: int | None = None,
+    tools: Sequence[Any] | None = None,
+) -> list[tuple[str, str, str]]:
+    """The two parallel tool calls ``(id, name, arguments_json)`` a tools model makes.
+    Names and argument keys come from the request's ``tools`` when given."""
+    spec = _model(model)
+    digest = _digest(spec.name, list(messages), seed)
+    rng = _rng(digest, 2)
+    declared: list[tuple[str, tuple[str, ...]]] = []
+    for tool in tools or ():
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            params = fn.get("parameters")
+            props = params.get("properties") if isinstance(params, dict) else None
+            keys = tuple(props)[:4] if isinstance(props, dict) else ()
+            declared.append((fn["name"], keys))
+    choices = declared or list(_DEFAULT_TOOLS)
+    calls = []
+    for i in range(2):
+        name, keys = choices[i % len(choices)]
+        args: dict[str, str] = {}
+        for key in keys or ("query",):
+            if key == "unit":
+                args[key] = rng.choice(("celsius", "fahrenheit"))
+            elif key == "timezone":
+                args[key] = rng.choice(("Europe/Paris", "Asia/Tokyo", "America/Lima"))
+            elif key == "query":
+                args[key] = _quote(messages)
+            else:
+                args[key] = rng.choice(_CITIES)
+        call_id = f"call_{digest.hex()[8 * i : 8 * i + 24]}"
+        calls.append((call_id, name, orjson.dumps(args).decode()))
+    return calls
+
+
+def _fragments(text: str, rng: random.Random) -> list[str]:
+    out, i = [], 0
+    while i < len(text):
+        size = rng.randint(3, 8)
+        out.append(text[i : i + size])
+        i += size
+    return out
+
+
+# --------------------------------------------------------------------------- wire encoding
+
+
+def _error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param,
+                                   "code": code}})
+
+
+class _HTTPError(Exception):
+    """An OpenAI-style error answer, raised inside request handling."""
+
+    def __init__(
+        self, status: int, message: str, type_: str = "invalid_request_error",
+        code: str | None = None, param: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = _error_body(message, type_, code, param)
+        self.headers = list(headers)
+
+
+async def _send_json(send: Send, status: int, body: bytes,
+                     headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-simulated", b"true"),
+            *headers,
+        ],
+    })
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Chunks:
+    """Byte templates of one response's chunks: per token, only the token is encoded."""
+
+    __slots__ = ("content_head", "created", "id", "model", "prefix", "reasoning_head", "tail")
+
+    def __init__(self, chat_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.id = chat_id
+        self.created = created
+        self.model = model
+        self.prefix = (
+            b'data: {"id":"' + chat_id.encode() + b'","object":"chat.completion.chunk",'
+            b'"created":' + str(created).encode() + b',"model":' + orjson.dumps(model)
+            + b',"choices":[{"index":0,"delta":{'
+        )
+        self.content_head = self.prefix + b'"content":'
+        self.reasoning_head = self.prefix + b'"reasoning_content":'
+        self.tail = b'},"finish_reason":null}]' + (b',"usage":null' if include_usage else b"")
+        self.tail += b"}\n\n"
+
+    def role(self, content_null: bool) -> bytes:
+        content = b"null" if content_null else b'""'
+        return self.prefix + b'"role":"assistant","content":' + content + self.tail
+
+    def delta(self, delta: dict[str, Any]) -> bytes:
+        return self.prefix + orjson.dumps(delta)[1:-1] + self.tail
+
+    def finish(self, reason: str) -> bytes:
+        return self.prefix + b'},"finish_reason":"' + reason.encode() + b'"' + self.tail[22:]
+
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "choices": [], "usage": usage,
+        }) + b"\n\n"
+
+
+def _tokens_batch(head: bytes, tail: bytes, tokens: Sequence[str]) -> Callable[[int, int], bytes]:
+    dumps = orjson.dumps
+
+    def batch(i: int, j: int) -> bytes:
+        parts: list[bytes] = []
+        append = parts.append
+        for tok in tokens[i:j]:
+            append(head)
+            append(dumps(tok))
+            append(tail)
+        return b"".join(parts)
+
+    return batch
+
+
+class _Pacer:
+    """Sends items at a steady rate on one timeline across phases (reasoning, content).
+
+    Item k is due at ``t0 + k / rate``; each wake-up sends every item already due in one
+    write (at most :data:`BATCH_TOKENS`), so high rates stay accurate with few sleeps.
+    Rate 0 means unpaced: batches of 64 items or 16 KB, yielding to the loop in between.
+    """
+
+    def __init__(self, send: Send, rate: float) -> None:
+        self.send = send
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.t0 = -1.0
+        self.sent = 0
+        self.lead = b""  # bytes to put in front of the next write (the role chunk)
+
+    async def emit(self, count: int, batch: Callable[[int, int], bytes]) -> None:
+        send = self.send
+        i = 0
+        if self.interval == 0.0:
+            while i < count:
+                j = min(count, i + BATCH_TOKENS)
+                body = batch(i, j)
+                while len(body) > BATCH_BYTES and j - i > 1:  # keep writes near 16 KB
+                    j = i + max(1, (j - i) // 2)
+                    body = batch(i, j)
+                await send({"type": "http.response.body", "body": self.lead + body,
+                            "more_body": True})
+                self.lead = b""
+                self.sent += j - i
+                i = j
+                await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        while i < count:
+            now = loop.time()
+            if self.t0 < 0:
+                self.t0 = now
+            else:
+                delay = self.t0 + self.sent * self.interval - now
+                await asyncio.sleep(max(delay, 0.0))  # 0 still lets the loop breathe
+                now = loop.time()
+            due = int((now - self.t0) / self.interval) + 1 - self.sent
+            j = i + min(max(due, 1), count - i, BATCH_TOKENS)
+            await send({"type": "http.response.body", "body": self.lead + batch(i, j),
+                        "more_body": True})
+            self.lead = b""
+            self.sent += j - i
+            i = j
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Everything one answer will send, decided before the first byte."""
+
+    spec: ModelSpec
+    content: list[str]
+    reasoning: list[str]
+    tool_calls: list[tuple[str, str, str]]
+    finish_reason: str
+    rate: float
+    first_delay: float
+    prompt_tokens: int
+    include_usage: bool
+    digest: bytes
+    finished: bool = field(default=False)
+
+    def usage(self) -> dict[str, Any]:
+        calls = sum(len(args) // 4 + 1 for _, _, args in self.tool_calls)
+        completion = len(self.content) + len(self.reasoning) + calls
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "completion_tokens_details": {"reasoning_tokens": len(self.reasoning)},
+        }
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class Simulator:
+    """The ASGI app. State (counters, flaky memory, waiters) lives here, never in globals."""
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        self.config = config or SimulatorConfig()
+        self.models = {spec.name: spec for spec in self.config.models}
+        self.stats = SimulatorStats()
+        self.last_request_headers: dict[str, str] = {}
+        self.last_request_body: dict[str, Any] | None = None
+        self._material = _Material()
+        self._flaky: OrderedDict[bytes, int] = OrderedDict()
+        self._waiters: list[tuple[str, int, asyncio.Future[None]]] = []
+        self._models_body = orjson.dumps({
+            "object": "list",
+            "data": [self._model_object(spec) for spec in self.config.models],
+        })
+        auth = self.config.api_key
+        self._auth = f"Bearer {auth}".encode() if auth else None
+
+    @staticmethod
+    def _model_object(spec: ModelSpec) -> dict[str, Any]:
+        return {"id": spec.name, "object": "model", "created": MODELS_CREATED,
+                "owned_by": OWNER, "simulated": True, "description": spec.description}
+
+    # ---- observability
+
+    async def wait_for(self, counter: str, n: int) -> None:
+        """Return once ``stats.<counter> >= n`` (works from any event loop or thread)."""
+        if getattr(self.stats, counter) >= n:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((counter, n, fut))
+        try:
+            await fut
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove((counter, n, fut))
+
+    async def wait_disconnected(self, n: int = 1) -> None:
+        """Return once ``n`` clients have gone away mid-answer in total."""
+        await self.wait_for("disconnected", n)
+
+    async def wait_requests(self, n: int = 1) -> None:
+        await self.wait_for("requests", n)
+
+    async def wait_completed(self, n: int = 1) -> None:
+        await self.wait_for("completed", n)
+
+    def _bump(self, counter: str, delta: int = 1) -> None:
+        value = getattr(self.stats, counter) + delta
+        setattr(self.stats, counter, value)
+        if not self._waiters:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for name, n, fut in list(self._waiters):
+            if name == counter and value >= n and not fut.done():
+                loop = fut.get_loop()
+                if loop is running:
+                    fut.set_result(None)
+                else:
+                    loop.call_soon_threadsafe(_resolve, fut)
+
+    # ---- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        elif kind == "websocket":
+            await receive()
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        try:
+            if self._auth is not None and not self._authorized(scope):
+                raise _HTTPError(401, "Incorrect API key provided (simulated).",
+                                 code="invalid_api_key")
+            if path == "/v1/chat/completions":
+                if method != "POST":
+                    raise _HTTPError(405, f"Method {method} not allowed.",
+                                     code="method_not_allowed")
+                await self._chat(scope, receive, send)
+            elif path == "/v1/models" and method == "GET":
+                await _send_json(send, 200, self._models_body)
+            elif path.startswith("/v1/models/") and method == "GET":
+                spec = self.models.get(path[len("/v1/models/") :])
+                if spec is None:
+                    raise _HTTPError(404, "The model does not exist.", code="model_not_found")
+                await _send_json(send, 200, orjson.dumps(self._model_object(spec)))
+            else:
+                raise _HTTPError(404, f"Unknown request URL: {method} {path}.",
+                                 code="unknown_url")
+        except _HTTPError as exc:
+            if path == "/v1/chat/completions":
+                self._bump("rejected")
+            await _send_json(send, exc.status, exc.body, exc.headers)
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self._auth is not None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value, self._auth)
+        return False
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._bump("requests")
+        self.last_request_headers = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+        }
+        body = await _read_body(receive)
+        if body is None:
+            self._bump("disconnected")
+            return
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise _HTTPError(400, "We could not parse the JSON body of your request.") from None
+        if not isinstance(request, dict):
+            raise _HTTPError(400, "The request body must be a JSON object.")
+        self.last_request_body = request
+        plan = self._plan(request)
+        if plan.spec.fault == FLAKY and self._flaky_hit(plan.digest):
+            retry = str(self.config.retry_after_s)
+            raise _HTTPError(
+                429, f"Rate limit reached for {plan.spec.name} (simulated). "
+                f"Please try again in {retry}s.", type_="requests", code="rate_limit_exceeded",
+                headers=[(b"retry-after", retry.encode())],
+            )
+        stream = request.get("stream") is True
+        work = self._stream(send, plan) if stream else self._complete(send, plan)
+        self._bump("active")
+        try:
+            await self._race(receive, work, plan)
+        finally:
+            self._bump("active", -1)
+
+    def _plan(self, request: dict[str, Any]) -> _Plan:
+        name = request.get("model")
+        if not isinstance(name, str) or not name:
+            raise _HTTPError(400, "You must provide a model parameter.", param="model")
+        spec = self.models.get(name)
+        if spec is None:
+            raise _HTTPError(404, f"The model `{name}` does not exist or you do not have "
+                             "access to it.", code="model_not_found", param="model")
+        messages = request.get("messages")
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and "role" in m for m in messages)):
+            raise _HTTPError(400, "'messages' must be a non-empty array of message objects.",
+                             param="messages")
+        max_tokens = request.get("max_completion_tokens", request.get("max_tokens"))
+        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+            raise _HTTPError(400, "'max_tokens' must be a positive integer.", param="max_tokens")
+        seed = request.get("seed")
+        if seed is not None and not _is_int(seed):
+            raise _HTTPError(400, "'seed' must be an integer.", param="seed")
+        sim = request.get("sim") or {}
+        if not isinstance(sim, dict):
+            raise _HTTPError(400, "'sim' must be an object.", param="sim")
+        length = _opt_number(sim, "tokens", integer=True)
+        reasoning_n = _opt_number(sim, "reasoning_tokens", integer=True)
+        rate = _opt_number(sim, "tokens_per_s")
+        delay = _opt_number(sim, "first_token_delay_s")
+        options = request.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+        digest = _digest(spec.name, messages, seed)
+        reasoning: list[str] = []
+        content: list[str] = []
+        calls: list[tuple[str, str, str]] = []
+        finish = "stop"
+        if spec.tools and not _after_tool_result(messages):
+            calls = build_tool_calls(spec, messages, seed, request.get("tools"))
+            finish = "tool_calls"
+        else:
+            if spec.reasoning:
+                count = _reasoning_count(spec) if reasoning_n is None else int(reasoning_n)
+                reasoning = _thoughts(_rng(digest, 1), _quote(messages), count)
+            full = _content(self._material, spec, messages, seed,
+                            None if length is None else int(length))
+            if spec.fault in (DROP, STALL):
+                content = full[: spec.fault_after]
+            elif max_tokens is not None and len(full) > max_tokens:
+                content, finish = full[:max_tokens], "length"
+            else:
+                content = full
+        cfg = self.config
+        return _Plan(
+            spec=spec, content=content, reasoning=reasoning, tool_calls=calls,
+            finish_reason=finish,
+            rate=rate if rate is not None else spec.tokens_per_s * cfg.speed,
+            first_delay=(delay if delay is not None
+                         else spec.first_token_delay_s * cfg.first_token_delay_scale),
+            prompt_tokens=sum(len(_message_text(m.get("content"))) // 4 + 4 for m in messages),
+            include_usage=include_usage, digest=digest,
+        )
+
+    def _flaky_hit(self, digest: bytes) -> bool:
+        """Odd attempts for a prompt (1st, 3rd, ...) are rate limited; memory is bounded."""
+        count = self._flaky.pop(digest, 0)
+        self._flaky[digest] = count + 1
+        while len(self._flaky) > FLAKY_MEMORY:
+            self._flaky.popitem(last=False)
+        return count % 2 == 0
+
+    async def _race(self, receive: Receive, work: Awaitable[None], plan: _Plan) -> None:
+        """Run the answer against a disconnect listener; the first to finish wins."""
+        task = asyncio.ensure_future(work)
+        listener = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((task, listener), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, listener):
+                if not t.done():
+                    t.cancel()
+            gone = listener.done() and not listener.cancelled() and not task.done()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if gone and not plan.finished:
+            self._bump("disconnected")
+
+    async def _stream(self, send: Send, plan: _Plan) -> None:
+        chat_id = "chatcmpl-sim" + uuid.uuid4().hex[:20]
+        chunks = _Chunks(chat_id, int(time.time()), plan.spec.name, plan.include_usage)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            (b"x-request-id", chat_id.encode()),
+            (b"x-simulated", b"true"),
+        ]})
+        if plan.first_delay > 0:
+            await asyncio.sleep(plan.first_delay)
+        pacer = _Pacer(send, plan.rate)
+        pacer.lead = chunks.role(content_null=bool(plan.tool_calls))
+        if plan.reasoning:
+            await pacer.emit(len(plan.reasoning),
+                             _tokens_batch(chunks.reasoning_head, chunks.tail, plan.reasoning))
+        if plan.tool_calls:
+            frames = _tool_frames(chunks, plan)
+            await pacer.emit(len(frames), lambda i, j: b"".join(frames[i:j]))
+        await pacer.emit(len(plan.content),
+                         _tokens_batch(chunks.content_head, chunks.tail, plan.content))
+        if plan.spec.fault == DROP:
+            if pacer.lead:
+                await send({"type": "http.response.body", "body": pacer.lead, "more_body": True})
+            self._bump("faults")
+            return  # no final message: the server closes the connection mid-body
+        if plan.spec.fault == STALL:
+            self._bump("faults")
+            await asyncio.Event().wait()  # until the listener sees the client leave
+        tail = pacer.lead + chunks.finish(plan.finish_reason)
+        if plan.include_usage:
+            tail += chunks.usage(plan.usage())
+        plan.finished = True
+        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n",
+                    "more_body": False})
+        self._bump("completed")
+
+    async def _complete(self, send: Send, plan: _Plan) -> None:
+        """A non-streaming answer takes as long as the stream would have."""
+        items = len(plan.reasoning) + len(plan.content) + 4 * len(plan.tool_calls)
+        duration = plan.first_delay + (items / plan.rate if plan.rate > 0 else 0.0)
+        if duration > 0:
+            await asyncio.sleep(duration)
+        if plan.spec.fault in (DROP, STALL):
+            self._bump("faults")
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"application/json"), (b"x-simulated", b"true")]})
+            await send({"type": "http.response.body", "body": b'{"id":"chatcmpl-sim",',
+                        "more_body": True})
+            if plan.spec.fault == STALL:
+                await asyncio.Event().wait()
+            return
+        message: dict[str, Any] = {"role": "assistant",
+                                   "content": "".join(plan.content) if not plan.tool_calls
+                                   else None}
+        if plan.reasoning:
+            message["reasoning_content"] = "".join(plan.reasoning)
+        if plan.tool_calls:
+            message["tool_calls"] = [
+                {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
+                for cid, name, args in plan.tool_calls
+            ]
+        body = orjson.dumps({
+            "id": "chatcmpl-sim" + uuid.uuid4().hex[:20],
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": plan.spec.name,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": plan.finish_reason}],
+            "usage": plan.usage(),
+        })
+        plan.finished = True
+        await _send_json(send, 200, body)
+        self._bump("completed")
+
+
+def _tool_frames(chunks: _Chunks, plan: _Plan) -> list[bytes]:
+    """OpenAI's sequence: per call, a header fragment (id, name) then argument pieces."""
+    rng = _rng(plan.digest, 3)
+    frames = []
+    for index, (call_id, name, args) in enumerate(plan.tool_calls):
+        frames.append(chunks.delta({"tool_calls": [{
+            "index": index, "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": ""}}]}))
+        for piece in _fragments(args, rng):
+            frames.append(chunks.delta({"tool_calls": [{
+                "index": index, "function": {"arguments": piece}}]}))
+    return frames
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _opt_number(sim: dict[str, Any], key: str, *, integer: bool = False) -> float | None:
+    value = sim.get(key)
+    if value is None:
+        return None
+    ok = _is_int(value) if integer else isinstance(value, int | float) and not isinstance(
+        value, bool)
+    if not ok or value < 0:
+        kind = "a non-negative integer" if integer else "a non-negative number"
+        raise _HTTPError(400, f"'sim.{key}' must be {kind}.", param=f"sim.{key}")
+    return float(value)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client left first."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _HTTPError(413, "Request body too large.", code="request_too_large")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def create_simulator(config: SimulatorConfig | None = None) -> Simulator:
+    """Build the simulator ASGI app."""
+    return Simulator(config)
+
+
+async def serve_simulator(host: str, port: int, config: SimulatorConfig | None = None) -> None:
+    """Serve the simulator with uvicorn until cancelled or interrupted."""
+    import logging
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(
+        create_simulator(config), host=host, port=port, loop="uvloop", http="httptools",
+        access_log=False, log_level="warning", lifespan="on", timeout_graceful_shutdown=1,
+    ))
+    # sim-drop ends responses mid-body on purpose; uvicorn reports each one as an error.
+    quiet = _DropFilter()
+    logger = logging.getLogger("uvicorn.error")
+    logger.addFilter(quiet)
+    try:
+        await server.serve()
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _DropFilter:
+    """Hides uvicorn's "returned without completing response" line (sim-drop's purpose)."""
+
+    def filter(self, record: Any) -> bool:
+        return "without completing response" not in record.getMessage()
+
+
+def run_simulator(host: str = "127.0.0.1", port: int = 8001, speed: float = 1.0) -> None:
+    """Blocking entry point for ``tokenrelay simulate`` (uvloop when available)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve_simulator(host, port, SimulatorConfig(speed=speed)))

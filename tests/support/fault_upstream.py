@@ -1,0 +1,537 @@
+"""A scripted, fault-injecting OpenAI-compatible upstream on 127.0.0.1 for gateway tests.
+
+It is a tiny HTTP/1.1 server on raw asyncio streams rather than a framework, because the
+faults live below what frameworks let you control: a body written one byte per TCP write,
+a chunked body cut off without its terminator, a reset instead of a response, a stall
+after the headers. Each request attempt consumes the next scripted :class:`Step` (the
+last one repeats), every request is recorded, and tests await counters instead of
+polling::
+
+    async with FaultUpstream() as up:
+        up.script(status(429, headers={"Retry-After": "1"}), ok(["Hel", "lo"]))
+        ...  # point the gateway at up.base_url
+        await up.wait_requests(2)
+
+Stream bodies are ``text/event-stream``, chunked, one HTTP chunk per write, drained after
+every write. Chunks look like OpenAI's: a role chunk, one chunk per token, a finish chunk,
+an optional usage chunk, then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "FaultUpstream",
+    "RecordedRequest",
+    "Step",
+    "corrupt",
+    "huge_chunk",
+    "in_stream_error",
+    "no_done",
+    "ok",
+    "refuse",
+    "reset_after",
+    "slow",
+    "split_bytes",
+    "stall_after",
+    "stall_first",
+    "status",
+]
+
+CORRUPT_LINE = b'data: {"id":"chatcmpl-broken","choices":[{"index":0,"delta":{"content":"oops\n\n'
+_REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    408: "Request Timeout", 413: "Payload Too Large", 429: "Too Many Requests",
+    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one request attempt gets. Build it with the factory functions below."""
+
+    kind: str
+    tokens: tuple[str, ...] = ()
+    n: int = 0
+    usage: bool = True
+    reasoning: tuple[str, ...] = ()
+    status: int = 200
+    body: Any = None
+    headers: tuple[tuple[str, str], ...] = ()
+    seconds: float | None = None
+    interval: float = 0.0
+    message: str = ""
+    code: str = "server_error"
+    finish_reason: str = "stop"
+    hard: bool = False  # close with a TCP reset (RST) instead of a FIN
+
+    @property
+    def text(self) -> str:
+        """The content the step delivers when nothing goes wrong."""
+        return "".join(self.tokens)
+
+
+def ok(
+    tokens: Iterable[str], usage: bool = True, reasoning: Iterable[str] | None = None,
+    finish_reason: str = "stop",
+) -> Step:
+    """A normal stream: role, reasoning (if any), tokens, finish, usage, ``[DONE]``."""
+    return Step("ok", tuple(tokens), usage=usage, reasoning=tuple(reasoning or ()),
+                finish_reason=finish_reason)
+
+
+def status(
+    code: int, body: Any = None, headers: Mapping[str, str] | None = None
+) -> Step:
+    """A plain non-2xx (or any) answer; a dict body is sent as JSON, a str as text."""
+    if body is None:
+        body = {"error": {"message": f"simulated {code}", "type": "server_error",
+                          "code": str(code)}}
+    return Step("status", status=code, body=body, headers=tuple((headers or {}).items()))
+
+
+def refuse(reset: bool = True) -> Step:
+    """Read the request, then close the TCP connection without any response.
+    ``reset=True`` sends an RST ("connection reset by peer"), else a plain FIN."""
+    return Step("refuse", hard=reset)
+
+
+def reset_after(tokens: Iterable[str], n: int, hard: bool = False) -> Step:
+    """Send ``n`` tokens, then close the connection mid-body (no terminator, no [DONE]).
+    The default FIN guarantees the client sees those n tokens; ``hard`` sends an RST,
+    which may make the client lose bytes it had not read yet."""
+    return Step("reset_after", tuple(tokens), n=n, hard=hard)
+
+
+def corrupt(tokens: Iterable[str], at: int) -> Step:
+    """A normal stream with an unparseable ``data:`` line after ``at`` tokens."""
+    return Step("corrupt", tuple(tokens), n=at)
+
+
+def split_bytes(tokens: Iterable[str] = ("H", "é", "😀", " ok", "日本"),
+                interval: float = 0.0) -> Step:
+    """A normal stream whose body goes out one byte per HTTP chunk and per write."""
+    return Step("split_bytes", tuple(tokens), interval=interval)
+
+
+def no_done(tokens: Iterable[str]) -> Step:
+    """Tokens and a finish chunk, then a clean end of body without ``[DONE]``."""
+    return Step("no_done", tuple(tokens))
+
+
+def stall_first(seconds: float | None = None, tokens: Iterable[str] = ("late",)) -> Step:
+    """Headers, then silence for ``seconds`` (forever if None), then a normal stream."""
+    return Step("stall_first", tuple(tokens), seconds=seconds)
+
+
+def stall_after(tokens: Iterable[str], n: int) -> Step:
+    """``n`` tokens, then silence until the client goes away."""
+    return Step("stall_after", tuple(tokens), n=n)
+
+
+def huge_chunk(size: int, char: str = "x") -> Step:
+    """One content delta of ``size`` characters in a single chunk and write."""
+    return Step("huge_chunk", ((char * size)[:size],))
+
+
+def slow(tokens: Iterable[str], interval: float) -> Step:
+    """A normal stream with ``interval`` seconds between tokens."""
+    return Step("slow", tuple(tokens), interval=interval)
+
+
+def in_stream_error(
+    tokens: Iterable[str], n: int, message: str = "upstream failure", code: str = "server_error"
+) -> Step:
+    """``n`` tokens, then ``data: {"error": {...}}`` and a clean end of body."""
+    return Step("in_stream_error", tuple(tokens), n=n, message=message, code=code)
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the upstream received it (header names lower-cased)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any
+    arrived: float  # time.monotonic()
+    step: Step | None = field(default=None)
+
+
+class _ClientGone(Exception):
+    """The client closed its side while we were answering."""
+
+
+class _Conn:
+    """One accepted connection; a pump task reads ahead so a close is noticed at once."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buf = bytearray()
+        self.changed = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.pump = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            while chunk := await self.reader.read(65536):
+                self.buf += chunk
+                self.changed.set()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.closed.set()
+            self.changed.set()
+
+    async def read_until(self, sep: bytes) -> bytes | None:
+        while True:
+            idx = self.buf.find(sep)
+            if idx >= 0:
+                out = bytes(self.buf[: idx + len(sep)])
+                del self.buf[: idx + len(sep)]
+                return out
+            if self.closed.is_set():
+                return None
+            self.changed.clear()
+            await self.changed.wait()
+
+    async def read_exactly(self, n: int) -> bytes | None:
+        while len(self.buf) < n:
+            if self.closed.is_set():
+                return None
+            self.changed.clear()
+            await self.changed.wait()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def write(self, data: bytes) -> None:
+        if self.closed.is_set() or self.writer.is_closing():
+            raise _ClientGone
+        self.writer.write(data)
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            raise _ClientGone from None
+
+    async def chunk(self, data: bytes) -> None:
+        await self.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    async def pause(self, seconds: float | None) -> None:
+        """Sleep, but raise :class:`_ClientGone` as soon as the client leaves. Zero still
+        yields to the loop once, so a client in the same loop reads in between."""
+        if seconds is not None and seconds <= 0:
+            await asyncio.sleep(0)
+            if self.closed.is_set():
+                raise _ClientGone
+            return
+        try:
+            await asyncio.wait_for(self.closed.wait(), seconds)
+        except TimeoutError:
+            return
+        raise _ClientGone
+
+    def close(self, hard: bool = False) -> None:
+        if hard:
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.writer.transport.abort()
+        else:
+            self.writer.close()
+        self.pump.cancel()
+
+
+class FaultUpstream:
+    """The scripted upstream server. State lives on the instance; start it in the test's
+    own event loop (``async with FaultUpstream() as up``)."""
+
+    def __init__(self, model: str = "fault-model") -> None:
+        self.model = model
+        self.requests: list[RecordedRequest] = []
+        self.closed_by_client = 0
+        self.base_url = ""
+        self.port = 0
+        self._steps: list[Step] = [ok(["Hello", ",", " world", "!"])]
+        self._pos = 0
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._conns: set[_Conn] = set()
+        self._waiters: list[tuple[str, int, asyncio.Future[None]]] = []
+
+    async def __aenter__(self) -> FaultUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for conn in list(self._conns):
+            conn.close(hard=False)
+        tasks = list(self._handlers)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    def script(self, *steps: Step) -> None:
+        """Answer the next requests with ``steps`` in order; the last one then repeats."""
+        if not steps:
+            raise ValueError("script() needs at least one step")
+        self._steps = list(steps)
+        self._pos = 0
+
+    async def wait_requests(self, n: int) -> None:
+        await self._wait("requests", n)
+
+    async def wait_client_closed(self, n: int) -> None:
+        await self._wait("closed_by_client", n)
+
+    # ---- internals
+
+    def _count(self, name: str) -> int:
+        return len(self.requests) if name == "requests" else self.closed_by_client
+
+    async def _wait(self, name: str, n: int) -> None:
+        if self._count(name) >= n:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (name, n, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        finally:
+            self._waiters.remove(entry)
+
+    def _notify(self) -> None:
+        for name, n, fut in self._waiters:
+            if not fut.done() and self._count(name) >= n:
+                fut.set_result(None)
+
+    def _next_step(self) -> Step:
+        step = self._steps[min(self._pos, len(self._steps) - 1)]
+        self._pos += 1
+        return step
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        conn = _Conn(reader, writer)
+        self._conns.add(conn)
+        try:
+            while True:
+                request = await self._read_request(conn)
+                if request is None:
+                    return
+                request.step = step = self._next_step()
+                self.requests.append(request)
+                self._notify()
+                in_body = [False]
+                try:
+                    keep_alive = await self._respond(conn, request, step, in_body)
+                except _ClientGone:
+                    if in_body[0]:
+                        self.closed_by_client += 1
+                        self._notify()
+                    return
+                if not keep_alive or request.headers.get("connection", "").lower() == "close":
+                    return
+        finally:
+            self._conns.discard(conn)
+            if not writer.is_closing():
+                conn.close()
+            conn.pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await conn.pump
+            self._handlers.discard(task)
+
+    async def _read_request(self, conn: _Conn) -> RecordedRequest | None:
+        head = await conn.read_until(b"\r\n\r\n")
+        if head is None:
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if ":" in line:
+                name, value = line.split(":", 1)
+                headers[name.strip().lower()] = value.strip()
+        body = b""
+        if "content-length" in headers:
+            body = await conn.read_exactly(int(headers["content-length"])) or b""
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size_line = await conn.read_until(b"\r\n")
+                if size_line is None:
+                    return None
+                size = int(size_line.split(b";")[0], 16)
+                data = await conn.read_exactly(size + 2)
+                if data is None:
+                    return None
+                if size == 0:
+                    break
+                parts.append(data[:-2])
+            body = b"".join(parts)
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        return RecordedRequest(method, path, headers, body, parsed, time.monotonic())
+
+    def _events(self, request: RecordedRequest) -> _Events:
+        model = request.json.get("model", self.model) if isinstance(request.json, dict) else None
+        return _Events(model if isinstance(model, str) else self.model)
+
+    async def _respond(
+        self, conn: _Conn, request: RecordedRequest, step: Step, in_body: list[bool]
+    ) -> bool:
+        """Write the answer for one request; return whether the connection stays open."""
+        kind = step.kind
+        if kind == "refuse":
+            conn.close(hard=step.hard)
+            return False
+        if kind == "status":
+            await _write_plain(conn, step.status, step.body, step.headers)
+            return True
+        ev = self._events(request)
+        if kind == "ok" and isinstance(request.json, dict) and request.json.get("stream") is False:
+            await _write_plain(conn, 200, ev.completion(step), ())
+            return True
+        await conn.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+            b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        in_body[0] = True
+        tokens = step.tokens
+        if kind == "stall_first":
+            await conn.pause(step.seconds)
+            if step.seconds is None:
+                raise _ClientGone  # unreachable: pause(None) only returns by raising
+        if kind == "split_bytes":
+            body = b"".join(ev.full(step))
+            for i in range(len(body)):
+                await conn.chunk(body[i : i + 1])
+                await conn.pause(step.interval)
+            await conn.write(b"0\r\n\r\n")
+            return True
+        if kind in ("reset_after", "stall_after", "in_stream_error"):
+            await conn.chunk(ev.role())
+            for tok in tokens[: step.n]:
+                await conn.chunk(ev.content(tok))
+            if kind == "reset_after":
+                conn.close(hard=step.hard)
+                return False
+            if kind == "stall_after":
+                await conn.pause(None)
+            await conn.chunk(b"data: " + orjson.dumps(
+                {"error": {"message": step.message, "type": "server_error", "param": None,
+                           "code": step.code}}) + b"\n\n")
+            await conn.write(b"0\r\n\r\n")
+            return True
+        for i, event in enumerate(ev.full(step, done=kind != "no_done")):
+            if kind == "slow" and i > 1 and i <= len(tokens) + len(step.reasoning):
+                await conn.pause(step.interval)
+            if kind == "corrupt" and i == 1 + len(step.reasoning) + step.n:
+                await conn.chunk(CORRUPT_LINE)
+            await conn.chunk(event)
+        await conn.write(b"0\r\n\r\n")
+        return True
+
+
+class _Events:
+    """Encoders for one response's OpenAI chunks."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = "chatcmpl-fault" + uuid.uuid4().hex[:12]
+        self.created = int(time.time())
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }) + b"\n\n"
+
+    def role(self) -> bytes:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def content(self, token: str) -> bytes:
+        return self._chunk({"content": token})
+
+    def full(self, step: Step, done: bool = True) -> list[bytes]:
+        """Role, reasoning, tokens, finish, usage and [DONE], one event per item."""
+        out = [self.role()]
+        out += [self._chunk({"reasoning_content": r}) for r in step.reasoning]
+        out += [self.content(t) for t in step.tokens]
+        out.append(self._chunk({}, step.finish_reason))
+        if step.usage:
+            out.append(b"data: " + orjson.dumps({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": _usage(step),
+            }) + b"\n\n")
+        if done:
+            out.append(b"data: [DONE]\n\n")
+        return out
+
+    def completion(self, step: Step) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": step.text}
+        if step.reasoning:
+            message["reasoning_content"] = "".join(step.reasoning)
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": step.finish_reason}],
+            "usage": _usage(step),
+        }
+
+
+def _usage(step: Step) -> dict[str, int]:
+    completion = len(step.tokens) + len(step.reasoning)
+    return {"prompt_tokens": 5, "completion_tokens": completion,
+            "total_tokens": 5 + completion}
+
+
+async def _write_plain(
+    conn: _Conn, code: int, body: Any, headers: Sequence[tuple[str, str]]
+) -> None:
+    if isinstance(body, bytes):
+        data, ctype = body, "application/octet-stream"
+    elif isinstance(body, str):
+        data, ctype = body.encode(), "text/plain; charset=utf-8"
+    else:
+        data, ctype = orjson.dumps(body), "application/json"
+    lines = [f"HTTP/1.1 {code} {_REASONS.get(code, 'Status')}",
+             f"content-type: {ctype}", f"content-length: {len(data)}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    await conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
