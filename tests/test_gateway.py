@@ -349,3 +349,20 @@ async def test_unknown_model_with_a_configured_model_table(http):
             models = (await r.json())["models"]
         assert {"sim-chat", "sim-fast", "sim-reasoner"} <= {m["id"] for m in models}
         assert all(m["simulated"] for m in models)
+
+
+async def test_metrics_count_streams_tokens_and_resumes(gateway, http):
+    async with http.post(gateway.base_url + "/api/chat", json=chat_body("metrics")) as resp:
+        stream = await read_stream(resp)
+    url = f"{gateway.base_url}/api/streams/{stream.events[0].data['stream_id']}/events"
+    async with http.get(url, headers={"Last-Event-ID": "2"}) as resp:
+        await read_stream(resp)
+    async with http.get(gateway.base_url + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    relayed = len(stream.events) - 2  # all but start and done
+    assert f'tokenrelay_events_relayed_total{{model="sim-chat"}} {relayed}.0' in text
+    assert 'tokenrelay_streams_total{model="sim-chat",state="complete"} 1.0' in text
+    assert 'tokenrelay_ttft_seconds_count{model="sim-chat"} 1.0' in text
+    assert "tokenrelay_resumes_total 1.0" in text

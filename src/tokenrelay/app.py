@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
@@ -28,6 +30,10 @@ from tokenrelay.errors import BadRequest, TokenRelayError
 from tokenrelay.hub import Hub
 from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
 from tokenrelay.journal.base import open_journal
+from tokenrelay.limits import open_limiter
+from tokenrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tokenrelay.metrics import Metrics
+from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
 from tokenrelay.routes import chat, openai, streams
 from tokenrelay.routes.common import JSONResponse, error_response
 from tokenrelay.upstream import UpstreamClient
@@ -122,13 +128,18 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             stack.push_async_callback(store.aclose)
         idempotency = _open_idempotency(settings)
         stack.push_async_callback(idempotency.aclose)
-        hub = Hub(settings, journal, upstream, store)
+        limiter = open_limiter(settings)
+        stack.push_async_callback(limiter.aclose)
+        metrics: Metrics = app.state.metrics
+        hub = Hub(settings, journal, upstream, store, observer=metrics)
+        metrics.bind(hub)
         await hub.startup()
         app.state.upstream = upstream
         app.state.journal = journal
         app.state.store = store
         app.state.hub = hub
         app.state.idempotency = idempotency
+        app.state.limiter = limiter
         try:
             yield
         finally:
@@ -159,6 +170,10 @@ async def index(request: Request) -> Response:
     return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
 
 
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
 async def health(request: Request) -> JSONResponse:
     hub: Hub = request.app.state.hub
     return JSONResponse(
@@ -172,6 +187,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route("/", index, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         *chat.routes,
         *streams.routes,
         *openai.routes,
@@ -183,8 +199,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     except ImportError:  # the history API ships with the store
         pass
     routes.append(Mount("/static", StaticFiles(directory=WEB_DIR), name="static"))
+    middleware = [Middleware(AccessLogMiddleware)]
+    if settings.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, **cors_options(settings.cors_origins)))
+    middleware.append(Middleware(AuthMiddleware, keys=settings.api_keys))
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             TokenRelayError: _handle_ours,
@@ -193,4 +214,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
     )
     app.state.settings = settings
+    app.state.auth_required = bool(settings.api_keys)
+    app.state.metrics = Metrics()
     return app

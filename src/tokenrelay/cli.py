@@ -55,7 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from tokenrelay.logs import configure_logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, json_lines=settings.log_json,
+                      secrets=settings.secrets)
     kwargs: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
@@ -65,6 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=getattr(settings, "drain_s", 10.0) or None,
         proxy_headers=True,
+        # 10,000 idle SSE streams are normal for a relay: a burst of connects must not
+        # overflow uvicorn's default accept queue of 2048 (the kernel caps it at somaxconn).
+        backlog=4096,
     )
     if args.workers > 1:
         # Each worker process imports the factory and reads the same environment.

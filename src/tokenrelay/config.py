@@ -11,7 +11,9 @@ With no upstream configured at all, every model routes to the built-in simulator
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -82,6 +84,33 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Per-client-key limits on starting streams (429 when exceeded); 0 means no limit."""
+
+    requests_per_minute: int = 0  # token bucket: bursts up to this many, refills evenly
+    concurrent_streams: int = 0  # open generations at once
+    tokens_per_minute: int = 0  # completion tokens, counted when a generation finishes
+    stream_lease_s: float = 3600.0  # a concurrency slot held by a dead instance frees itself
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.requests_per_minute or self.concurrent_streams or self.tokens_per_minute)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A client API key. ``name`` identifies the tenant in logs and storage; the key never."""
+
+    name: str
+    key: str = field(repr=False)
+
+    @property
+    def owner(self) -> str:
+        """The tenant id stored with streams and conversations."""
+        return "key:" + self.name
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything tokenrelay needs to run; frozen once loaded."""
 
@@ -103,10 +132,17 @@ class Settings:
     limits: Limits = Limits()
     simulator_speed: float = 1.0
     log_level: str = "info"
+    log_json: bool = False
     instance_id: str | None = None
+    api_keys: tuple[ApiKey, ...] = ()  # none: one local user, no auth (loopback default)
+    rate_limits: RateLimits = RateLimits()
+    cors_origins: tuple[str, ...] = ()  # none: CORS off (same-origin page only)
+    allowed_models: tuple[str, ...] | None = None  # None: every configured model
 
     def route(self, model: str) -> ModelRoute | None:
         """The route for a client-facing model name, or None if unknown."""
+        if self.allowed_models is not None and model not in self.allowed_models:
+            return None
         found = self.models.get(model)
         if found is None and self.passthrough_provider is not None and model:
             return ModelRoute(model, self.passthrough_provider, model)
@@ -114,8 +150,9 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Every upstream key, for redaction."""
-        return tuple(p.api_key for p in self.providers.values() if p.api_key)
+        """Every upstream and client key, for redaction."""
+        upstream = tuple(p.api_key for p in self.providers.values() if p.api_key)
+        return upstream + tuple(k.key for k in self.api_keys)
 
 
 _ENV_FLOATS = {
@@ -134,6 +171,12 @@ _ENV_STRINGS = {
     "TOKENRELAY_LOG_LEVEL": "log_level",
     "TOKENRELAY_DEFAULT_MODEL": "default_model",
     "TOKENRELAY_INSTANCE_ID": "instance_id",
+}
+_RATE_ENV = {
+    "TOKENRELAY_RPM": "requests_per_minute",
+    "TOKENRELAY_MAX_CONCURRENT_STREAMS": "concurrent_streams",
+    "TOKENRELAY_TPM": "tokens_per_minute",
+    "TOKENRELAY_STREAM_LEASE_S": "stream_lease_s",
 }
 _TIMEOUT_ENV = {
     "TOKENRELAY_CONNECT_TIMEOUT_S": "connect",
@@ -286,6 +329,95 @@ def _parse_models(raw: Any, providers: Mapping[str, Provider]) -> dict[str, Mode
     return models
 
 
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+MIN_KEY_LENGTH = 8
+
+
+def _api_key(name: str, key: Any, where: str) -> ApiKey:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"Config {where!r} must be a non-empty key string.")
+    if not _KEY_NAME.fullmatch(name):
+        raise ConfigError(
+            f"Config {where!r} has name {name!r}. Use 1-64 letters, digits or _.@-"
+        )
+    # Keys travel in an HTTP header and in comma-separated env values.
+    if len(key) < MIN_KEY_LENGTH or not all("!" <= c <= "~" and c != "," for c in key):
+        raise ConfigError(
+            f"Config {where!r} (key {name!r}) must be at least {MIN_KEY_LENGTH} printable "
+            "ASCII characters without spaces or commas."
+        )
+    return ApiKey(name, key)
+
+
+def _bare_name(key: str) -> str:
+    """A stable tenant name for a key given without one (a short digest, not the key)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _parse_api_keys(auth: Any, env: Mapping[str, str]) -> tuple[ApiKey, ...]:
+    """``[auth] keys`` (strings or ``{name, key | key_env}`` tables), then ``TOKENRELAY_API_KEYS``
+    (comma-separated ``name:key`` or bare keys)."""
+    if not isinstance(auth, dict):
+        raise ConfigError("Config 'auth' must be a table.")
+    unknown = set(auth) - {"keys"}
+    if unknown:
+        raise ConfigError(f"Config 'auth.{sorted(unknown)[0]}' is not a known setting.")
+    raw = auth.get("keys", [])
+    if not isinstance(raw, list):
+        raise ConfigError("Config 'auth.keys' must be a list of keys or {name, key_env} tables.")
+    keys: list[ApiKey] = []
+    for i, item in enumerate(raw):
+        where = f"auth.keys[{i}]"
+        if isinstance(item, str):
+            keys.append(_api_key(_bare_name(item), item, where))
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ConfigError(f"Config '{where}' must be a key string or a table with a name.")
+        extra = set(item) - {"name", "key", "key_env"}
+        if extra:
+            raise ConfigError(f"Config '{where}.{sorted(extra)[0]}' is not a known setting.")
+        if "key_env" in item:
+            var = item["key_env"]
+            if not isinstance(var, str) or not env.get(var):
+                raise ConfigError(f"Config '{where}.key_env' names {var!r}, which is not set.")
+            keys.append(_api_key(item["name"], env[var], f"{where}.key_env"))
+        else:
+            keys.append(_api_key(item["name"], item.get("key"), f"{where}.key"))
+    for i, part in enumerate(p.strip() for p in env.get("TOKENRELAY_API_KEYS", "").split(",")):
+        if not part:
+            continue
+        name, sep, key = part.partition(":")
+        where = f"TOKENRELAY_API_KEYS[{i}]"
+        keys.append(_api_key(name, key, where) if sep else _api_key(_bare_name(part), part, where))
+    names = [k.name for k in keys]
+    for k in keys:
+        if names.count(k.name) > 1:
+            raise ConfigError(f"Config 'auth.keys' names {k.name!r} more than once.")
+    if len({k.key for k in keys}) != len(keys):
+        raise ConfigError("Config 'auth.keys' lists the same key twice.")
+    return tuple(keys)
+
+
+def _string_list(value: Any, where: str) -> tuple[str, ...]:
+    """A TOML list of strings, or a comma-separated env value."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"Config {where!r} must be a list of non-empty strings.")
+    return tuple(value)
+
+
+def _origins(value: Any, where: str) -> tuple[str, ...]:
+    origins = _string_list(value, where)
+    for origin in origins:
+        if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f"Config {where!r} has origin {origin!r}. Use scheme://host[:port], "
+                "no path and no wildcard."
+            )
+    return origins
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -305,8 +437,25 @@ def load_settings(
 
     server = data.get("server", {})
     settings = Settings()
-    simple = {k: v for k, v in server.items() if k not in ("journal", "limits")}
+    own = ("journal", "limits", "cors_origins", "allowed_models")
+    simple = {k: v for k, v in server.items() if k not in own}
     settings = _overlay(settings, simple, "server")
+    cors_origins = _origins(server.get("cors_origins", []), "server.cors_origins")
+    if "TOKENRELAY_CORS_ORIGINS" in env:
+        cors_origins = _origins(env["TOKENRELAY_CORS_ORIGINS"], "TOKENRELAY_CORS_ORIGINS")
+    allowed = server.get("allowed_models")
+    allowed_models = None if allowed is None else _string_list(allowed, "server.allowed_models")
+    if env.get("TOKENRELAY_ALLOWED_MODELS"):
+        allowed_models = _string_list(env["TOKENRELAY_ALLOWED_MODELS"],
+                                      "TOKENRELAY_ALLOWED_MODELS")
+    rate_limits = _overlay(RateLimits(), data.get("limits", {}), "limits")
+    rate_limits = _env_overlay(rate_limits, env, _RATE_ENV, "env")
+    api_keys = _parse_api_keys(data.get("auth", {}), env)
+    if "TOKENRELAY_LOG_JSON" in env:
+        flag = env["TOKENRELAY_LOG_JSON"].strip().lower()
+        if flag not in ("1", "0", "true", "false", "yes", "no", ""):
+            raise ConfigError(f"Config 'TOKENRELAY_LOG_JSON' has value {flag!r}. Not a bool.")
+        settings = replace(settings, log_json=flag in ("1", "true", "yes"))
     journal = _overlay(JournalLimits(), server.get("journal", {}), "server.journal")
     limits = _overlay(Limits(), server.get("limits", {}), "server.limits")
 
@@ -345,6 +494,8 @@ def load_settings(
     default_model = settings.default_model or (next(iter(models)) if models else None)
     if SIMULATOR in providers and "sim-chat" in models and not settings.default_model:
         default_model = "sim-chat"
+    if allowed_models is not None and default_model not in allowed_models:
+        default_model = allowed_models[0] if allowed_models else None
     settings = replace(
         settings,
         providers=providers,
@@ -353,6 +504,10 @@ def load_settings(
         default_model=default_model,
         journal=journal,
         limits=limits,
+        api_keys=api_keys,
+        rate_limits=rate_limits,
+        cors_origins=cors_origins,
+        allowed_models=allowed_models,
     )
     if overrides:
         settings = replace(settings, **overrides)

@@ -35,6 +35,7 @@ log = logging.getLogger("tokenrelay.generation")
 CANCEL_USER = "user"
 CANCEL_ABANDONED = "abandoned"
 CANCEL_SHUTDOWN = "shutdown"
+CHECKPOINT_KEEPALIVE_S = 10.0  # well under the store's orphan_after_s (30 s)
 
 
 class Generation:
@@ -344,12 +345,16 @@ class Generation:
                 await result_
 
     async def _checkpoints(self) -> None:
+        """Save the text so far when it changed; at least every ``KEEPALIVE_S`` regardless,
+        so a long silent think never looks like an orphan to another instance's sweep."""
         assert self.store is not None
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self.checkpoint_s)
-            if not self._dirty:
+            if not self._dirty and time.monotonic() - last < CHECKPOINT_KEEPALIVE_S:
                 continue
             self._dirty = False
+            last = time.monotonic()
             try:
                 await self.store.checkpoint(
                     self.message_id, "".join(self.text), "".join(self.reasoning)

@@ -26,6 +26,7 @@ from tokenrelay.config import ModelRoute, Settings
 from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError
 from tokenrelay.generation import CANCEL_ABANDONED, CANCEL_SHUTDOWN, CANCEL_USER, Generation
 from tokenrelay.journal.base import Journal, StreamInfo
+from tokenrelay.limits import Lease
 from tokenrelay.store.base import Store
 from tokenrelay.upstream import UpstreamClient
 
@@ -58,6 +59,7 @@ class Hub:
         self._subscribers: dict[str, int] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._grace_override: dict[str, float] = {}
+        self._leases: dict[str, Lease] = {}  # rate-limit slots, freed when the answer ends
         self._background: list[asyncio.Task[None]] = []
         self.draining = False
 
@@ -66,6 +68,8 @@ class Hub:
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._listen_cancels()))
+        if self.store is not None:
+            self._background.append(loop.create_task(self._sweep_orphans()))
         if self.journal.distributed:
             self._background.append(loop.create_task(self._renew_leases()))
 
@@ -82,6 +86,9 @@ class Hub:
             await asyncio.wait(tasks, timeout=10)
         for handle in self._grace.values():
             handle.cancel()
+        for lease in list(self._leases.values()):  # shared (Redis) slots of unfinished answers
+            await lease.finish()
+        self._leases.clear()
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -101,11 +108,14 @@ class Hub:
         grace_s: float | None = None,
         record: bool = False,
         stream_id: str | None = None,
+        lease: Lease | None = None,
     ) -> Generation:
         """Create the stream, write its ``start`` event, and launch the generation.
 
         With ``record`` (and a store), the answer is stored as an assistant message of
         ``conversation_id``: created now as ``streaming``, checkpointed, then finished.
+        A ``lease`` (from the limiter) is finished with the answer's token count when the
+        generation ends; if this method raises, the caller still owns it.
         """
         if self.draining:
             raise ServiceUnavailable("this instance is shutting down; retry on another one")
@@ -145,6 +155,8 @@ class Hub:
         await self.journal.create(stream_id, meta)
         await self.journal.append(stream_id, [gen.start_frame()])
         self.generations[stream_id] = gen
+        if lease is not None:
+            self._leases[stream_id] = lease
         if grace_s is not None:
             self._grace_override[stream_id] = grace_s
         gen.start()
@@ -156,6 +168,9 @@ class Hub:
         handle = self._grace.pop(gen.stream_id, None)
         if handle is not None:
             handle.cancel()
+        lease = self._leases.pop(gen.stream_id, None)
+        if lease is not None:
+            await lease.finish(gen.completion_tokens())
 
     async def info(self, stream_id: str, owner: str) -> StreamInfo:
         """The stream's info if it exists and belongs to ``owner``; else StreamNotFound."""
@@ -199,6 +214,21 @@ class Hub:
             except Exception as exc:
                 log.warning("lease renewal failed (%s)", type(exc).__name__)
             await asyncio.sleep(period)
+
+    async def _sweep_orphans(self, every_s: float = 60.0, older_than_s: float = 60.0) -> None:
+        """Messages left ``streaming`` by an instance that died while this one runs."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                swept = await self.store.interrupt_orphans(older_than_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("orphan sweep failed (%s)", type(exc).__name__)
+                continue
+            if swept:
+                log.info("marked %d orphaned message(s) as interrupted", swept)
 
     # -- subscribers and the grace period -----------------------------------------------
 

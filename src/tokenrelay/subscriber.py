@@ -57,13 +57,15 @@ class SubscriberResponse:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         async with self.hub.subscribed(self.stream_id):
             loop = asyncio.get_running_loop()
-            sender = loop.create_task(self._send_loop(send))
+            deadline = _SendDeadline(loop, self.hub.settings.send_timeout_s)
+            sender = deadline.task = loop.create_task(self._send_loop(send, deadline))
             listener = loop.create_task(_wait_disconnect(receive))
             completed = False
             try:
                 await asyncio.wait((sender, listener), return_when=asyncio.FIRST_COMPLETED)
                 completed = sender.done() and not listener.done() and sender.exception() is None
             finally:
+                deadline.close()
                 for task in (sender, listener):
                     task.cancel()
                 for task in (sender, listener):
@@ -72,12 +74,11 @@ class SubscriberResponse:
             if completed:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _send_loop(self, send: Any) -> None:
+    async def _send_loop(self, send: Any, deadline: _SendDeadline) -> None:
         hub = self.hub
         journal = hub.journal
         settings = hub.settings
         heartbeat_s = settings.heartbeat_s
-        send_timeout = settings.send_timeout_s
         # Only a shared journal can outlive the instance that writes to it.
         lease_check = getattr(journal, "owner_alive", None) if journal.distributed else None
         check_every = float(getattr(journal, "lease_s", heartbeat_s)) / 2
@@ -86,8 +87,8 @@ class SubscriberResponse:
         last_write = time.monotonic()
 
         async def write(data: bytes) -> None:
-            async with asyncio.timeout(send_timeout):
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await deadline.send(send, {"type": "http.response.body", "body": data,
+                                       "more_body": True})
 
         # A comment first: bytes reach the client (and any proxy) before the upstream answers.
         await write(b": stream " + self.stream_id.encode() + b"\n\n")
@@ -119,6 +120,56 @@ class SubscriberResponse:
                     await _end_interrupted(hub, self.stream_id)
 
 
+class _SendDeadline:
+    """The send timeout of one subscriber, without a timer per write.
+
+    A write only stamps when it began; one timer, re-armed lazily, cancels the send task
+    once a write has been stuck for ``timeout`` (a client that stopped reading), and that
+    write then raises TimeoutError, as ``asyncio.timeout`` would. Frames are on the
+    per-token path, so this saves a timer create/cancel per write.
+    """
+
+    __slots__ = ("_handle", "_loop", "_timeout", "expired", "started", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self.task: asyncio.Task[None] | None = None  # the send loop, set once created
+        self._timeout = timeout
+        self._handle: asyncio.TimerHandle | None = None
+        self.started = 0.0  # loop time the pending write began; 0.0 when none
+        self.expired = False
+
+    def _fire(self) -> None:
+        self._handle = None
+        if not self.started:
+            return
+        due = self.started + self._timeout
+        if self._loop.time() >= due:
+            self.expired = True
+            if self.task is not None:
+                self.task.cancel()
+        else:
+            self._handle = self._loop.call_at(due, self._fire)
+
+    async def send(self, send: Any, message: dict[str, Any]) -> None:
+        self.started = self._loop.time()
+        if self._handle is None:
+            self._handle = self._loop.call_at(self.started + self._timeout, self._fire)
+        try:
+            await send(message)
+        except asyncio.CancelledError:
+            if self.expired and self.task is not None and self.task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self.started = 0.0
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 async def _wait_disconnect(receive: Any) -> None:
     while True:
         message = await receive()
@@ -138,4 +189,8 @@ async def _end_interrupted(hub: Hub, stream_id: str) -> None:
     error.retryable = True
     payload = {"error": error.to_dict(), "state": ev.INTERRUPTED, "model": info.meta.get("model")}
     frame = ev.frame(info.last_seq + 1, ev.ERROR, ev.dumps(payload))
-    await hub.journal.finish(stream_id, frame, ev.INTERRUPTED)
+    if await hub.journal.finish(stream_id, frame, ev.INTERRUPTED):
+        message_id = info.meta.get("message_id")
+        if hub.store is not None and isinstance(message_id, str):
+            with contextlib.suppress(Exception):  # the start-up sweep catches it otherwise
+                await hub.store.mark_interrupted(message_id)

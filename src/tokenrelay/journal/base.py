@@ -17,7 +17,7 @@ raises ``JournalFull`` when all are live).
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ class Journal(abc.ABC):
 
     limits: JournalLimits
     distributed = False  # True when other processes share it (leases and remote cancel)
+    lease_s = 5.0  # an owner silent for this long is dead (distributed journals only)
 
     @abc.abstractmethod
     async def create(self, stream_id: str, meta: dict[str, Any]) -> None:
@@ -97,6 +98,22 @@ class Journal(abc.ABC):
         """Stream ids whose cancellation another instance asked for (cluster only)."""
         if False:  # pragma: no cover - an empty async generator
             yield ""
+
+    async def hold(self, stream_ids: Collection[str]) -> None:  # noqa: B027 - optional hook
+        """Renew this instance's lease on its live streams (cluster only).
+
+        The hub calls it every ``lease_s / 3`` seconds with the ids of its live
+        generations; a lease not renewed for ``lease_s`` marks the owner as dead.
+        """
+
+    async def owner_alive(self, stream_id: str) -> bool:
+        """False when the stream is unfinished and its owner's lease has expired.
+
+        A reader that waited and got nothing asks this; on False it ends the stream with
+        an ``error``/``interrupted`` frame through :meth:`finish` (atomic, so one reader
+        wins). Unknown and finished streams count as alive: there is nothing to end.
+        """
+        return True
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections and timers."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any
 
 from tokenrelay.errors import JournalFull, StreamNotFound
@@ -33,6 +34,16 @@ class _Stream:
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+
+
+def _expire(stream: _Stream, fut: asyncio.Future[None]) -> None:
+    """A read's wait ran out: wake it with nothing, and forget it."""
+    if not fut.done():
+        fut.set_result(None)
+        try:
+            stream.waiters.remove(fut)
+        except ValueError:
+            pass
 
 
 class MemoryJournal(Journal):
@@ -106,14 +117,16 @@ class MemoryJournal(Journal):
     ) -> ReadResult:
         stream = self._get(stream_id)
         if after >= len(stream.frames) and not stream.finished and timeout > 0:
-            fut = asyncio.get_running_loop().create_future()
+            # A plain timer that resolves the future: cheaper than asyncio.timeout on the
+            # per-read path, and a timeout is not an error here (the caller heartbeats).
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
             stream.waiters.append(fut)
+            timer = loop.call_later(timeout, _expire, stream, fut)
             try:
-                async with asyncio.timeout(timeout):
-                    await fut
-            except TimeoutError:
-                pass
+                await fut
             finally:
+                timer.cancel()
                 if not fut.done():
                     fut.cancel()
                     try:
@@ -130,6 +143,12 @@ class MemoryJournal(Journal):
         except StreamNotFound:
             return None
         return StreamInfo(stream_id, stream.meta, stream.finished, stream.state, len(stream.frames))
+
+    async def hold(self, stream_ids: Collection[str]) -> None:
+        """Nothing to renew: the owner is this process, which is alive if it runs this."""
+
+    async def owner_alive(self, stream_id: str) -> bool:
+        return True
 
     def __len__(self) -> int:
         return len(self._streams)

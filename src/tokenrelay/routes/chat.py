@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -18,6 +19,7 @@ from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import ChatRequest, read_json_body, validate_chat
 
 log = logging.getLogger("tokenrelay.routes")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 def _title(messages: list[dict[str, Any]]) -> str:
@@ -55,26 +57,35 @@ async def chat(request: Request) -> Any:
     data = await read_json_body(request, settings.limits)
     chat_request = validate_chat(data, settings, extra_fields=frozenset({"conversation_id"}))
     stream_id = new_id()
-    key = request.headers.get("idempotency-key")
-    if key is not None:
-        earlier = await request.app.state.idempotency.claim(
-            owner_of(request), check_key(key), fingerprint(data), stream_id
+    # Admission before any side effect, so a refused request leaves no trace.
+    lease = await request.app.state.limiter.acquire(owner_of(request))
+    try:
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            earlier = await request.app.state.idempotency.claim(
+                owner_of(request), check_key(key), fingerprint(data), stream_id
+            )
+            if earlier is not None:
+                await lease.finish()
+                return await _attach_existing(request, hub, earlier)
+        message_id = new_id("m-")
+        conversation_id = await record_request(request, chat_request, message_id)
+        gen = await hub.start(
+            owner=owner_of(request),
+            route=chat_request.route,
+            body=chat_request.upstream_body(),
+            conversation_id=conversation_id,
+            message_id=message_id,
+            record=True,
+            stream_id=stream_id,
+            lease=lease,
         )
-        if earlier is not None:
-            return await _attach_existing(request, hub, earlier)
-    message_id = new_id("m-")
-    conversation_id = await record_request(request, chat_request, message_id)
-    gen = await hub.start(
-        owner=owner_of(request),
-        route=chat_request.route,
-        body=chat_request.upstream_body(),
-        conversation_id=conversation_id,
-        message_id=message_id,
-        record=True,
-        stream_id=stream_id,
-    )
+    except BaseException:
+        await lease.finish()
+        raise
     headers = [(b"x-message-id", message_id.encode())]
-    if conversation_id:
+    if conversation_id and _SAFE_ID.fullmatch(conversation_id):
+        # Only id-shaped values reach a header: never user text that could split it.
         headers.append((b"x-conversation-id", conversation_id.encode()))
     return SubscriberResponse(hub, gen.stream_id, 0, headers=headers)
 
@@ -109,13 +120,14 @@ async def models(request: Request) -> JSONResponse:
             "fallbacks": list(route.fallbacks),
         }
         for route in settings.models.values()
+        if settings.route(route.name) is not None  # allowed_models
     ]
     if settings.passthrough_provider is not None:
         provider = settings.providers[settings.passthrough_provider]
         known = {item["id"] for item in items}
         try:
             for model in await request.app.state.upstream.list_models(provider):
-                if model["id"] not in known:
+                if model["id"] not in known and settings.route(model["id"]) is not None:
                     items.append({"id": model["id"], "simulated": False, "description": "",
                                   "fallbacks": []})
         except UpstreamError as exc:

@@ -90,12 +90,18 @@ async def chat_completions(request: Request) -> Any:
     hub: Hub = request.app.state.hub
     data = await read_json_body(request, settings.limits)
     chat = validate_chat(data, settings, default_stream=False)  # as OpenAI's API
-    gen = await hub.start(
-        owner=owner_of(request),
-        route=chat.route,
-        body=chat.upstream_body(),
-        grace_s=0.0,
-    )
+    lease = await request.app.state.limiter.acquire(owner_of(request))
+    try:
+        gen = await hub.start(
+            owner=owner_of(request),
+            route=chat.route,
+            body=chat.upstream_body(),
+            grace_s=0.0,
+            lease=lease,
+        )
+    except BaseException:
+        await lease.finish()
+        raise
     completion_id = "chatcmpl-" + gen.stream_id
     created = int(gen.created)
     if chat.stream:
@@ -162,6 +168,7 @@ async def list_models(request: Request) -> JSONResponse:
          "owned_by": "tokenrelay-simulator" if r.simulated else r.provider,
          "simulated": r.simulated}
         for r in settings.models.values()
+        if settings.route(r.name) is not None  # allowed_models
     ]
     return JSONResponse({"object": "list", "data": data})
 

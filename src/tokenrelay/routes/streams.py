@@ -35,6 +35,7 @@ async def stream_events(request: Request) -> SubscriberResponse:
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
     await hub.info(stream_id, owner_of(request))
+    request.app.state.metrics.resumed()
     return SubscriberResponse(hub, stream_id, after)
 
 

@@ -43,9 +43,7 @@ class Store(abc.ABC):
         """Dispose of connections."""
 
     @abc.abstractmethod
-    async def ensure_conversation(
-        self, owner: str, conversation_id: str | None, title: str
-    ) -> str:
+    async def ensure_conversation(self, owner: str, conversation_id: str | None, title: str) -> str:
         """Return ``conversation_id`` if it is the owner's, create one when it is None.
 
         Raises :class:`~tokenrelay.errors.StreamNotFound`-like ``BadRequest(404)`` when the id
@@ -74,6 +72,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def finish_assistant(self, message_id: str, result: AssistantResult) -> None:
         """Record the final state of an assistant message."""
+
+    @abc.abstractmethod
+    async def mark_interrupted(self, message_id: str) -> bool:
+        """Mark a message still ``streaming`` as ``interrupted``, keeping its text.
+
+        For a reader that finds the instance generating the message dead (cluster).
+        """
+
+    @abc.abstractmethod
+    async def interrupt_orphans(self, older_than_s: float) -> int:
+        """Mark ``streaming`` messages not checkpointed for ``older_than_s`` as interrupted."""
 
     @abc.abstractmethod
     async def list_conversations(

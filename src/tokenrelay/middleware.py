@@ -1,0 +1,221 @@
+"""Pure ASGI middleware: API-key auth, request ids with an access log, CORS.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) because responses here are long SSE streams: each
+class only rewrites the ``http.response.start`` message on its way out and passes every
+body message through at once, so nothing is buffered or delayed.
+
+Order, outermost first (``app.create_app``): :class:`AccessLogMiddleware` (request id,
+``nosniff``, one log line per request), then CORS (Starlette's, only when origins are
+configured, so a preflight never needs a key and a 401 is readable cross-origin), then
+:class:`AuthMiddleware`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from tokenrelay.config import ApiKey
+
+log = logging.getLogger("tokenrelay.access")
+
+Scope = dict[str, Any]
+PROTECTED = ("/api", "/v1")
+PUBLIC = frozenset({("GET", "/api/config"), ("HEAD", "/api/config")})  # the page learns auth
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+MAX_HEADER_BYTES = 64 * 1024  # all request headers together
+
+
+def route_path(scope: Scope) -> str:
+    """The path routing sees (``root_path`` removed), as Starlette matches it."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
+def _log_path(path: str, limit: int = 200) -> str:
+    """The path as one log field: percent-encoded, so no space, line break or control
+    character in a (decoded) path can split or forge a log line."""
+    return quote(path[:limit], safe="/:@!$&'()*+,;=-._~")
+
+
+def _log_method(method: str) -> str:
+    return method[:16] if method.isascii() and method.isalpha() else "?"
+
+
+class AuthMiddleware:
+    """Bearer API keys on ``/api/*`` and ``/v1/*``; each key is a tenant.
+
+    On success ``scope["state"]["owner"]`` is the key's tenant id and ``key_name`` its
+    name (never the key). Every configured key is compared, in constant time, against a
+    digest of the presented one, so neither timing nor length tells which key was close.
+    With no key configured the middleware is a pass-through (one local user).
+    """
+
+    def __init__(self, app: Any, keys: Sequence[ApiKey] = ()) -> None:
+        self.app = app
+        self._keys = [(hashlib.sha256(k.key.encode()).digest(), k) for k in keys]
+
+    def _match(self, presented: bytes) -> ApiKey | None:
+        digest = hashlib.sha256(presented).digest()
+        found = None
+        for key_digest, key in self._keys:  # no early exit: the loop takes the same time
+            if hmac.compare_digest(digest, key_digest):
+                found = key
+        return found
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or not self._keys:
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        if not path.startswith(PROTECTED) or (scope.get("method"), path) in PUBLIC:
+            await self.app(scope, receive, send)
+            return
+        presented = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer" and token.strip():
+                    presented = token.strip()
+                break
+        key = self._match(presented) if presented is not None else None
+        if key is None:
+            await _unauthorized(scope, send, invalid=presented is not None)
+            return
+        state = scope.setdefault("state", {})
+        state["owner"] = key.owner
+        state["key_name"] = key.name
+        await self.app(scope, receive, send)
+
+
+async def _unauthorized(scope: Scope, send: Any, *, invalid: bool) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    message = "invalid API key" if invalid else (
+        "an API key is required: send 'Authorization: Bearer <key>'"
+    )
+    challenge = b'Bearer realm="tokenrelay"' + (b', error="invalid_token"' if invalid else b"")
+    await _json_error(send, 401, "unauthorized", message, [(b"www-authenticate", challenge)])
+
+
+async def _json_error(
+    send: Any, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    body = orjson.dumps({"error": {"code": code, "message": message, "retryable": False}})
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            *headers,
+        ],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+class AccessLogMiddleware:
+    """A request id (``X-Request-Id``: the client's if well-formed, else new) echoed on the
+    response, ``X-Content-Type-Options: nosniff`` on every response, and one access log
+    line when the response ends: method, path (no query string), status, duration, key
+    name. Headers are never logged.
+
+    It also refuses oversized request headers with 431: uvicorn's httptools parser has no
+    limit of its own, so this keeps them away from the app (a proxy in front should cap
+    them before they are buffered at all).
+    """
+
+    def __init__(self, app: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = None
+        header_bytes = 0
+        for name, value in scope["headers"]:
+            header_bytes += len(name) + len(value) + 4
+            if name == b"x-request-id" and request_id is None:
+                text = value.decode("latin-1")
+                request_id = text if _REQUEST_ID.fullmatch(text) else ""
+        request_id = request_id or secrets.token_hex(8)
+        if header_bytes > self.max_header_bytes:
+            log.info("%s %s 431 request headers of %d bytes refused rid=%s",
+                     _log_method(scope.get("method", "")), _log_path(scope.get("path", "")),
+                     header_bytes, request_id)
+            await _json_error(send, 431, "headers_too_large",
+                              f"request headers larger than {self.max_header_bytes} bytes",
+                              [_NOSNIFF, (b"x-request-id", request_id.encode()),
+                               (b"connection", b"close")])
+            return
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        rid = request_id.encode()
+        status = 0
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                names = {name.lower() for name, _ in headers}
+                if b"x-content-type-options" not in names:
+                    headers.append(_NOSNIFF)
+                headers.append((b"x-request-id", rid))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            log.info(
+                "%s %s %d %.1fms key=%s rid=%s",
+                _log_method(scope.get("method", "")),
+                _log_path(scope.get("path", "")),
+                status,
+                (time.perf_counter() - started) * 1000,
+                state.get("key_name", "-"),
+                request_id,
+                extra={"request_id": request_id, "status": status},
+            )
+
+
+CORS_HEADERS = ["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key",
+                "X-Request-Id"]
+CORS_EXPOSE = ["X-Stream-Id", "X-Message-Id", "X-Conversation-Id", "X-Request-Id",
+               "Retry-After", "Idempotent-Replayed"]
+CORS_METHODS = ["GET", "POST", "PATCH", "DELETE"]
+
+
+def cors_options(origins: Sequence[str]) -> dict[str, Any]:
+    """Arguments for Starlette's (pure ASGI) CORSMiddleware: listed origins only, bearer
+    keys rather than cookies, so no credentials mode."""
+    return {
+        "allow_origins": list(origins),
+        "allow_methods": CORS_METHODS,
+        "allow_headers": CORS_HEADERS,
+        "expose_headers": CORS_EXPOSE,
+        "allow_credentials": False,
+        "max_age": 600,
+    }

@@ -1,0 +1,108 @@
+"""Conversation history and model statistics: validate, call the store, respond.
+
+The store comes from ``request.app.state.store``; every call is scoped to the caller's
+owner, so another tenant's conversation answers exactly like a missing one (404).
+Errors are raised as :class:`~tokenrelay.errors.TokenRelayError` and rendered by the app's
+handler as ``{"error": {"code", "message", "retryable"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from tokenrelay.errors import BadRequest
+from tokenrelay.routes.common import JSONResponse, owner_of
+from tokenrelay.store.base import Store
+
+LIST_LIMIT_MAX = 200
+TITLE_MAX = 200
+MAX_PATCH_BYTES = 16_384
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def _not_found() -> BadRequest:
+    return BadRequest("conversation not found", code="conversation_not_found", status=404)
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be an integer between {low} and {high}")
+    return value
+
+
+async def list_conversations(request: Request) -> Response:
+    limit = _int_param(request, "limit", 50, 1, LIST_LIMIT_MAX)
+    offset = _int_param(request, "offset", 0, 0, 10**9)
+    found = await _store(request).list_conversations(owner_of(request), limit, offset)
+    return JSONResponse({"conversations": found})
+
+
+async def get_conversation(request: Request) -> Response:
+    conversation_id = request.path_params["conversation_id"]
+    found = await _store(request).get_conversation(owner_of(request), conversation_id)
+    if found is None:
+        raise _not_found()
+    return JSONResponse(found)
+
+
+async def _title_from(request: Request) -> str:
+    body = await request.body()
+    if len(body) > MAX_PATCH_BYTES:
+        raise BadRequest("request body too large", code="body_too_large", status=413)
+    try:
+        data: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("body must be a JSON object") from None
+    title = data.get("title") if isinstance(data, dict) else None
+    if not isinstance(title, str) or not 1 <= len(title.strip()) <= TITLE_MAX:
+        raise BadRequest(f"title must be a string of 1 to {TITLE_MAX} characters")
+    return title.strip()
+
+
+async def rename_conversation(request: Request) -> Response:
+    conversation_id = request.path_params["conversation_id"]
+    title = await _title_from(request)
+    store, owner = _store(request), owner_of(request)
+    if not await store.rename_conversation(owner, conversation_id, title):
+        raise _not_found()
+    found = await store.get_conversation(owner, conversation_id)
+    if found is None:  # deleted between the two calls
+        raise _not_found()
+    found.pop("messages")
+    return JSONResponse(found)
+
+
+async def delete_conversation(request: Request) -> Response:
+    conversation_id = request.path_params["conversation_id"]
+    if not await _store(request).delete_conversation(owner_of(request), conversation_id):
+        raise _not_found()
+    return Response(status_code=204)
+
+
+async def stats(request: Request) -> Response:
+    return JSONResponse({"models": await _store(request).model_stats()})
+
+
+routes: list[BaseRoute] = [
+    Route("/api/conversations", list_conversations, methods=["GET"]),
+    Route("/api/conversations/{conversation_id}", get_conversation, methods=["GET"]),
+    Route("/api/conversations/{conversation_id}", rename_conversation, methods=["PATCH"]),
+    Route("/api/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
+    Route("/api/stats", stats, methods=["GET"]),
+]

@@ -1,0 +1,721 @@
+"""The SQL store: conversations and messages in SQLite (default) or PostgreSQL.
+
+One implementation for both dialects, on SQLAlchemy 2 Core with async drivers
+(``sqlite+aiosqlite``, ``postgresql+asyncpg``). The schema is owned by the Alembic
+migrations in ``store/migrations/versions`` (append-only, numbered); :meth:`SQLStore.start`
+applies them programmatically, so a fresh database needs no manual step. The tables below
+mirror the migrations for querying only (``tests/store`` checks they do not drift).
+
+Streaming messages left behind by a dead process. Several instances may share one
+PostgreSQL, so start-up must not mark *another live instance's* answers as interrupted.
+Each assistant message records the ``instance_id`` of the process that streams it, and
+:meth:`SQLStore.start` marks as ``interrupted`` (partial text kept):
+
+- every ``streaming`` message of this ``instance_id`` (only useful when the instance id is
+  configured and stable across restarts; the default id is random per process), and
+- every ``streaming`` message whose ``updated_at`` is older than ``orphan_after_s``
+  (:meth:`SQLStore.interrupt_orphans`). :meth:`~SQLStore.checkpoint` bumps ``updated_at``,
+  so a live generation must checkpoint more often than ``orphan_after_s`` even when no new
+  text arrived (e.g. while a reasoning model is silent), or another instance starting up
+  may mark it interrupted; its :meth:`~SQLStore.finish_assistant` still records the true
+  final state.
+
+When the database is unreachable every method raises
+:class:`~tokenrelay.errors.ServiceUnavailable` quickly (short connect timeout), and the
+pool (``pool_pre_ping``) reconnects by itself once the database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, nullcontext
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    case,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.types import TypeDecorator
+
+from tokenrelay.errors import BadRequest, ConfigError, ServiceUnavailable, TokenRelayError
+from tokenrelay.store.base import AssistantResult, Store
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+TITLE_MAX = 200
+DEFAULT_TITLE = "New conversation"
+INTERRUPTED_CODE = "interrupted"
+INTERRUPTED_MESSAGE = "the gateway stopped before this answer finished"
+# Serialises concurrent migrations of several instances starting against one PostgreSQL.
+_PG_MIGRATION_LOCK = 0x746F6B72  # "tokr"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on SQLite (which stores naive text) as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("owner", String, nullable=False),
+    Column("title", String, nullable=False),
+    Column("last_seq", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_conversations_owner_updated", "owner", "updated_at"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column(
+        "conversation_id",
+        String,
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("owner", String, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("role", String, nullable=False),
+    Column("content", Text, nullable=False),
+    Column("reasoning", Text, nullable=False),
+    Column("tool_calls", JSON, nullable=True),
+    Column("state", String, nullable=False),
+    Column("model_requested", String, nullable=True),
+    Column("model_used", String, nullable=True),
+    Column("finish_reason", String, nullable=True),
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("completion_tokens", Integer, nullable=True),
+    Column("usage_estimated", Boolean, nullable=False),
+    Column("ttft_ms", Float, nullable=True),
+    Column("tokens_per_s", Float, nullable=True),
+    Column("error_code", String, nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("stream_id", String, nullable=True),
+    Column("instance_id", String, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("conversation_id", "seq", name="uq_messages_conversation_seq"),
+    Index("ix_messages_state_updated", "state", "updated_at"),
+    Index("ix_messages_model_created", "model_used", "created_at"),
+)
+
+
+def new_id() -> str:
+    """A random, unguessable id (128 bits, URL-safe)."""
+    return secrets.token_urlsafe(16)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(value: datetime) -> str:
+    """ISO-8601 in UTC with a ``Z`` suffix, millisecond precision."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def async_url(url: str) -> URL:
+    """Turn a user-facing database URL into one with an async driver.
+
+    ``sqlite:///file.db``, ``sqlite:///:memory:`` -> ``sqlite+aiosqlite``;
+    ``postgresql://...``, ``postgres://...`` -> ``postgresql+asyncpg`` (libpq's ``sslmode``
+    query parameter becomes asyncpg's ``ssl``).
+    """
+    raw = url.strip()
+    if raw.startswith("postgres://"):
+        raw = "postgresql://" + raw[len("postgres://") :]
+    try:
+        parsed = make_url(raw)
+    except ArgumentError as exc:
+        raise ConfigError(f"database_url is not a valid URL: {exc}") from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "sqlite" and driver in ("", "aiosqlite"):
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend == "postgresql" and driver in ("", "asyncpg"):
+        query = dict(parsed.query)
+        if "sslmode" in query:
+            query["ssl"] = query.pop("sslmode")
+        return parsed.set(drivername="postgresql+asyncpg", query=query)
+    raise ConfigError(
+        f"database_url: unsupported scheme {parsed.drivername!r} "
+        "(use sqlite:///path.db or postgresql://user@host/db)"
+    )
+
+
+def _is_memory(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Per-connection SQLite settings: enforce foreign keys (cascade), WAL for readers."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _upgrade(connection: Connection) -> None:
+    """Apply every pending migration on an already open connection (run via ``run_sync``)."""
+    from alembic import command
+    from alembic.config import Config
+
+    if connection.dialect.name == "postgresql":
+        # Held until the transaction ends: concurrent starters migrate one after the other.
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); None when empty."""
+    if not sorted_values:
+        return None
+    rank = p * (len(sorted_values) - 1)
+    low = int(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _message_dict(row: Any) -> dict[str, Any]:
+    error = None
+    if row.error_code is not None or row.error_message is not None:
+        error = {"code": row.error_code, "message": row.error_message}
+    return {
+        "id": row.id,
+        "role": row.role,
+        "content": row.content,
+        "reasoning": row.reasoning,
+        "tool_calls": row.tool_calls,
+        "state": row.state,
+        "model_requested": row.model_requested,
+        "model_used": row.model_used,
+        "finish_reason": row.finish_reason,
+        "usage": {
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens,
+            "estimated": bool(row.usage_estimated),
+        },
+        "ttft_ms": row.ttft_ms,
+        "tokens_per_s": row.tokens_per_s,
+        "error": error,
+        "stream_id": row.stream_id,
+        "created_at": iso(row.created_at),
+    }
+
+
+def _summary(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "title": row.title,
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+    }
+
+
+def _clean_title(title: str) -> str:
+    return title.strip()[:TITLE_MAX] or DEFAULT_TITLE
+
+
+def _not_found() -> BadRequest:
+    return BadRequest("conversation not found", code="conversation_not_found", status=404)
+
+
+_MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("owner", "instance_id")]
+
+# The hot path (one UPDATE per checkpoint) is built once; SQLAlchemy caches its compilation.
+_CHECKPOINT = (
+    update(messages)
+    .where(messages.c.id == bindparam("b_id"), messages.c.state == "streaming")
+    .values(
+        content=bindparam("b_content"),
+        reasoning=bindparam("b_reasoning"),
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+class SQLStore(Store):
+    """The :class:`~tokenrelay.store.base.Store` on SQLite or PostgreSQL (see module doc).
+
+    ``instance_id`` is recorded on the assistant messages this process streams (random by
+    default); ``orphan_after_s`` is how stale a ``streaming`` message of any instance must be
+    for :meth:`start` to mark it interrupted; ``stats_window`` bounds the rows per model read
+    by :meth:`model_stats` for percentiles.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        instance_id: str | None = None,
+        orphan_after_s: float = 30.0,
+        connect_timeout_s: float = 3.0,
+        command_timeout_s: float = 30.0,
+        pool_size: int = 10,
+        stats_window: int = 10_000,
+    ) -> None:
+        self.url = async_url(url)
+        self.instance_id = instance_id or secrets.token_hex(8)
+        self.orphan_after_s = orphan_after_s
+        self.connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s
+        self.pool_size = pool_size
+        self.stats_window = stats_window
+        self._engine: AsyncEngine | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLStore({self.url.render_as_string(hide_password=True)!r})"
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def _create_engine(self) -> AsyncEngine:
+        if self.url.get_backend_name() == "sqlite":
+            kwargs: dict[str, Any] = {"connect_args": {"timeout": self.command_timeout_s}}
+            if _is_memory(self.url):
+                # One shared connection (StaticPool): transactions must not interleave.
+                self._lock = asyncio.Lock()
+            engine = create_async_engine(self.url, pool_pre_ping=True, **kwargs)
+            event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+            return engine
+        return create_async_engine(
+            self.url,
+            pool_pre_ping=True,
+            pool_size=self.pool_size,
+            max_overflow=self.pool_size,
+            pool_timeout=self.command_timeout_s,
+            pool_recycle=1800,
+            connect_args={
+                "timeout": self.connect_timeout_s,
+                "command_timeout": self.command_timeout_s,
+                "server_settings": {"application_name": "tokenrelay"},
+            },
+        )
+
+    def _check_sqlite_directory(self) -> None:
+        """A SQLite file in a missing directory is a configuration mistake, said plainly.
+
+        (It also avoids an aiosqlite race: a failed connect leaves its worker thread calling
+        back into the event loop, which raises in that thread if the loop has closed.)
+        """
+        if self.url.get_backend_name() != "sqlite" or _is_memory(self.url):
+            return
+        database = self.url.database or ""
+        if database.startswith("file:"):  # URI form: let SQLite interpret it
+            return
+        if not Path(database).parent.is_dir():
+            raise ConfigError(
+                f"database_url: the directory of the SQLite file {database!r} does not exist"
+            )
+
+    async def start(self) -> None:
+        """Connect, apply migrations, then interrupt this instance's and stale streams."""
+        if self._engine is not None:
+            return
+        self._check_sqlite_directory()
+        self._engine = self._create_engine()
+        try:
+            async with self._begin() as conn:
+                await conn.run_sync(_upgrade)
+            async with self._begin() as conn:
+                await conn.execute(
+                    self._interrupt_stmt().where(messages.c.instance_id == self.instance_id)
+                )
+            await self.interrupt_orphans(self.orphan_after_s)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Dispose of the pool; the store may be started again afterwards."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    @asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction; database outages become :class:`ServiceUnavailable`."""
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("the store is not started (call start() first)")
+        async with self._lock or nullcontext():
+            try:
+                conn = await engine.connect()
+            except (DBAPIError, PoolTimeout, OSError, TimeoutError) as exc:
+                # Whatever stops us from getting a connection (refused, timeout, auth,
+                # "too many clients", "starting up", pool exhausted) means unavailable.
+                raise ServiceUnavailable("database unavailable") from exc
+            try:
+                try:
+                    async with conn.begin():
+                        yield conn
+                finally:
+                    await conn.close()
+            except TokenRelayError:
+                raise
+            except DBAPIError as exc:
+                if isinstance(exc, OperationalError | InterfaceError) or (
+                    exc.connection_invalidated
+                ):
+                    raise ServiceUnavailable("database unavailable") from exc
+                raise
+            except (OSError, TimeoutError) as exc:
+                raise ServiceUnavailable("database unavailable") from exc
+
+    # -- streaming leftovers ------------------------------------------------------------
+
+    @staticmethod
+    def _interrupt_stmt() -> Any:
+        return (
+            update(messages)
+            .where(messages.c.state == "streaming")
+            .values(
+                state="interrupted",
+                updated_at=utcnow(),
+                error_code=func.coalesce(messages.c.error_code, INTERRUPTED_CODE),
+                error_message=func.coalesce(messages.c.error_message, INTERRUPTED_MESSAGE),
+            )
+        )
+
+    async def interrupt_orphans(self, older_than_s: float) -> int:
+        """Mark ``streaming`` messages not checkpointed for ``older_than_s`` as interrupted.
+
+        Safe with several instances on one database as long as live generations checkpoint
+        more often than ``older_than_s``. Returns how many messages were marked. The
+        lead may also call it periodically to clean up after instances that died while
+        this one keeps running.
+        """
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        async with self._begin() as conn:
+            result = await conn.execute(
+                self._interrupt_stmt().where(messages.c.updated_at < cutoff)
+            )
+        return int(result.rowcount or 0)
+
+    async def mark_interrupted(self, message_id: str) -> bool:
+        """Mark one message ``interrupted`` if it is still ``streaming`` (text kept)."""
+        async with self._begin() as conn:
+            result = await conn.execute(self._interrupt_stmt().where(messages.c.id == message_id))
+        return bool(result.rowcount)
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def ensure_conversation(self, owner: str, conversation_id: str | None, title: str) -> str:
+        """Create a conversation when ``conversation_id`` is None (title stripped, ≤ 200
+        chars, ``"New conversation"`` if blank); otherwise check it is the owner's."""
+        async with self._begin() as conn:
+            if conversation_id is None:
+                now = utcnow()
+                conversation_id = new_id()
+                await conn.execute(
+                    conversations.insert().values(
+                        id=conversation_id,
+                        owner=owner,
+                        title=_clean_title(title),
+                        last_seq=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                return conversation_id
+            found = await conn.scalar(
+                select(conversations.c.id).where(
+                    conversations.c.id == conversation_id, conversations.c.owner == owner
+                )
+            )
+        if found is None:
+            raise _not_found()
+        return conversation_id
+
+    @staticmethod
+    async def _next_seq(
+        conn: AsyncConnection, owner: str, conversation_id: str, now: datetime
+    ) -> int:
+        """Take the next message position and bump ``updated_at`` in one atomic UPDATE.
+
+        It doubles as the owner check: not the owner's conversation -> 404.
+        """
+        seq = await conn.scalar(
+            update(conversations)
+            .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+            .values(last_seq=conversations.c.last_seq + 1, updated_at=now)
+            .returning(conversations.c.last_seq)
+        )
+        if seq is None:
+            raise _not_found()
+        return int(seq)
+
+    async def add_user_message(self, owner: str, conversation_id: str, content: str) -> str:
+        now = utcnow()
+        message_id = new_id()
+        async with self._begin() as conn:
+            seq = await self._next_seq(conn, owner, conversation_id, now)
+            await conn.execute(
+                messages.insert().values(
+                    id=message_id,
+                    conversation_id=conversation_id,
+                    owner=owner,
+                    seq=seq,
+                    role="user",
+                    content=content,
+                    reasoning="",
+                    state="complete",
+                    usage_estimated=False,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        return message_id
+
+    async def begin_assistant(
+        self,
+        owner: str,
+        conversation_id: str,
+        message_id: str,
+        stream_id: str,
+        model_requested: str,
+    ) -> None:
+        now = utcnow()
+        async with self._begin() as conn:
+            seq = await self._next_seq(conn, owner, conversation_id, now)
+            await conn.execute(
+                messages.insert().values(
+                    id=message_id,
+                    conversation_id=conversation_id,
+                    owner=owner,
+                    seq=seq,
+                    role="assistant",
+                    content="",
+                    reasoning="",
+                    state="streaming",
+                    model_requested=model_requested,
+                    usage_estimated=False,
+                    stream_id=stream_id,
+                    instance_id=self.instance_id,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+
+    async def checkpoint(self, message_id: str, content: str, reasoning: str) -> None:
+        """One UPDATE; ignored once the message left ``streaming`` (or was deleted)."""
+        params = {
+            "b_id": message_id,
+            "b_content": content,
+            "b_reasoning": reasoning,
+            "b_now": utcnow(),
+        }
+        async with self._begin() as conn:
+            await conn.execute(_CHECKPOINT, params)
+
+    async def finish_assistant(self, message_id: str, result: AssistantResult) -> None:
+        """Record the final state, whatever the current one (it may have been marked
+        interrupted by another instance's orphan sweep), and bump the conversation."""
+        now = utcnow()
+        async with self._begin() as conn:
+            await conn.execute(
+                update(messages)
+                .where(messages.c.id == message_id)
+                .values(
+                    state=result.state,
+                    content=result.content,
+                    reasoning=result.reasoning,
+                    tool_calls=result.tool_calls,
+                    finish_reason=result.finish_reason,
+                    model_used=result.model_used,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    usage_estimated=result.usage_estimated,
+                    ttft_ms=result.ttft_ms,
+                    tokens_per_s=result.tokens_per_s,
+                    error_code=result.error_code,
+                    error_message=result.error_message,
+                    updated_at=now,
+                )
+            )
+            await conn.execute(
+                update(conversations)
+                .where(
+                    conversations.c.id
+                    == select(messages.c.conversation_id)
+                    .where(messages.c.id == message_id)
+                    .scalar_subquery()
+                )
+                .values(updated_at=now)
+            )
+
+    async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> bool:
+        """Set the title (stripped, ≤ 200 chars); does not change ``updated_at``."""
+        async with self._begin() as conn:
+            result = await conn.execute(
+                update(conversations)
+                .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+                .values(title=_clean_title(title))
+            )
+        return bool(result.rowcount)
+
+    async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
+        """Delete it and its messages (FK ``ON DELETE CASCADE``)."""
+        async with self._begin() as conn:
+            result = await conn.execute(
+                delete(conversations).where(
+                    conversations.c.id == conversation_id, conversations.c.owner == owner
+                )
+            )
+        return bool(result.rowcount)
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def list_conversations(
+        self, owner: str, limit: int = 50, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        async with self._begin() as conn:
+            rows = await conn.execute(
+                select(conversations)
+                .where(conversations.c.owner == owner)
+                .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
+                .limit(max(0, limit))
+                .offset(max(0, offset))
+            )
+            return [_summary(row) for row in rows]
+
+    async def get_conversation(self, owner: str, conversation_id: str) -> dict[str, Any] | None:
+        async with self._begin() as conn:
+            row = (
+                await conn.execute(
+                    select(conversations).where(
+                        conversations.c.id == conversation_id, conversations.c.owner == owner
+                    )
+                )
+            ).first()
+            if row is None:
+                return None
+            found = await conn.execute(
+                select(*_MESSAGE_COLUMNS)
+                .where(messages.c.conversation_id == conversation_id)
+                .order_by(messages.c.seq)
+            )
+            return {**_summary(row), "messages": [_message_dict(m) for m in found]}
+
+    async def get_message(self, owner: str, message_id: str) -> dict[str, Any] | None:
+        """One message (as in :meth:`get_conversation`, plus ``conversation_id``), or None.
+
+        Addition to the base interface: lets a resume whose journal has expired fall back to
+        the stored answer.
+        """
+        async with self._begin() as conn:
+            row = (
+                await conn.execute(
+                    select(*_MESSAGE_COLUMNS).where(
+                        messages.c.id == message_id, messages.c.owner == owner
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return {**_message_dict(row), "conversation_id": row.conversation_id}
+
+    async def model_stats(self) -> list[dict[str, Any]]:
+        """Per ``model_used`` over finished assistant messages, most used first.
+
+        Keys: ``model``, ``count``, ``error_rate`` (error or interrupted), ``cancel_rate``
+        (exact, aggregated in SQL), and ``ttft_ms_p50``, ``ttft_ms_p95``,
+        ``tokens_per_s_p50`` (computed in Python over the newest ``stats_window`` messages
+        of each model, so the rows read stay bounded; None when no values).
+        """
+        done = (
+            messages.c.role == "assistant",
+            messages.c.state != "streaming",
+            messages.c.model_used.is_not(None),
+        )
+        failed = case((messages.c.state.in_(("error", "interrupted")), 1), else_=0)
+        cancelled = case((messages.c.state == "cancelled", 1), else_=0)
+        async with self._begin() as conn:
+            totals = (
+                await conn.execute(
+                    select(
+                        messages.c.model_used,
+                        func.count(),
+                        func.sum(failed),
+                        func.sum(cancelled),
+                    )
+                    .where(*done)
+                    .group_by(messages.c.model_used)
+                )
+            ).all()
+            stats = []
+            for model, count, errors, cancels in totals:
+                sample = (
+                    await conn.execute(
+                        select(messages.c.ttft_ms, messages.c.tokens_per_s)
+                        .where(*done, messages.c.model_used == model)
+                        .order_by(messages.c.created_at.desc())
+                        .limit(self.stats_window)
+                    )
+                ).all()
+                ttft = sorted(r.ttft_ms for r in sample if r.ttft_ms is not None)
+                speed = sorted(r.tokens_per_s for r in sample if r.tokens_per_s is not None)
+                stats.append(
+                    {
+                        "model": model,
+                        "count": int(count),
+                        "ttft_ms_p50": _round(_percentile(ttft, 0.50), 1),
+                        "ttft_ms_p95": _round(_percentile(ttft, 0.95), 1),
+                        "tokens_per_s_p50": _round(_percentile(speed, 0.50), 2),
+                        "error_rate": round(int(errors or 0) / count, 4),
+                        "cancel_rate": round(int(cancels or 0) / count, 4),
+                    }
+                )
+        stats.sort(key=lambda s: (-s["count"], s["model"]))
+        return stats
