@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import orjson
+
 from support.client import chat_body, read_stream
 from support.gateway import running_gateway
-
 from tokenrelay.simulator import build_text
 
 FAST_RETRY = {

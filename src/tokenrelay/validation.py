@@ -132,7 +132,7 @@ def validate_messages(messages: Any, limits: Limits) -> list[dict[str, Any]]:
         if not isinstance(msg, dict):
             raise BadRequest(f"messages[{i}] must be an object", code="invalid_messages")
         role = msg.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list is unhashable
             raise BadRequest(
                 f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}",
                 code="invalid_messages",
