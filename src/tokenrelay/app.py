@@ -119,8 +119,13 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             )
             log.info("no upstream configured: serving the built-in simulator (simulated models)")
         upstream = UpstreamClient(settings, session, base_urls)
-        journal = open_journal(settings.journal_url, settings.journal,
-                               instance_id=settings.instance_id)
+        journal = open_journal(
+            settings.journal_url,
+            settings.journal,
+            instance_id=settings.instance_id,
+            prefix=settings.redis_prefix,
+            lease_s=settings.lease_s,
+        )
         stack.push_async_callback(journal.aclose)
         store = _open_store(settings)
         if store is not None:

@@ -129,6 +129,7 @@ class Settings:
     database_url: str = "sqlite:///tokenrelay.db"
     redis_url: str | None = None
     redis_prefix: str = "tokenrelay:"  # every Redis key tokenrelay writes starts with this
+    lease_s: float = 5.0  # cluster: an owner silent this long is dead; readers end its streams
     limits: Limits = Limits()
     simulator_speed: float = 1.0
     log_level: str = "info"
@@ -161,6 +162,7 @@ _ENV_FLOATS = {
     "TOKENRELAY_SEND_TIMEOUT_S": "send_timeout_s",
     "TOKENRELAY_CHECKPOINT_S": "checkpoint_s",
     "TOKENRELAY_SIMULATOR_SPEED": "simulator_speed",
+    "TOKENRELAY_LEASE_S": "lease_s",
 }
 _ENV_STRINGS = {
     "TOKENRELAY_HOST": "host",

@@ -22,6 +22,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+from tokenrelay import events as ev
 from tokenrelay.config import ModelRoute, Settings
 from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError
 from tokenrelay.generation import CANCEL_ABANDONED, CANCEL_SHUTDOWN, CANCEL_USER, Generation
@@ -143,16 +144,23 @@ class Hub:
             "instance": self.instance_id,
             "created": int(gen.created),
         }
+        # The journal first: if Redis is down nothing is stored; if the database is down
+        # the new stream is ended at once, so it never lingers unfinished.
+        await self.journal.create(stream_id, meta)
         if store is not None and conversation_id is not None:
             try:
                 await store.begin_assistant(
                     owner, conversation_id, gen.message_id, stream_id, route.name
                 )
-            except TokenRelayError:
-                raise
             except Exception as exc:
-                raise ServiceUnavailable("the database is unavailable; try again shortly") from exc
-        await self.journal.create(stream_id, meta)
+                error = exc if isinstance(exc, TokenRelayError) else ServiceUnavailable(
+                    "the database is unavailable; try again shortly"
+                )
+                frame = ev.frame(1, ev.ERROR, ev.dumps({"error": error.to_dict(),
+                                                        "state": ev.FAILED}))
+                with contextlib.suppress(Exception):
+                    await self.journal.finish(stream_id, frame, ev.FAILED)
+                raise error from exc
         await self.journal.append(stream_id, [gen.start_frame()])
         self.generations[stream_id] = gen
         if lease is not None:
@@ -205,10 +213,10 @@ class Hub:
                 await asyncio.sleep(1.0)
 
     async def _renew_leases(self) -> None:
-        period = max(0.05, float(getattr(self.journal, "lease_s", 5.0)) / 3)
+        period = max(0.05, self.journal.lease_s / 3)
         while True:
             try:
-                await self.journal.hold(list(self.generations))  # type: ignore[attr-defined]
+                await self.journal.hold(list(self.generations))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -80,8 +80,8 @@ class SubscriberResponse:
         settings = hub.settings
         heartbeat_s = settings.heartbeat_s
         # Only a shared journal can outlive the instance that writes to it.
-        lease_check = getattr(journal, "owner_alive", None) if journal.distributed else None
-        check_every = float(getattr(journal, "lease_s", heartbeat_s)) / 2
+        lease_check = journal.owner_alive if journal.distributed else None
+        check_every = journal.lease_s / 2
         transform = self.transform
         pos = self.after
         last_write = time.monotonic()

@@ -1,0 +1,720 @@
+"""Redis Streams journal: several tokenrelay instances share streams, cancels and leases.
+
+Keys (``P`` is the prefix, ``ID`` a stream id)::
+
+    P s:ID    Redis Stream, one entry per frame, entry id ``0-<seq>``, field ``f``
+    P m:ID    hash: meta (JSON), finished (0/1), state, last_seq, n (frames), nbytes
+    P l:ID    lease of the owning instance (SET PX lease_s), renewed by :meth:`hold`
+    P index   sorted set of stream ids by creation time, for ``max_streams``
+    P n:ID    pub/sub channel: "new frames up to seq" (published by append and finish)
+    P cancel  pub/sub channel of cancel requests (payload: stream id)
+
+Writes are Lua scripts, one round trip each whatever the number of frames, and atomic:
+bounds are checked before anything is written, and :meth:`RedisJournal.finish` writes
+exactly one terminal frame even when two instances race (it renumbers the frame to
+``last_seq + 1``, so a reader ending a dead owner's stream cannot collide with a late
+append). Live streams carry a long TTL refreshed by appends and leases; finished ones
+expire ``retention_s`` after their end.
+
+Waiting readers never hold a Redis connection each: one :class:`_Notifier` per journal
+keeps a single pub/sub connection subscribed to the channels of streams that local
+readers wait on, and one XRANGE per announced batch serves every local reader of that
+stream (measured: 1,000 subscribers on 100 streams, 51,000 frames in about 4 s on one
+core, most of it redis-py's own CPU). A reader re-checks with XRANGE after a timeout or
+a reconnect, so a lost notification costs latency, never frames.
+
+Redis being down surfaces as :class:`~tokenrelay.errors.ServiceUnavailable` within the
+short socket timeouts; redis-py reconnects by itself once Redis is back, and the
+notifier rebuilds its subscription with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tokenrelay.errors import (
+    ConfigError,
+    JournalFull,
+    ServiceUnavailable,
+    StreamClosed,
+    StreamNotFound,
+)
+from tokenrelay.journal.base import Journal, JournalLimits, ReadResult, StreamInfo
+
+log = logging.getLogger("tokenrelay.journal.redis")
+
+_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+
+# KEYS: index, meta, stream, lease
+# ARGV: id, now_ms, max_streams, prefix, meta_json, live_ttl_ms, lease_ms, owner
+_CREATE = """
+local n = redis.call('ZCARD', KEYS[1])
+local max = tonumber(ARGV[3])
+if n >= max then
+  local victim = nil
+  for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local f = redis.call('HGET', ARGV[4] .. 'm:' .. sid, 'finished')
+    if not f then
+      redis.call('ZREM', KEYS[1], sid)
+      n = n - 1
+    elseif f == '1' and not victim then
+      victim = sid
+    end
+  end
+  if n >= max then
+    if not victim then return 0 end
+    redis.call('DEL', ARGV[4] .. 'm:' .. victim, ARGV[4] .. 's:' .. victim)
+    redis.call('ZREM', KEYS[1], victim)
+  end
+end
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[2], 'meta', ARGV[5], 'finished', '0', 'state', '',
+           'last_seq', 0, 'n', 0, 'nbytes', 0)
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('SET', KEYS[4], ARGV[8], 'PX', ARGV[7])
+return 1
+"""
+
+# KEYS: meta, stream
+# ARGV: max_events, max_bytes, live_ttl_ms, channel, seq1, frame1, seq2, frame2, ...
+_APPEND = """
+local st = redis.call('HMGET', KEYS[1], 'finished', 'n', 'nbytes', 'last_seq')
+if not st[1] then return -1 end
+if st[1] == '1' then return -2 end
+if tonumber(ARGV[5]) <= tonumber(st[4]) then return 0 end
+local n = tonumber(st[2])
+local nbytes = tonumber(st[3])
+local count = (#ARGV - 4) / 2
+local size = 0
+for i = 6, #ARGV, 2 do size = size + #ARGV[i] end
+if n + count > tonumber(ARGV[1]) or nbytes + size > tonumber(ARGV[2]) then return -3 end
+local seq
+for i = 5, #ARGV, 2 do
+  seq = ARGV[i]
+  redis.call('XADD', KEYS[2], '0-' .. seq, 'f', ARGV[i + 1])
+end
+redis.call('HSET', KEYS[1], 'n', n + count, 'nbytes', nbytes + size, 'last_seq', seq)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], seq)
+return n + count
+"""
+# (A first seq <= last_seq is a retried call whose first attempt went through: 0, no-op.)
+
+# KEYS: meta, stream, lease
+# ARGV: frame without its "id: N" line (starts with "\n"), state, retention_ms, channel
+_FINISH = """
+local st = redis.call('HMGET', KEYS[1], 'finished', 'last_seq', 'n', 'nbytes')
+if not st[1] then return -1 end
+if st[1] == '1' then return 0 end
+local seq = tonumber(st[2]) + 1
+local frame = 'id: ' .. seq .. ARGV[1]
+redis.call('XADD', KEYS[2], '0-' .. seq, 'f', frame)
+redis.call('HSET', KEYS[1], 'finished', '1', 'state', ARGV[2], 'last_seq', seq,
+           'n', tonumber(st[3]) + 1, 'nbytes', tonumber(st[4]) + #frame)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('DEL', KEYS[3])
+redis.call('PUBLISH', ARGV[4], -seq)
+return seq
+"""
+
+# KEYS: lease1, meta1, stream1, lease2, ... ; ARGV: owner, lease_ms, live_ttl_ms
+_HOLD = """
+for i = 1, #KEYS, 3 do
+  if redis.call('HGET', KEYS[i + 1], 'finished') == '0' then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    redis.call('PEXPIRE', KEYS[i + 1], ARGV[3])
+    redis.call('PEXPIRE', KEYS[i + 2], ARGV[3])
+  end
+end
+return 1
+"""
+
+
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    """Translate "cannot talk to Redis" into the one error the routes turn into a 503."""
+    try:
+        yield
+    except _DOWN as exc:
+        raise ServiceUnavailable("redis unavailable") from exc
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """Take our own options (``prefix``, ``lease_s``) out of the URL's query string.
+
+    redis-py passes unknown query arguments to its connections, which reject them; this
+    lets one ``TOKENRELAY_REDIS_URL`` carry a key prefix per deployment (or per test).
+    """
+    parts = urlsplit(url)
+    ours = {"prefix", "lease_s"}
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options = {k: v for k, v in query if k in ours}
+    rest = urlencode([(k, v) for k, v in query if k not in ours])
+    return urlunsplit(parts._replace(query=rest)), options
+
+
+def _seq_of(frame: bytes) -> int:
+    """The ``id:`` of one of our frames (``b"id: 7\\n..."``)."""
+    return int(frame[4 : frame.index(b"\n")])
+
+
+@dataclass(slots=True)
+class _Range:
+    """One XRANGE with the stream's state, before it is cut for a given reader."""
+
+    frames: list[bytes]
+    finished: bool
+    state: str | None
+    last_seq: int
+
+    def cut(self, low: int, after: int, limit: int) -> ReadResult:
+        """The part of these frames (seqs ``low + 1``...) that a reader after ``after`` wants."""
+        part = self.frames[after - low : after - low + limit]
+        done = self.finished and after + len(part) >= self.last_seq
+        return ReadResult(part, done, self.state)
+
+
+Fetch = Callable[[str, int, int], Awaitable[_Range]]
+_Waiter = tuple[int, int, "asyncio.Future[ReadResult | None]"]  # after, limit, future
+
+
+class _Channel:
+    """Local state of one stream's notification channel."""
+
+    __slots__ = (
+        "confirmed",
+        "fetching",
+        "finished",
+        "idle_since",
+        "last_seq",
+        "stream_id",
+        "waiters",
+    )
+
+    def __init__(self, stream_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.stream_id = stream_id
+        self.confirmed: asyncio.Future[None] = loop.create_future()
+        self.waiters: list[_Waiter] = []
+        self.idle_since = time.monotonic()
+        # Highest seq announced while continuously subscribed (None: unknown). A reader
+        # at or past it can wait without an XRANGE: anything newer will be announced.
+        self.last_seq: int | None = None
+        self.finished = False
+        self.fetching: asyncio.Task[None] | None = None
+
+    def wake_all(self) -> None:
+        """Every waiter returns and re-checks with its own XRANGE."""
+        waiters, self.waiters = self.waiters, []
+        for _, _, fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self.idle_since = time.monotonic()
+
+
+class _Notifier:
+    """One pub/sub connection per journal that wakes every local reader (see module doc).
+
+    When a stream announces new frames, one XRANGE serves all of this process's readers
+    of that stream (each gets its slice), so a thousand tabs on one answer cost one read
+    per batch, not a thousand. Channels stay subscribed while readers wait on them and
+    ``idle_s`` after the last one left, so a subscriber tailing a live stream does not
+    re-subscribe per batch. Readers send SUBSCRIBE themselves (under a lock) while the
+    listener task reads, so a new channel costs one round trip. When the connection
+    fails, every waiter is woken to re-check, the state is dropped, and the next
+    subscription waits for a backoff (0.05 s doubling to 2 s).
+    """
+
+    def __init__(self, client: aioredis.Redis, fetch: Fetch, idle_s: float = 15.0) -> None:
+        self._client = client
+        self._fetch = fetch
+        self._idle_s = idle_s
+        self._channels: dict[bytes, _Channel] = {}
+        self._pending: set[bytes] = set()  # registered, SUBSCRIBE not sent yet
+        self._pubsub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one sender of SUBSCRIBE/UNSUBSCRIBE at a time
+        self._backoff = 0.0
+        self._not_before = 0.0
+        self._closed = False
+
+    def confirmed(self, channel: bytes) -> bool:
+        ch = self._channels.get(channel)
+        return ch is not None and ch.confirmed.done()
+
+    def kick(self, channel: bytes, after: int, *, force: bool = False) -> None:
+        """Fetch for the waiters of ``channel`` unless announcements say nothing is new."""
+        ch = self._channels.get(channel)
+        if ch is None or ch.fetching is not None:
+            return  # a running fetch re-checks every waiter against the latest seq
+        if force or ch.last_seq is None or ch.finished or after < ch.last_seq:
+            ch.fetching = asyncio.get_running_loop().create_task(self._deliver(ch))
+
+    def register(
+        self, channel: bytes, stream_id: str, after: int, limit: int
+    ) -> asyncio.Future[ReadResult | None]:
+        """A future resolved with frames after ``after``, or None for "re-check yourself"."""
+        loop = asyncio.get_running_loop()
+        ch = self._channels.get(channel)
+        if ch is None:
+            ch = self._channels[channel] = _Channel(stream_id, loop)
+            self._pending.add(channel)
+        fut: asyncio.Future[ReadResult | None] = loop.create_future()
+        ch.waiters.append((after, limit, fut))
+        return fut
+
+    def unregister(self, channel: bytes, fut: asyncio.Future[ReadResult | None]) -> None:
+        if not fut.done():
+            fut.cancel()
+        ch = self._channels.get(channel)
+        if ch is not None and ch.waiters:
+            ch.waiters = [w for w in ch.waiters if w[2] is not fut]
+            if not ch.waiters:
+                ch.idle_since = time.monotonic()
+
+    async def until_confirmed(self, channel: bytes, timeout: float) -> bool:
+        """Subscribe if needed; True once Redis confirmed the subscription within ``timeout``."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            return False
+        if not ch.confirmed.done():
+            try:
+                async with asyncio.timeout(timeout):
+                    delay = self._not_before - time.monotonic()
+                    if delay > 0:  # backing off after a failure
+                        await asyncio.sleep(delay)
+                    await self._flush()
+                    await asyncio.shield(ch.confirmed)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _flush(self) -> None:
+        """Send SUBSCRIBE for the channels registered since the last flush."""
+        if self._closed:
+            return
+        async with self._lock:
+            if not self._pending:
+                return
+            channels = list(self._pending)
+            self._pending.clear()
+            try:
+                if self._pubsub is None:
+                    self._pubsub = self._client.pubsub()
+                with _unavailable():
+                    await self._pubsub.subscribe(*channels)
+            except BaseException:
+                self._pending.update(c for c in channels if c in self._channels)
+                raise
+            if self._task is None or self._task.done():
+                self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        last_sweep = time.monotonic()
+        while not self._closed and self._pubsub is not None:
+            try:
+                msg = await self._pubsub.get_message(timeout=1.0)
+                self._backoff = 0.0
+                if msg is not None:
+                    self._dispatch(msg)
+                if time.monotonic() - last_sweep > self._idle_s / 3:
+                    last_sweep = time.monotonic()
+                    await self._sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("redis notifications failed (%s); will resubscribe", type(exc).__name__)
+                await self._reset()
+                return
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        ch = self._channels.get(msg["channel"])
+        if ch is None:
+            return
+        kind = msg["type"]
+        if kind == "message":
+            try:
+                seq = int(msg["data"])  # negative: the terminal frame
+            except (TypeError, ValueError):
+                ch.last_seq = None
+                ch.wake_all()
+                return
+            if seq < 0:
+                seq = -seq
+                ch.finished = True
+            if ch.last_seq is None or seq > ch.last_seq:
+                ch.last_seq = seq
+            if ch.fetching is None and any(after < seq for after, _, _ in ch.waiters):
+                ch.fetching = asyncio.get_running_loop().create_task(self._deliver(ch))
+        elif kind == "subscribe":
+            if not ch.confirmed.done():
+                ch.confirmed.set_result(None)
+            else:
+                # redis-py resubscribed after a reconnect: messages may be lost, re-check.
+                ch.last_seq = None
+                ch.wake_all()
+
+    async def _deliver(self, ch: _Channel) -> None:
+        """Read once for all waiters of a stream and hand each its slice.
+
+        Repeats while some waiter is behind the latest announced seq (announcements and
+        readers keep arriving during a fetch); a round that serves nobody although
+        someone is behind means the stream is not what we think: everyone re-checks.
+        """
+        try:
+            while True:
+                waiters = [w for w in ch.waiters if not w[2].done()]
+                if not waiters:
+                    return
+                low = min(after for after, _, _ in waiters)
+                try:
+                    got = await self._fetch(ch.stream_id, low, max(lim for _, lim, _ in waiters))
+                except Exception:
+                    ch.wake_all()
+                    return
+                if got.frames and _seq_of(got.frames[0]) != low + 1:  # not contiguous
+                    ch.wake_all()
+                    return
+                keep: list[_Waiter] = []
+                served = 0
+                for after, limit, fut in ch.waiters:
+                    if fut.done():
+                        continue
+                    if after >= low:
+                        result = got.cut(low, after, limit)
+                        if result.frames or result.finished:
+                            fut.set_result(result)
+                            served += 1
+                            continue
+                    keep.append((after, limit, fut))
+                ch.waiters = keep
+                if got.finished:
+                    ch.finished = True
+                if ch.last_seq is None or got.last_seq > ch.last_seq:
+                    ch.last_seq = got.last_seq
+                # Announcements that arrived during the fetch raised ch.last_seq.
+                last = ch.last_seq
+                if not any(after < last for after, _, _ in keep):
+                    if not keep:
+                        ch.idle_since = time.monotonic()
+                    return
+                if not served and not got.frames:
+                    ch.wake_all()
+                    return
+        finally:
+            ch.fetching = None
+
+    async def _sweep(self) -> None:
+        """Unsubscribe from channels nobody waited on for ``idle_s``."""
+        now = time.monotonic()
+        idle = [
+            name
+            for name, ch in self._channels.items()
+            if not ch.waiters
+            and ch.fetching is None
+            and ch.confirmed.done()
+            and now - ch.idle_since > self._idle_s
+        ]
+        if idle:
+            for name in idle:
+                del self._channels[name]
+            async with self._lock:
+                with _unavailable():
+                    await self._pubsub.unsubscribe(*idle)
+
+    async def _reset(self) -> None:
+        """Drop the connection and all state; waiters wake up and re-check with XRANGE."""
+        self._backoff = min(max(self._backoff * 2, 0.05), 2.0)
+        self._not_before = time.monotonic() + self._backoff
+        pubsub, self._pubsub = self._pubsub, None
+        channels, self._channels = self._channels, {}
+        self._pending.clear()
+        for ch in channels.values():
+            if not ch.confirmed.done():
+                ch.confirmed.set_result(None)
+            ch.wake_all()
+            if ch.fetching is not None:
+                ch.fetching.cancel()
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        fetches = [ch.fetching for ch in self._channels.values() if ch.fetching is not None]
+        await self._reset()
+        for fetch in fetches:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetch
+
+
+class RedisJournal(Journal):
+    """Journal in Redis Streams, shared by every instance pointing at the same Redis.
+
+    ``url`` may carry ``?prefix=...`` and ``?lease_s=...``; explicit keyword arguments
+    win. ``instance_id`` is only written into leases (for debugging with redis-cli).
+    """
+
+    distributed = True
+
+    def __init__(
+        self,
+        url: str,
+        limits: JournalLimits | None = None,
+        *,
+        prefix: str | None = None,
+        instance_id: str | None = None,
+        lease_s: float | None = None,
+        live_ttl_s: float | None = None,
+        connect_timeout_s: float = 1.0,
+        socket_timeout_s: float = 2.0,
+        max_connections: int = 64,
+        pool_timeout_s: float = 10.0,
+    ) -> None:
+        self.limits = limits or JournalLimits()
+        redis_url, options = _split_url(url)
+        self.prefix = prefix if prefix is not None else options.get("prefix", "tokenrelay:")
+        try:
+            self.lease_s = float(lease_s if lease_s is not None else options.get("lease_s", 5.0))
+        except ValueError:
+            raise ConfigError(
+                f"redis url: lease_s={options['lease_s']!r} is not a number"
+            ) from None
+        self.instance_id = instance_id or "i-" + secrets.token_urlsafe(8)
+        live = live_ttl_s if live_ttl_s is not None else self.limits.retention_s + 3600.0
+        self._live_ms = max(1, int(live * 1000))
+        self._retention_ms = max(1, int(self.limits.retention_s * 1000))
+        self._lease_ms = max(1, int(self.lease_s * 1000))
+        # A bounded pool: many readers woken at once queue for a connection instead of
+        # opening one each. One quick retry covers a connection Redis closed meanwhile
+        # (a restart); only connection errors are retried, before the command ran.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=max_connections,
+            timeout=pool_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=socket_timeout_s,
+            retry=Retry(
+                ExponentialBackoff(cap=0.1, base=0.02), 1, supported_errors=(RedisConnectionError,)
+            ),
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
+        self._create = self._redis.register_script(_CREATE)
+        self._append = self._redis.register_script(_APPEND)
+        self._finish = self._redis.register_script(_FINISH)
+        self._hold = self._redis.register_script(_HOLD)
+        self._notifier = _Notifier(self._redis, self._fetch_range)
+        self._cancel_channel = (self.prefix + "cancel").encode()
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def _stream(self, stream_id: str) -> str:
+        return self.prefix + "s:" + stream_id
+
+    def _meta(self, stream_id: str) -> str:
+        return self.prefix + "m:" + stream_id
+
+    def _lease(self, stream_id: str) -> str:
+        return self.prefix + "l:" + stream_id
+
+    def _channel(self, stream_id: str) -> bytes:
+        return (self.prefix + "n:" + stream_id).encode()
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def create(self, stream_id: str, meta: dict[str, Any]) -> None:
+        keys = [
+            self.prefix + "index",
+            self._meta(stream_id),
+            self._stream(stream_id),
+            self._lease(stream_id),
+        ]
+        args = [
+            stream_id,
+            int(time.time() * 1000),
+            self.limits.max_streams,
+            self.prefix,
+            orjson.dumps(meta),
+            self._live_ms,
+            self._lease_ms,
+            self.instance_id,
+        ]
+        with _unavailable():
+            created = await self._create(keys=keys, args=args)
+        if not created:
+            raise JournalFull(
+                f"too many live streams (journal max_streams={self.limits.max_streams})"
+            )
+
+    async def append(self, stream_id: str, frames: list[bytes]) -> None:
+        if not frames:
+            return
+        limits = self.limits
+        args: list[Any] = [
+            limits.max_events,
+            limits.max_bytes,
+            self._live_ms,
+            self._channel(stream_id),
+        ]
+        for f in frames:
+            args.append(_seq_of(f))
+            args.append(f)
+        with _unavailable():
+            result = await self._append(
+                keys=[self._meta(stream_id), self._stream(stream_id)], args=args
+            )
+        if result >= 0:
+            return
+        if result == -1:
+            raise StreamNotFound("no such stream (unknown or expired)")
+        if result == -2:
+            raise StreamClosed("the stream has already finished")
+        raise JournalFull(
+            f"stream exceeds the journal bound ({limits.max_events} events, "
+            f"{limits.max_bytes} bytes)"
+        )
+
+    async def finish(self, stream_id: str, frame: bytes, state: str) -> bool:
+        keys = [self._meta(stream_id), self._stream(stream_id), self._lease(stream_id)]
+        tail = frame[frame.index(b"\n") :]
+        args = [tail, state, self._retention_ms, self._channel(stream_id)]
+        with _unavailable():
+            result = await self._finish(keys=keys, args=args)
+        if result == -1:
+            raise StreamNotFound("no such stream (unknown or expired)")
+        return bool(result > 0)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def _fetch_range(self, stream_id: str, after: int, limit: int) -> _Range:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xrange(self._stream(stream_id), min=f"0-{after + 1}", max="+", count=limit)
+        pipe.hmget(self._meta(stream_id), "finished", "state", "last_seq")
+        with _unavailable():
+            entries, (finished, state, last_seq) = await pipe.execute()
+        if finished is None:
+            raise StreamNotFound("no such stream (unknown or expired)")
+        frames = [fields[b"f"] for _, fields in entries]
+        if finished != b"1":
+            return _Range(frames, False, None, int(last_seq))
+        return _Range(frames, True, state.decode(), int(last_seq))
+
+    async def _range(self, stream_id: str, after: int, limit: int) -> ReadResult:
+        return (await self._fetch_range(stream_id, after, limit)).cut(after, after, limit)
+
+    async def read(
+        self, stream_id: str, after: int, timeout: float, limit: int = 2048
+    ) -> ReadResult:
+        after = max(0, after)
+        if timeout <= 0:
+            return await self._range(stream_id, after, limit)
+        notifier = self._notifier
+        channel = self._channel(stream_id)
+        deadline = time.monotonic() + timeout
+        fut: asyncio.Future[ReadResult | None] | None = None
+        try:
+            if notifier.confirmed(channel):
+                # The usual case while tailing: this process's readers of the stream
+                # share one XRANGE per batch (or wait for the next announcement).
+                fut = notifier.register(channel, stream_id, after, limit)
+                notifier.kick(channel, after)
+            else:
+                result = await self._range(stream_id, after, limit)
+                if result.frames or result.finished:
+                    return result
+                fut = notifier.register(channel, stream_id, after, limit)
+                if not await notifier.until_confirmed(channel, timeout):
+                    return await self._range(stream_id, after, limit)
+                # Subscribed only now: something may have been appended meanwhile.
+                notifier.kick(channel, after, force=True)
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        delivered = await fut
+                        if delivered is not None:
+                            return delivered
+            # Timed out (or told to re-check): a notification may have been lost.
+            return await self._range(stream_id, after, limit)
+        finally:
+            if fut is not None:
+                notifier.unregister(channel, fut)
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        with _unavailable():
+            data = await self._redis.hgetall(self._meta(stream_id))
+        if not data:
+            return None
+        finished = data.get(b"finished") == b"1"
+        return StreamInfo(
+            stream_id,
+            orjson.loads(data.get(b"meta", b"{}")),
+            finished,
+            data.get(b"state", b"").decode() or None if finished else None,
+            int(data.get(b"last_seq", 0)),
+        )
+
+    # -- cluster: cancel and leases ------------------------------------------------------
+
+    async def request_cancel(self, stream_id: str) -> None:
+        with _unavailable():
+            await self._redis.publish(self._cancel_channel, stream_id)
+
+    async def cancel_requests(self) -> AsyncIterator[str]:
+        """Runs until closed; raises ServiceUnavailable when Redis goes away (retry it)."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            with _unavailable():
+                await pubsub.subscribe(self._cancel_channel)
+            while True:
+                with _unavailable():
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                if msg is not None and msg["type"] == "message":
+                    yield msg["data"].decode()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def hold(self, stream_ids: Collection[str]) -> None:
+        if not stream_ids:
+            return
+        keys: list[str] = []
+        for sid in stream_ids:
+            keys += (self._lease(sid), self._meta(sid), self._stream(sid))
+        with _unavailable():
+            await self._hold(keys=keys, args=[self.instance_id, self._lease_ms, self._live_ms])
+
+    async def owner_alive(self, stream_id: str) -> bool:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(self._meta(stream_id), "finished")
+        pipe.exists(self._lease(stream_id))
+        with _unavailable():
+            finished, leased = await pipe.execute()
+        return not (finished == b"0" and not leased)
+
+    async def aclose(self) -> None:
+        await self._notifier.aclose()
+        with contextlib.suppress(Exception):
+            await self._redis.aclose(close_connection_pool=True)

@@ -1,0 +1,154 @@
+"""Fixtures of the journal contract suite: one parameter per backend.
+
+``make_journal(**limits)`` builds journals of the backend under test. With Redis every
+journal of one test shares a random key prefix on the shared server (127.0.0.1:6379), so
+two journal objects behave like two instances; the keys are deleted afterwards (SCAN +
+DEL of that prefix only, never FLUSHDB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tokenrelay.journal.base import Journal, JournalLimits, open_journal
+from tokenrelay.journal.memory import MemoryJournal
+from tokenrelay.journal.redis import RedisJournal
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+MakeJournal = Callable[..., Journal]
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    """Delete this test's keys, and only them."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_journal(request: pytest.FixtureRequest) -> AsyncIterator[MakeJournal]:
+    backend: str = request.param
+    prefix = f"trtest:{secrets.token_hex(6)}:"
+    built: list[Journal] = []
+    memory: dict[JournalLimits, MemoryJournal] = {}
+
+    def make(*, lease_s: float = 5.0, **limits: Any) -> Journal:
+        journal_limits = JournalLimits(**limits)
+        if backend == "memory":
+            # One process shares one in-memory journal: "two instances" are the same object.
+            if journal_limits not in memory:
+                memory[journal_limits] = MemoryJournal(journal_limits)
+                built.append(memory[journal_limits])
+            return memory[journal_limits]
+        journal = open_journal(SHARED_REDIS, journal_limits, prefix=prefix, lease_s=lease_s)
+        built.append(journal)
+        return journal
+
+    yield make
+    for journal in built:
+        await journal.aclose()
+    if backend == "redis":
+        await delete_prefix(SHARED_REDIS, prefix)
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    """Poll a condition (sync or async) until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def waiting(journal: Journal, stream_id: str, readers: int = 1) -> bool:
+    """True once ``readers`` readers of ``stream_id`` are parked (white-box, per backend)."""
+    if isinstance(journal, MemoryJournal):
+        stream = journal._streams.get(stream_id)
+        return stream is not None and len(stream.waiters) >= readers
+    assert isinstance(journal, RedisJournal)
+    channel = journal._notifier._channels.get(journal._channel(stream_id))
+    return (
+        channel is not None
+        and channel.confirmed.done()
+        and channel.fetching is None
+        and len(channel.waiters) >= readers
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server on its own port, which a test may stop and restart."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,522 @@
+"""Several real ``tokenrelay serve`` processes sharing Redis and PostgreSQL, and nginx.
+
+The module starts two instances (A and B) as subprocesses on free loopback ports, with a
+random Redis key prefix and a private PostgreSQL database, in front of a simulator that
+runs in the tests' event loop (one loop for the module), so a test can see when an
+upstream request ends. The kill test starts a third instance to kill. Instances
+heartbeat every 0.5 s and hold 1 s leases, so a dead instance is noticed within about a
+second. The nginx tests run ``deploy/nginx.conf`` itself, ports and paths rewritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from support.client import chat_body, read_stream
+from support.gateway import serve_app
+from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENRELAY = Path(sys.executable).with_name("tokenrelay")
+NGINX = "/usr/sbin/nginx"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "test"}
+LEASE_S = 1.0
+HEARTBEAT_S = 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(**PG_ADMIN, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+# One worker runs the whole module (make test: -n 2 --dist loadgroup), so the instances
+# start once.
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("cluster")]
+module_fixture = pytest_asyncio.fixture(scope="module", loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    """A private PostgreSQL database for this module, dropped at the end."""
+    name = f"tokenrelay_cluster_{secrets.token_hex(6)}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@module_fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A random key prefix on the shared Redis; its keys (only) are deleted afterwards."""
+    prefix = f"trcluster:{secrets.token_hex(6)}:"
+    yield prefix
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@module_fixture
+async def sim() -> AsyncIterator[tuple[Simulator, str]]:
+    """The upstream of every instance; requests set their own pace (``"sim"`` field)."""
+    simulator = create_simulator(SimulatorConfig())
+    async with serve_app(simulator, lifespan="off") as url:
+        yield simulator, url + "/v1"
+
+
+@module_fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+@dataclass
+class Instance:
+    """One ``tokenrelay serve`` subprocess."""
+
+    name: str
+    port: int
+    proc: asyncio.subprocess.Process
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def kill(self) -> None:
+        """``kill -9``: no shutdown code runs."""
+        self.proc.kill()
+        await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 15)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class Launcher:
+    """Starts instances that share one Redis prefix, one database and one upstream."""
+
+    def __init__(self, env: dict[str, str], logs: Path, http: aiohttp.ClientSession) -> None:
+        self.env = env
+        self.logs = logs
+        self.http = http
+        self.started: list[Instance] = []
+
+    async def start(self, *names: str, **env: str) -> list[Instance]:
+        instances = []
+        for name in names:
+            port = free_port()
+            log = self.logs / f"{name}.log"
+            with log.open("wb") as out:
+                proc = await asyncio.create_subprocess_exec(
+                    str(TOKENRELAY),
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    env={
+                        **self.env,
+                        "TOKENRELAY_INSTANCE_ID": f"{name}-{secrets.token_hex(4)}",
+                        **env,
+                    },
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.logs,
+                )
+            instances.append(Instance(name, port, proc, log))
+        self.started += instances
+        await asyncio.gather(*(self._ready(i) for i in instances))
+        return instances
+
+    async def _ready(self, instance: Instance) -> None:
+        """Poll /healthz until the instance answers (bounded)."""
+        for _ in range(1200):
+            if instance.proc.returncode is not None:
+                raise RuntimeError(f"{instance.name} exited:\n{instance.log.read_text()[-3000:]}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with self.http.get(instance.url + "/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{instance.name} did not start:\n{instance.log.read_text()[-3000:]}")
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(i.stop() for i in self.started))
+
+
+@module_fixture
+async def launcher(
+    sim: tuple[Simulator, str],
+    pg_database: str,
+    redis_prefix: str,
+    client: aiohttp.ClientSession,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Launcher]:
+    _, upstream = sim
+    env = {
+        **os.environ,
+        "TOKENRELAY_UPSTREAM_URL": upstream,
+        "TOKENRELAY_REDIS_URL": REDIS_URL,
+        "TOKENRELAY_REDIS_PREFIX": redis_prefix,
+        "TOKENRELAY_LEASE_S": str(LEASE_S),
+        "TOKENRELAY_DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{pg_database}",
+        "TOKENRELAY_HEARTBEAT_S": str(HEARTBEAT_S),
+        "TOKENRELAY_CHECKPOINT_S": "0.2",
+        "TOKENRELAY_GRACE_S": "30",
+        "TOKENRELAY_LOG_LEVEL": "warning",
+    }
+    launch = Launcher(env, tmp_path_factory.mktemp("cluster"), client)
+    try:
+        yield launch
+    finally:
+        await launch.aclose()
+
+
+@module_fixture
+async def cluster(launcher: Launcher) -> tuple[Instance, Instance]:
+    """Instances A and B, for the whole module."""
+    a, b = await launcher.start("A", "B")
+    return a, b
+
+
+async def start_chat(
+    http: aiohttp.ClientSession, base_url: str, *, tokens: int, tokens_per_s: float, **sim: Any
+) -> aiohttp.ClientResponse:
+    body = chat_body("Explain server-sent events", model="sim-chat")
+    body["sim"] = {"tokens": tokens, "tokens_per_s": tokens_per_s, **sim}
+    resp = await http.post(base_url + "/api/chat", json=body)
+    assert resp.status == 200, await resp.text()
+    return resp
+
+
+async def stored_answer(
+    http: aiohttp.ClientSession, base_url: str, conversation_id: str
+) -> dict[str, Any]:
+    async with http.get(f"{base_url}/api/conversations/{conversation_id}") as got:
+        assert got.status == 200, await got.text()
+        answer: dict[str, Any] = (await got.json())["messages"][-1]
+    assert answer["role"] == "assistant"
+    return answer
+
+
+async def test_resume_on_another_instance_gives_the_exact_text(
+    cluster: tuple[Instance, Instance], client: aiohttp.ClientSession
+) -> None:
+    a, b = cluster
+    resp = await start_chat(client, a.url, tokens=60, tokens_per_s=60)
+    stream_id = resp.headers["x-stream-id"]
+    first = await read_stream(resp, stop_after=6)  # start + 5 text events, then "reload"
+    resp.close()
+    assert first.events[0].event == "start"
+    assert first.text and not first.terminal
+
+    async with client.get(
+        f"{b.url}/api/streams/{stream_id}/events",
+        headers={"Last-Event-ID": str(first.last_id)},
+    ) as resumed:
+        assert resumed.status == 200
+        rest = await read_stream(resumed)
+    assert [t.event for t in rest.terminal] == ["done"]
+    ids = [e.id for e in first.events + rest.events]
+    assert ids == list(range(1, len(ids) + 1))  # exactly once, in order
+
+    # The whole answer, replayed from the journal through A, is the same text.
+    async with client.get(f"{a.url}/api/streams/{stream_id}/events") as replay:
+        whole = await read_stream(replay)
+    assert first.text + rest.text == whole.text
+    assert len(whole.text) > len(first.text) > 0
+
+    # Stored once, complete, in the shared database (read through B).
+    answer = await stored_answer(client, b.url, whole.events[0].data["conversation_id"])
+    assert (answer["state"], answer["content"]) == ("complete", whole.text)
+
+
+async def test_cancel_from_another_instance_stops_the_upstream(
+    cluster: tuple[Instance, Instance],
+    client: aiohttp.ClientSession,
+    sim: tuple[Simulator, str],
+) -> None:
+    simulator, _ = sim
+    a, b = cluster
+    disconnected = simulator.stats.disconnected
+    resp = await start_chat(client, a.url, tokens=5000, tokens_per_s=50)  # 100 s unless stopped
+    stream_id = resp.headers["x-stream-id"]
+    head = await read_stream(resp, stop_after=3)
+    assert head.text
+
+    async with client.post(f"{b.url}/api/streams/{stream_id}/cancel") as cancelled:
+        assert cancelled.status == 202
+        assert (await cancelled.json())["cancelled"] is True
+    tail = await asyncio.wait_for(read_stream(resp), 20)
+    resp.close()
+    assert [t.event for t in tail.terminal] == ["done"]
+    assert tail.terminal[0].data["state"] == "cancelled"
+    # A aborted its upstream request: the simulator saw its client go away.
+    await asyncio.wait_for(simulator.wait_for("disconnected", disconnected + 1), 20)
+
+
+async def test_killed_instance_ends_followers_elsewhere_as_interrupted(
+    cluster: tuple[Instance, Instance], launcher: Launcher, client: aiohttp.ClientSession
+) -> None:
+    _, b = cluster
+    (victim,) = await launcher.start("C")
+    resp = await start_chat(client, victim.url, tokens=5000, tokens_per_s=50)
+    stream_id = resp.headers["x-stream-id"]
+    head = await read_stream(resp, stop_after=1)
+    conversation_id = head.events[0].data["conversation_id"]
+
+    async with client.get(f"{b.url}/api/streams/{stream_id}/events") as follower:
+        seen = await read_stream(follower, stop_after=10)
+        assert seen.text
+        # Wait for a checkpoint with some text, then kill the owner without warning.
+        for _ in range(400):
+            if (await stored_answer(client, b.url, conversation_id))["content"]:
+                break
+            await asyncio.sleep(0.05)
+        await victim.kill()
+        rest = await asyncio.wait_for(read_stream(follower), 10 * LEASE_S)
+    resp.close()
+    assert [t.event for t in rest.terminal] == ["error"]
+    error = rest.terminal[0].data
+    assert (error["error"]["code"], error["state"]) == ("interrupted", "interrupted")
+    received = seen.text + rest.text
+
+    # The partial answer is in the database, marked interrupted by the instance that
+    # ended the stream: a prefix of what was relayed (checkpoints trail by at most
+    # TOKENRELAY_CHECKPOINT_S).
+    # (The mark follows the terminal frame, so the follower may see the frame first.)
+    for _ in range(200):
+        answer = await stored_answer(client, b.url, conversation_id)
+        if answer["state"] != "streaming":
+            break
+        await asyncio.sleep(0.05)
+    assert answer["state"] == "interrupted"
+    assert answer["content"]
+    assert received.startswith(answer["content"])
+
+
+async def start_redis(port: int) -> asyncio.subprocess.Process:
+    """A private, empty redis-server on ``port`` (never the shared one: the test stops it)."""
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ping = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        for _ in range(200):
+            with contextlib.suppress(aioredis.ConnectionError):
+                if await ping.ping():
+                    return proc
+            await asyncio.sleep(0.02)
+    finally:
+        await ping.aclose()
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+async def stop_redis(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_redis_down_gives_503_then_recovers(
+    launcher: Launcher, client: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    redis_proc = await start_redis(port)
+    try:
+        (instance,) = await launcher.start(
+            "D", TOKENRELAY_REDIS_URL=url, TOKENRELAY_LEASE_S="1"
+        )
+        resp = await start_chat(client, instance.url, tokens=3, tokens_per_s=100)
+        assert [t.event for t in (await read_stream(resp)).terminal] == ["done"]
+        resp.close()
+
+        await stop_redis(redis_proc)
+        body = chat_body("Are you there?")
+        async with client.post(instance.url + "/api/chat", json=body) as refused:
+            assert refused.status == 503
+            error = (await refused.json())["error"]
+        assert (error["code"], error["retryable"]) == ("service_unavailable", True)
+
+        redis_proc = await start_redis(port)  # empty: nothing was saved
+        for _ in range(200):
+            resp = await client.post(instance.url + "/api/chat", json=body)
+            if resp.status == 200:
+                break
+            resp.close()
+            await asyncio.sleep(0.05)
+        stream = await read_stream(resp)
+        resp.close()
+        assert [t.event for t in stream.terminal] == ["done"]
+        assert stream.text
+        await instance.stop()
+    finally:
+        await stop_redis(redis_proc)
+
+
+# -- nginx in front of two instances ---------------------------------------------------------
+
+TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def nginx_config(template: str, *, port: int, upstreams: list[int], prefix: Path) -> str:
+    """``deploy/nginx.conf`` with test ports, a 2 s read timeout, and paths under ``prefix``."""
+    servers = "".join(f"        server 127.0.0.1:{p};\n" for p in upstreams)
+    conf, n = re.subn(
+        r"(upstream tokenrelay \{\n)(.*?)(\s*keepalive)",
+        lambda m: m.group(1) + "        least_conn;\n" + servers + m.group(3),
+        template,
+        flags=re.S,
+    )
+    assert n == 1
+    conf, n = re.subn(r"listen 80;", f"listen 127.0.0.1:{port};", conf)
+    assert n == 1
+    conf, n = re.subn(r"proxy_read_timeout \d+s;", "proxy_read_timeout 2s;", conf)
+    assert n == 1
+    conf = conf.replace("worker_processes auto;", "worker_processes 1;")
+    head = f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\ndaemon off;\n"
+    paths = "".join(f"    {kind}_temp_path {prefix}/{kind};\n" for kind in TEMP_KINDS)
+    paths += f"    access_log {prefix}/access.log;\n"
+    return head + conf.replace("http {\n", "http {\n" + paths, 1)
+
+
+def write_nginx_prefix(prefix: Path, conf: str) -> Path:
+    prefix.chmod(0o755)
+    for kind in TEMP_KINDS:
+        (prefix / kind).mkdir()
+        (prefix / kind).chmod(0o777)  # workers may run as another user than the master
+    path = prefix / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def nginx(
+    cluster: tuple[Instance, Instance], client: aiohttp.ClientSession
+) -> AsyncIterator[str]:
+    """nginx on a free loopback port in front of A and B; yields its base URL."""
+    with tempfile.TemporaryDirectory(prefix="tokenrelay-nginx-") as tmp:
+        port = free_port()
+        template = (ROOT / "deploy" / "nginx.conf").read_text()
+        conf = nginx_config(
+            template, port=port, upstreams=[i.port for i in cluster], prefix=Path(tmp)
+        )
+        path = write_nginx_prefix(Path(tmp), conf)
+        proc = await asyncio.create_subprocess_exec(
+            NGINX,
+            "-p",
+            tmp,
+            "-c",
+            str(path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(200):
+                if proc.returncode is not None:
+                    assert proc.stderr is not None
+                    raise RuntimeError(f"nginx exited: {(await proc.stderr.read()).decode()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with client.get(base_url + "/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError("nginx did not answer")
+            yield base_url
+        finally:
+            proc.terminate()  # fast shutdown: the tests have closed their streams
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_nginx_relays_tokens_as_they_arrive(
+    nginx: str, cluster: tuple[Instance, Instance], client: aiohttp.ClientSession
+) -> None:
+    _, b = cluster
+    resp = await start_chat(client, nginx, tokens=40, tokens_per_s=20)
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert "content-encoding" not in resp.headers
+    stream_id = resp.headers["x-stream-id"]
+    chunks: list[bytes] = []
+    finished_at_first_text: bool | None = None
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        if finished_at_first_text is None and b'"content"' in chunk:
+            async with client.get(f"{b.url}/api/streams/{stream_id}") as info:
+                finished_at_first_text = (await info.json())["finished"]
+        if b"event: done" in chunk:
+            break
+    resp.close()
+    # The first text reached the client while the answer was still being generated...
+    assert finished_at_first_text is False
+    # ...and the text came in many separate reads, not in one block at the end.
+    assert sum(1 for c in chunks if b'"content"' in c) >= 5
+    assert b"event: done" in b"".join(chunks)
+
+
+async def test_nginx_keeps_a_slow_first_token_alive_with_heartbeats(
+    nginx: str, client: aiohttp.ClientSession
+) -> None:
+    # A silent upstream for 4 s: twice nginx's proxy_read_timeout (2 s) in this test.
+    resp = await start_chat(client, nginx, tokens=5, tokens_per_s=50, first_token_delay_s=4.0)
+    stream = await asyncio.wait_for(read_stream(resp), 30)
+    resp.close()
+    assert [t.event for t in stream.terminal] == ["done"]
+    assert stream.terminal[0].data["state"] == "complete"
+    assert stream.text
+    assert stream.raw.count(b": heartbeat") >= 4  # 0.5 s heartbeats over a 4 s silence
