@@ -8,7 +8,7 @@ TokenRelayError (.code, .status, .retryable)
     UpstreamConnectError                          connect refused / reset before a response
     UpstreamTimeout (.phase)                      connect, first_token, idle or total budget spent
     UpstreamStatusError (.status)                 non-2xx answer (429, 5xx, 4xx)
-    UpstreamProtocolError                         corrupt chunk, in-stream error object
+    UpstreamProtocolError                         a corrupt or malformed chunk
     UpstreamIncomplete                            the stream ended without [DONE]
   StreamError
     StreamNotFound                                -> 404 (unknown, expired or not yours)

@@ -320,6 +320,7 @@ class UpstreamCall:
                     read_bufsize=_READ_SIZE,
                 )
         watchdog = _Watchdog(loop, first_deadline, "first_token", resp.close)
+        complete = False
         try:
             if resp.status != 200:
                 with _map_errors("first_token", budget):
@@ -363,7 +364,7 @@ class UpstreamCall:
                     watchdog.deadline = min(loop.time() + idle, total_deadline)
                     if watchdog.deadline == total_deadline:
                         watchdog.phase = "total"
-                    self.content_chunks = getattr(chunks, "content_chunks", 0)
+                    self.content_chunks = chunks.content_chunks
                     if out:
                         yield out
                     if failure is not None:
@@ -375,6 +376,7 @@ class UpstreamCall:
                 if watchdog.expired:
                     raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase))
                 chunks.finish()
+                complete = True
             except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
                 if watchdog.expired:
                     raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
@@ -386,9 +388,11 @@ class UpstreamCall:
                 raise
         finally:
             watchdog.cancel()
-            # Closing (not releasing) the response drops the connection, so an upstream that
-            # was cut off mid-answer (Stop, timeout, error) sees it closed and stops billing.
-            if not resp.closed:
+            if complete:
+                resp.release()  # body read to the end: keep the connection for the next answer
+            elif not resp.closed:
+                # Closing (not releasing) drops the connection, so an upstream cut off
+                # mid-answer (Stop, timeout, error) sees it closed and stops billing.
                 resp.close()
 
 
