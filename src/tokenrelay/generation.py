@@ -10,8 +10,9 @@ stream with exactly one terminal frame:
 * ``error`` with state ``error`` (upstream failure, journal bound) or ``interrupted``
   (the process is shutting down).
 
-Cancelling is ``Generation.cancel(reason)``: it cancels the inner relay task, which exits
-the upstream response context and closes the upstream connection, so the provider stops.
+Cancelling is ``Generation.cancel(reason)``: it cancels the generation's task while it
+relays, which exits the upstream response and closes the connection, so the provider
+stops; ``run()`` absorbs that one cancellation (``Task.uncancel``) and writes the end.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class Generation:
         self.last_token_at: float | None = None
         self.cancel_reason: str | None = None
         self.task: asyncio.Task[None] | None = None
-        self._relay: asyncio.Task[None] | None = None
+        self._relaying = False  # the upstream relay is running in self.task
+        self._finishing = False  # past the point where cancel() can change anything
+        self.content_chunks = 0
         self._dirty = False
         self.error: TokenRelayError | None = None
         self.finished = asyncio.Event()
@@ -110,13 +113,14 @@ class Generation:
 
     def cancel(self, reason: str = CANCEL_USER) -> bool:
         """Ask the generation to stop; False if it had already finished."""
-        if self.finished.is_set() or self.cancel_reason is not None:
+        if self.finished.is_set() or self.cancel_reason is not None or self._finishing:
             return False
         self.cancel_reason = reason
-        # Only the inner relay task is cancelled: the outer task must live on to write the
-        # terminal frame (run() checks cancel_reason before it starts the relay).
-        if self._relay is not None:
-            self._relay.cancel()
+        # Cancelling the task exits the upstream response, which closes the connection;
+        # run() absorbs exactly this cancellation and goes on to write the terminal frame.
+        # Before the relay starts there is nothing to interrupt: run() checks the reason.
+        if self._relaying and self.task is not None:
+            self.task.cancel()
         return True
 
     async def run(self) -> None:
@@ -125,15 +129,16 @@ class Generation:
             checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
         error: TokenRelayError | None = None
         try:
-            self._relay = asyncio.get_running_loop().create_task(self._relay_upstream())
-            if self.cancel_reason is not None:
-                self._relay.cancel()
-            try:
-                await self._relay
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
+            if self.cancel_reason is None:
+                self._relaying = True
+                try:
+                    await self._relay_upstream()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self.cancel_reason is None or task is None or task.uncancel() > 0:
+                        raise  # not our own cancel(): e.g. the event loop is shutting down
+                finally:
+                    self._relaying = False
             if self.cancel_reason is not None and self.state == ev.STREAMING:
                 self.state = (
                     ev.INTERRUPTED if self.cancel_reason == CANCEL_SHUTDOWN else ev.CANCELLED
@@ -144,12 +149,12 @@ class Generation:
         except asyncio.CancelledError:
             self.state = ev.INTERRUPTED
             raise
-        except Exception as exc:  # a bug must still end the stream for its readers
+        except Exception:  # a bug must still end the stream for its readers
             log.exception("generation %s failed", self.stream_id[:8])
             error = TokenRelayError("internal error while streaming the answer")
             self.state = ev.FAILED
-            del exc
         finally:
+            self._finishing = True
             if checkpointer is not None:
                 checkpointer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -159,8 +164,10 @@ class Generation:
     async def _relay_upstream(self) -> None:
         call = self.upstream.call(self.route, self.body, on_retry=self._on_retry)
         try:
-            async for batch in call.events():
-                await self._append_batch(batch)
+            # aclosing: however the loop ends (cancel included), the upstream response closes.
+            async with contextlib.aclosing(call.events()) as batches:
+                async for batch in batches:
+                    await self._append_batch(batch)
             self.state = ev.COMPLETE
         finally:
             self.model_used = call.route_used.name
@@ -255,9 +262,8 @@ class Generation:
     def completion_tokens(self) -> int:
         if self.usage is not None:
             return self.usage.completion_tokens
-        chunks = getattr(self, "content_chunks", 0)
-        if chunks:
-            return int(chunks)
+        if self.content_chunks:
+            return self.content_chunks
         chars = sum(len(t) for t in self.text) + sum(len(t) for t in self.reasoning)
         return max(1, round(chars / 4)) if chars else 0
 
