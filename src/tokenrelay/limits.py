@@ -244,7 +244,7 @@ class RedisLimiter(Limiter):
         super().__init__(limits)
         import redis.asyncio as redis
 
-        self._redis = redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        self._redis = redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
         self.prefix = prefix + "rl:"
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._finish_script = self._redis.register_script(_FINISH)

@@ -1,23 +1,21 @@
 """The subscriber: an ASGI response that replays a stream's journal and then tails it.
 
-Two tasks race for each response, and the first to finish cancels the other:
-
-* the **send loop** reads frames after ``after`` from the journal and writes them (all that
-  is pending in one write, so a subscriber that fell behind catches up in big writes);
-  when nothing arrives for ``heartbeat_s`` it writes a ``: heartbeat`` comment; each write
-  has a ``send_timeout_s`` deadline, so a client that stopped reading is dropped instead
-  of holding memory; in a cluster it also notices a dead owner and ends the stream with
-  ``error``/``interrupted``;
-* the **disconnect listener** waits for ``http.disconnect``.
+The response's own task runs the **send loop**: it reads frames after ``after`` from the
+journal and writes them (all that is pending in one write, so a subscriber that fell behind
+catches up in big writes); when nothing arrives for ``heartbeat_s`` it writes a
+``: heartbeat`` comment; a write stuck for ``send_timeout_s`` drops the client instead of
+holding memory; in a cluster it also notices a dead owner and ends the stream with
+``error``/``interrupted``. One small **listener** task waits for ``http.disconnect`` and
+cancels the send loop, which absorbs that one cancellation (``Task.uncancel``).
 
 The generation never waits for a subscriber: a subscriber is only an index into the
-journal. ``ARCHITECTURE.md`` draws the timelines.
-"""
+journal. ``ARCHITECTURE.md`` draws the timelines."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +23,8 @@ from typing import Any
 from tokenrelay import events as ev
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.hub import Hub
+
+log = logging.getLogger("tokenrelay.subscriber")
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -57,21 +57,28 @@ class SubscriberResponse:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         async with self.hub.subscribed(self.stream_id):
             loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
             deadline = _SendDeadline(loop, self.hub.settings.send_timeout_s)
-            sender = deadline.task = loop.create_task(self._send_loop(send, deadline))
-            listener = loop.create_task(_wait_disconnect(receive))
+            deadline.task = task
+            listener = _Listener(task)
+            listening = loop.create_task(listener.run(receive))
             completed = False
             try:
-                await asyncio.wait((sender, listener), return_when=asyncio.FIRST_COMPLETED)
-                completed = sender.done() and not listener.done() and sender.exception() is None
+                await self._send_loop(send, deadline)
+                completed = True
+            except asyncio.CancelledError:
+                if not listener.gone or task.uncancel() > 0:
+                    raise
+            except (TimeoutError, OSError, TokenRelayError) as exc:
+                # A client that stopped reading, a broken socket, or a stream that expired.
+                log.debug("subscriber of %s ended: %s", self.stream_id[:8], type(exc).__name__)
             finally:
+                listener.armed = False  # from here on a disconnect cancels nothing
                 deadline.close()
-                for task in (sender, listener):
-                    task.cancel()
-                for task in (sender, listener):
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-            if completed:
+                listening.cancel()
+                await asyncio.wait((listening,))
+            if completed and not listener.gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_loop(self, send: Any, deadline: _SendDeadline) -> None:
@@ -170,11 +177,28 @@ class _SendDeadline:
             self._handle = None
 
 
-async def _wait_disconnect(receive: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+class _Listener:
+    """Waits for ``http.disconnect`` and cancels the send loop while it is armed.
+
+    Disarmed synchronously once the send loop has returned, so its cancellation can only
+    ever land inside the send loop, where it is absorbed.
+    """
+
+    __slots__ = ("armed", "gone", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.armed = True
+        self.gone = False
+
+    async def run(self, receive: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                if self.armed:
+                    self.task.cancel()
+                return
 
 
 async def _end_interrupted(hub: Hub, stream_id: str) -> None:

@@ -25,6 +25,8 @@ from tokenrelay.routes.common import JSONResponse, owner_of
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import read_json_body, validate_chat
 
+_CLIENT_ERRORS = frozenset({400, 404, 413, 422})
+
 
 def _chunk(base: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> bytes:
     body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -132,8 +134,13 @@ async def _disconnected(request: Request) -> None:
 def _completion(gen: Any, completion_id: str, created: int, model: str) -> JSONResponse:
     if gen.state not in (ev.COMPLETE, ev.CANCELLED):
         error = gen.error or TokenRelayError("the answer failed")
+        status = error.status if error.status >= 400 else 502
+        # The upstream refused the request itself (bad parameter, unknown model): the
+        # client's to fix, so a 4xx as OpenAI would answer; its key or health is ours (502).
+        if getattr(error, "upstream_status", None) in _CLIENT_ERRORS:
+            status = error.upstream_status  # type: ignore[attr-defined]
         return JSONResponse({"error": {**error.to_dict(), "type": "upstream_error"}},
-                            status_code=error.status if error.status >= 400 else 502)
+                            status_code=status)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(gen.text)}
     if gen.reasoning:
         message["reasoning_content"] = "".join(gen.reasoning)
