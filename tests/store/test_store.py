@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokenrelay.config import Settings
 from tokenrelay.errors import BadRequest, ConfigError, ServiceUnavailable, TokenRelayError
 from tokenrelay.routes.conversations import routes
 from tokenrelay.store import AssistantResult, open_store
@@ -414,6 +415,7 @@ async def client(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, SQLSt
     await sqlite.start()
     app = Starlette(routes=routes, exception_handlers={TokenRelayError: render_error})
     app.state.store = sqlite
+    app.state.settings = Settings()
     transport = httpx.ASGITransport(app=OwnerFromHeader(app))
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
@@ -485,7 +487,8 @@ async def test_routes_rename_validation(
     cid = await store.ensure_conversation("local", None, "keep")
     response = await http.patch(f"/api/conversations/{cid}", content=body)
     assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_request"
+    expected = "invalid_json" if body == b"not json" else "invalid_request"
+    assert response.json()["error"]["code"] == expected
     found = await store.get_conversation("local", cid)
     assert found is not None and found["title"] == "keep"
 

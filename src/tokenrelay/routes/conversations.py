@@ -8,9 +8,6 @@ handler as ``{"error": {"code", "message", "retryable"}}``.
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -18,10 +15,10 @@ from starlette.routing import BaseRoute, Route
 from tokenrelay.errors import BadRequest
 from tokenrelay.routes.common import JSONResponse, owner_of
 from tokenrelay.store.base import Store
+from tokenrelay.validation import read_json_body
 
 LIST_LIMIT_MAX = 200
 TITLE_MAX = 200
-MAX_PATCH_BYTES = 16_384
 
 
 def _store(request: Request) -> Store:
@@ -62,13 +59,7 @@ async def get_conversation(request: Request) -> Response:
 
 
 async def _title_from(request: Request) -> str:
-    body = await request.body()
-    if len(body) > MAX_PATCH_BYTES:
-        raise BadRequest("request body too large", code="body_too_large", status=413)
-    try:
-        data: Any = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest("body must be a JSON object") from None
+    data = await read_json_body(request, request.app.state.settings.limits)
     title = data.get("title") if isinstance(data, dict) else None
     if not isinstance(title, str) or not 1 <= len(title.strip()) <= TITLE_MAX:
         raise BadRequest(f"title must be a string of 1 to {TITLE_MAX} characters")
