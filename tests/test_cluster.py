@@ -15,12 +15,9 @@ import contextlib
 import os
 import re
 import secrets
-import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +29,15 @@ import redis.asyncio as aioredis
 
 from support.client import chat_body, read_stream
 from support.gateway import serve_app
+from support.processes import Instance, Launcher, free_port
 from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENRELAY = Path(sys.executable).with_name("tokenrelay")
 NGINX = "/usr/sbin/nginx"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "test"}
 LEASE_S = 1.0
 HEARTBEAT_S = 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _admin(sql: str) -> None:
@@ -100,86 +91,6 @@ async def sim() -> AsyncIterator[tuple[Simulator, str]]:
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         yield session
-
-
-@dataclass
-class Instance:
-    """One ``tokenrelay serve`` subprocess."""
-
-    name: str
-    port: int
-    proc: asyncio.subprocess.Process
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def kill(self) -> None:
-        """``kill -9``: no shutdown code runs."""
-        self.proc.kill()
-        await self.proc.wait()
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 15)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
-class Launcher:
-    """Starts instances that share one Redis prefix, one database and one upstream."""
-
-    def __init__(self, env: dict[str, str], logs: Path, http: aiohttp.ClientSession) -> None:
-        self.env = env
-        self.logs = logs
-        self.http = http
-        self.started: list[Instance] = []
-
-    async def start(self, *names: str, **env: str) -> list[Instance]:
-        instances = []
-        for name in names:
-            port = free_port()
-            log = self.logs / f"{name}.log"
-            with log.open("wb") as out:
-                proc = await asyncio.create_subprocess_exec(
-                    str(TOKENRELAY),
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    env={
-                        **self.env,
-                        "TOKENRELAY_INSTANCE_ID": f"{name}-{secrets.token_hex(4)}",
-                        **env,
-                    },
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.logs,
-                )
-            instances.append(Instance(name, port, proc, log))
-        self.started += instances
-        await asyncio.gather(*(self._ready(i) for i in instances))
-        return instances
-
-    async def _ready(self, instance: Instance) -> None:
-        """Poll /healthz until the instance answers (bounded)."""
-        for _ in range(1200):
-            if instance.proc.returncode is not None:
-                raise RuntimeError(f"{instance.name} exited:\n{instance.log.read_text()[-3000:]}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with self.http.get(instance.url + "/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"{instance.name} did not start:\n{instance.log.read_text()[-3000:]}")
-
-    async def aclose(self) -> None:
-        await asyncio.gather(*(i.stop() for i in self.started))
 
 
 @module_fixture

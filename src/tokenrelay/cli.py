@@ -64,7 +64,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http="httptools",
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=getattr(settings, "drain_s", 10.0) or None,
         proxy_headers=True,
         # 10,000 idle SSE streams are normal for a relay: a burst of connects must not
         # overflow uvicorn's default accept queue of 2048 (the kernel caps it at somaxconn).
@@ -72,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.workers > 1:
         # Each worker process imports the factory and reads the same environment.
-        uvicorn.run("tokenrelay.app:create_app", factory=True, workers=args.workers, **kwargs)
+        uvicorn.run("tokenrelay.app:create_app", factory=True, workers=args.workers,
+                    timeout_graceful_shutdown=settings.drain_s, **kwargs)
     else:
         from tokenrelay.app import create_app
 
@@ -82,7 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                else ""),
             file=sys.stderr,
         )
-        uvicorn.run(create_app(settings), **kwargs)
+        from tokenrelay.server import serve
+
+        serve(create_app(settings), settings.drain_s, **kwargs)
     return 0
 
 

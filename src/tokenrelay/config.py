@@ -122,6 +122,7 @@ class Settings:
     default_model: str | None = None
     heartbeat_s: float = 15.0
     grace_s: float = 30.0
+    drain_s: float = 10.0  # on SIGTERM: how long running answers may finish
     send_timeout_s: float = 30.0  # a client that does not read for this long is dropped
     checkpoint_s: float = 1.0
     journal_url: str = "memory://"
@@ -159,6 +160,7 @@ class Settings:
 _ENV_FLOATS = {
     "TOKENRELAY_HEARTBEAT_S": "heartbeat_s",
     "TOKENRELAY_GRACE_S": "grace_s",
+    "TOKENRELAY_DRAIN_S": "drain_s",
     "TOKENRELAY_SEND_TIMEOUT_S": "send_timeout_s",
     "TOKENRELAY_CHECKPOINT_S": "checkpoint_s",
     "TOKENRELAY_SIMULATOR_SPEED": "simulator_speed",

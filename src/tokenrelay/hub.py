@@ -74,6 +74,16 @@ class Hub:
         if self.journal.distributed:
             self._background.append(loop.create_task(self._renew_leases()))
 
+    def begin_drain(self, drain_s: float) -> None:
+        """Refuse new streams from now on; end the running ones after ``drain_s``."""
+        self.draining = True
+        log.info("draining: %d stream(s) may finish within %g s", len(self.generations), drain_s)
+        asyncio.get_running_loop().call_later(drain_s, self._interrupt_all)
+
+    def _interrupt_all(self) -> None:
+        for gen in list(self.generations.values()):
+            gen.cancel(CANCEL_SHUTDOWN)
+
     async def shutdown(self, drain_s: float = 0.0) -> None:
         """Stop accepting streams, let running ones finish up to ``drain_s``, end the rest."""
         self.draining = True

@@ -1,0 +1,786 @@
+// The chat page: wiring between the composer, the message views, the current answer's run,
+// the history sidebar and the tab's session storage.
+//
+// Idle tabs hold no connection: a stream is read with fetch() only while an answer is
+// being generated, so many tabs never exhaust the browser's six connections per origin.
+// While an answer streams, a snapshot of the conversation (text + last seq, always
+// consistent) is kept in sessionStorage, so a reload re-attaches where it left off.
+
+import { Api, ApiError } from "./api.js";
+import { LocalHistory, newConversationId, openHistory } from "./history.js";
+import { Renderer } from "./markdown.js";
+import { AnswerRun, isFinal, newAnswer } from "./run.js";
+import { AssistantView, UserView } from "./views.js";
+
+const ACTIVE_KEY = "tokenrelay.active"; // sessionStorage: the answer in progress
+const CURRENT_KEY = "tokenrelay.current"; // sessionStorage: the open conversation
+const MODEL_KEY = "tokenrelay.model"; // localStorage: the last model picked
+const SNAPSHOT_EVERY_MS = 150;
+const MOBILE = "(max-width: 820px)";
+
+function titleFrom(text) {
+  const flat = text.split(/\s+/).join(" ").trim();
+  return flat.length > 60 ? flat.slice(0, 59) + "…" : flat || "New chat";
+}
+
+function session(key, value) {
+  try {
+    if (value === undefined) return JSON.parse(sessionStorage.getItem(key) || "null");
+    if (value === null) sessionStorage.removeItem(key);
+    else sessionStorage.setItem(key, JSON.stringify(value));
+  } catch {
+    // storage full or disabled: reload-resume is best effort
+  }
+  return null;
+}
+
+class App {
+  constructor() {
+    const $ = (id) => document.getElementById(id);
+    this.dom = {
+      app: $("app"), sidebar: $("sidebar"), scrim: $("scrim"), toggle: $("sidebar-toggle"),
+      newChat: $("new-chat"), topbarNew: $("topbar-new"), convList: $("conv-list"),
+      convEmpty: $("conv-empty"), historyMode: $("history-mode"), version: $("version"),
+      title: $("conv-title"), model: $("model"), messages: $("messages"), log: $("log"),
+      welcome: $("welcome"), form: $("composer"), input: $("input"), send: $("send"),
+      stop: $("stop"), simNote: $("sim-note"), announcer: $("announcer"),
+      keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"),
+    };
+    this.api = new Api(() => this.askForKey());
+    this.renderer = new Renderer();
+    this.history = new LocalHistory();
+    this.models = new Map();
+    this.conv = null; // {id, title, messages, created_at}
+    this.run = null; // the AnswerRun in progress (at most one per tab)
+    this.runConv = null; // the conversation that run belongs to
+    this.views = new WeakMap(); // message -> view, for the conversation on screen
+    this.heartbeatS = 15;
+    this.lastSnapshot = 0;
+    this.snapshotTimer = null;
+    this.ticker = null;
+    this.editing = null;
+    this.mobile = window.matchMedia(MOBILE);
+    this.ready = false;
+  }
+
+  async init() {
+    this.bindEvents();
+    let config = null;
+    try {
+      config = await this.api.config();
+    } catch (err) {
+      this.announce("Cannot reach the server.");
+    }
+    if (config) {
+      this.dom.version.textContent = config.version ? `v${config.version}` : "";
+      if (typeof config.heartbeat_s === "number" && config.heartbeat_s > 0) this.heartbeatS = config.heartbeat_s;
+      if (config.auth_required && !this.api.key) await this.askForKey();
+    }
+    // A gateway that says whether it keeps history spares us probing (and a logged 404).
+    const advertised = config && typeof config.history === "boolean" ? config.history : undefined;
+    await Promise.all([this.loadModels(), this.loadHistory(advertised)]);
+    await this.restore();
+    this.ready = true; // only now may the user send: restore() replaces what is on screen
+    this.updateComposer();
+    document.body.dataset.ready = "true";
+  }
+
+  // ------------------------------------------------------------------ setup
+
+  bindEvents() {
+    const d = this.dom;
+    d.form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.send();
+    });
+    d.input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        this.send();
+      }
+    });
+    d.input.addEventListener("input", () => this.updateComposer());
+    d.stop.addEventListener("click", () => {
+      this.stop();
+      d.input.focus();
+    });
+    d.newChat.addEventListener("click", () => this.newChat());
+    d.topbarNew.addEventListener("click", () => this.newChat());
+    d.toggle.addEventListener("click", () => this.toggleSidebar());
+    d.scrim.addEventListener("click", () => this.toggleSidebar(false));
+    d.model.addEventListener("change", () => {
+      try {
+        localStorage.setItem(MODEL_KEY, d.model.value);
+      } catch {
+        // ignore
+      }
+      this.updateSimNote();
+    });
+    for (const b of document.querySelectorAll(".suggestion")) {
+      b.addEventListener("click", () => {
+        d.input.value = b.textContent;
+        this.send();
+      });
+    }
+    d.log.addEventListener("click", (e) => this.onLogClick(e));
+    document.addEventListener("keydown", (e) => {
+      if (e.key !== "Escape" || e.defaultPrevented) return;
+      if (this.editing) return this.cancelEdit();
+      if (this.dom.app.classList.contains("sidebar-open")) return this.toggleSidebar(false);
+      if (this.run) {
+        e.preventDefault();
+        this.stop();
+      }
+    });
+    d.keyForm.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const value = d.keyInput.value.trim();
+      if (!value) return;
+      this.api.key = value;
+      d.keyDialog.close();
+      if (this.keyResolve) this.keyResolve();
+    });
+    window.addEventListener("pagehide", () => {
+      this.saveSnapshot();
+      if (this.run) this.run.close();
+    });
+    this.mobile.addEventListener("change", () => this.toggleSidebar(false));
+    this.toggleSidebar(false);
+    this.follow = true;
+    d.messages.addEventListener("scroll", () => {
+      this.follow = this.isNearBottom();
+    }, { passive: true });
+    window.addEventListener("pageshow", (e) => {
+      if (e.persisted && this.run) location.reload(); // back from bfcache: the run was closed
+    });
+  }
+
+  askForKey() {
+    const dialog = this.dom.keyDialog;
+    if (!dialog.open) {
+      this.dom.keyInput.value = "";
+      dialog.showModal();
+    }
+    return new Promise((resolve) => {
+      this.keyResolve = resolve;
+    });
+  }
+
+  async loadModels() {
+    const select = this.dom.model;
+    let data;
+    try {
+      data = await this.api.models();
+    } catch {
+      select.replaceChildren(new Option("No models available", ""));
+      return;
+    }
+    const models = (data && data.models) || [];
+    this.models = new Map(models.map((m) => [m.id, m]));
+    select.replaceChildren(...models.map((m) => {
+      const option = new Option(m.simulated ? `${m.id} (simulated)` : m.id, m.id);
+      if (m.description) option.title = m.description;
+      return option;
+    }));
+    let saved = null;
+    try {
+      saved = localStorage.getItem(MODEL_KEY);
+    } catch {
+      // ignore
+    }
+    select.value = saved && this.models.has(saved) ? saved : data.default || (models[0] && models[0].id) || "";
+    this.updateSimNote(); // the picker is enabled once init() is done (see updateComposer)
+  }
+
+  updateSimNote() {
+    const m = this.models.get(this.dom.model.value);
+    this.dom.simNote.hidden = !(m && m.simulated);
+  }
+
+  isSimulated(id) {
+    const m = this.models.get(id);
+    return Boolean(m && m.simulated);
+  }
+
+  async loadHistory(advertised) {
+    this.history = await openHistory(this.api, advertised);
+    this.dom.historyMode.textContent = this.history.server ? "Saved on the server" : "Saved in this browser";
+    await this.refreshList();
+  }
+
+  // ------------------------------------------------------------------ restore after reload
+
+  async restore() {
+    const snap = session(ACTIVE_KEY);
+    if (snap && snap.conv && Array.isArray(snap.conv.messages)) {
+      const conv = snap.conv;
+      const msg = conv.messages[conv.messages.length - 1];
+      if (msg && msg.role === "assistant" && !isFinal(msg.state)) {
+        this.show(conv);
+        this.startRun(msg, conv, null);
+        return;
+      }
+    }
+    session(ACTIVE_KEY, null);
+    const current = session(CURRENT_KEY);
+    if (current) {
+      let conv = null;
+      try {
+        conv = await this.history.get(current);
+      } catch {
+        conv = null;
+      }
+      if (conv) {
+        this.show(conv);
+        this.resumeStored(conv);
+        return;
+      }
+    }
+    this.show(null);
+  }
+
+  /** A stored conversation whose last answer is still in progress: follow it to its end. */
+  resumeStored(conv) {
+    const msg = conv.messages[conv.messages.length - 1];
+    if (!msg || msg.role !== "assistant" || isFinal(msg.state) || this.run) return;
+    if (!msg.stream_id) {
+      msg.state = "interrupted";
+      msg.error = { code: "lost", message: "This answer was interrupted before it started.", retryable: true };
+      this.views.get(msg)?.render();
+      return;
+    }
+    if (this.history.server) {
+      // The server's copy may be a checkpoint of unknown seq: replay the stream from its start.
+      Object.assign(msg, { content: "", reasoning: "", tool_calls: [], last_seq: 0, deltas: 0 });
+    }
+    this.startRun(msg, conv, null);
+  }
+
+  // ------------------------------------------------------------------ conversation on screen
+
+  show(conv) {
+    this.cancelEdit();
+    this.conv = conv;
+    this.views = new WeakMap();
+    session(CURRENT_KEY, conv && conv.id ? conv.id : null);
+    this.dom.title.textContent = conv ? conv.title : "New chat";
+    document.title = conv ? `${conv.title} · tokenrelay` : "tokenrelay";
+    const nodes = [];
+    if (conv) {
+      for (const msg of conv.messages) nodes.push(this.viewFor(msg).el);
+    }
+    this.dom.log.replaceChildren(...nodes);
+    for (const msg of conv ? conv.messages : []) {
+      const view = this.views.get(msg);
+      if (view instanceof AssistantView) view.render();
+    }
+    this.dom.welcome.hidden = Boolean(conv && conv.messages.length);
+    // Continue a conversation with the model that answered it last (if still offered).
+    const last = conv ? [...conv.messages].reverse().find((m) => m.role === "assistant" && m.model) : null;
+    if (last && this.models.has(last.model) && !this.run) {
+      this.dom.model.value = last.model;
+      this.updateSimNote();
+    }
+    this.markCurrent();
+    this.updateComposer();
+    this.scrollToBottom();
+  }
+
+  viewFor(msg) {
+    let view = this.views.get(msg);
+    if (view) return view;
+    if (msg.role === "assistant") {
+      view = new AssistantView(msg, this.renderer, (id) => this.isSimulated(id));
+      view.afterRender = () => this.afterViewRender();
+    } else {
+      view = new UserView(msg);
+    }
+    this.views.set(msg, view);
+    return view;
+  }
+
+  append(msg) {
+    const view = this.viewFor(msg);
+    this.dom.welcome.hidden = true;
+    this.dom.log.appendChild(view.el);
+    if (view instanceof AssistantView) view.render();
+    this.scrollToBottom();
+    return view;
+  }
+
+  newChat() {
+    this.show(null);
+    this.toggleSidebar(false);
+    this.dom.input.focus();
+  }
+
+  // ------------------------------------------------------------------ sending
+
+  send() {
+    const text = this.dom.input.value;
+    if (!this.ready || !text.trim() || this.run) return;
+    const model = this.dom.model.value;
+    if (!model) return;
+    this.dom.input.value = "";
+    if (!this.conv) {
+      this.conv = {
+        id: this.history.server ? null : newConversationId(),
+        title: titleFrom(text),
+        created_at: Date.now(),
+        messages: [],
+      };
+      this.dom.title.textContent = this.conv.title;
+      document.title = `${this.conv.title} · tokenrelay`;
+      session(CURRENT_KEY, this.conv.id);
+    }
+    const user = { role: "user", content: text };
+    this.conv.messages.push(user);
+    this.append(user);
+    this.ask();
+  }
+
+  /** Start an answer to the conversation as it stands (ends with the user's message). */
+  ask() {
+    const conv = this.conv;
+    const history = conv.messages
+      .filter((m) => m.role === "user" || (m.role === "assistant" && m.content))
+      .map((m) => ({ role: m.role, content: m.content }));
+    const model = this.dom.model.value;
+    const msg = newAnswer(model);
+    conv.messages.push(msg);
+    this.append(msg);
+    const request = { messages: history, model };
+    if (this.history.server && conv.id) request.conversation_id = conv.id;
+    this.history.save(conv);
+    this.refreshList();
+    this.startRun(msg, conv, request);
+  }
+
+  startRun(msg, conv, request) {
+    const stallMs = Math.max(10000, this.heartbeatS * 2500);
+    const run = new AnswerRun(this.api, msg, {
+      onChange: () => this.onRunChange(run),
+      onStart: (m, conversationId) => this.onRunConversation(run, conversationId),
+      onFinish: () => this.onRunFinish(run),
+    }, stallMs);
+    this.run = run;
+    this.runConv = conv;
+    this.updateComposer();
+    this.ticker = setInterval(() => this.tick(), 250);
+    this.saveSnapshot(true);
+    if (request) run.start(request);
+    else run.resume();
+  }
+
+  onRunChange(run) {
+    const view = this.views.get(run.msg);
+    if (view) view.schedule();
+    this.saveSnapshot(false);
+  }
+
+  onRunConversation(run, conversationId) {
+    const conv = this.runConv;
+    if (!this.history.server || !conv || conv.id === conversationId) return;
+    conv.id = conversationId;
+    if (this.conv === conv) session(CURRENT_KEY, conv.id);
+    this.saveSnapshot(true);
+    this.refreshList();
+  }
+
+  onRunFinish(run) {
+    if (this.run !== run) return;
+    const msg = run.msg;
+    const conv = this.runConv;
+    this.run = null;
+    this.runConv = null;
+    clearInterval(this.ticker);
+    clearTimeout(this.snapshotTimer);
+    this.snapshotTimer = null;
+    session(ACTIVE_KEY, null);
+    delete msg.stopping;
+    const view = this.views.get(msg);
+    if (view) view.render();
+    this.history.save(conv);
+    this.refreshList();
+    this.updateComposer();
+    const said = {
+      complete: "Answer complete.",
+      cancelled: "Stopped.",
+      error: `Error: ${msg.error ? msg.error.message : "the answer failed."}`,
+      interrupted: `Interrupted: ${msg.error ? msg.error.message : "the answer was cut off."}`,
+    }[msg.state];
+    this.announce(said || "");
+  }
+
+  tick() {
+    const run = this.run;
+    if (!run) return;
+    const view = this.views.get(run.msg);
+    if (view) view.schedule(); // countdowns, thinking time, live tokens/s
+  }
+
+  stop() {
+    if (this.run) this.run.stop();
+  }
+
+  /** Keep the answer in progress in sessionStorage (throttled), for reload-resume. */
+  saveSnapshot(now) {
+    const run = this.run;
+    if (!run || !this.runConv) return;
+    const write = () => {
+      this.snapshotTimer = null;
+      this.lastSnapshot = Date.now();
+      if (this.run) session(ACTIVE_KEY, { conv: this.runConv, at: this.lastSnapshot });
+    };
+    if (now === true || Date.now() - this.lastSnapshot >= SNAPSHOT_EVERY_MS) {
+      clearTimeout(this.snapshotTimer);
+      write();
+    } else if (!this.snapshotTimer) {
+      this.snapshotTimer = setTimeout(write, SNAPSHOT_EVERY_MS);
+    }
+  }
+
+  // ------------------------------------------------------------------ message actions
+
+  onLogClick(e) {
+    const target = e.target.closest("button");
+    if (!target) return;
+    if (target.classList.contains("copy-code")) {
+      const code = target.closest(".code-block")?.querySelector("code");
+      if (code) this.copy(code.textContent, target);
+      return;
+    }
+    const article = target.closest("article");
+    const msg = article && article.tokenrelay;
+    if (!msg) return;
+    if (target.classList.contains("copy-btn")) this.copy(msg.content, target);
+    else if (target.classList.contains("regen-btn") || target.classList.contains("retry-btn")) this.regenerate(msg);
+    else if (target.classList.contains("edit-btn")) this.startEdit(msg);
+  }
+
+  async copy(text, button) {
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = "Copied";
+    } catch {
+      button.textContent = "Copy failed";
+    }
+    setTimeout(() => {
+      button.textContent = "Copy";
+    }, 1500);
+  }
+
+  regenerate(msg) {
+    const conv = this.conv;
+    if (this.run || !conv) return;
+    const i = conv.messages.indexOf(msg);
+    if (i < 0 || i !== conv.messages.length - 1) return;
+    conv.messages.splice(i, 1);
+    this.views.get(msg)?.el.remove();
+    this.ask();
+  }
+
+  startEdit(msg) {
+    const conv = this.conv;
+    if (this.run || !conv || this.editing) return;
+    const view = this.views.get(msg);
+    if (!view) return;
+    const form = document.createElement("form");
+    form.className = "edit-form";
+    const label = document.createElement("label");
+    label.className = "visually-hidden";
+    label.textContent = "Edit your message";
+    const area = document.createElement("textarea");
+    area.value = msg.content;
+    area.rows = Math.min(10, Math.max(2, msg.content.split("\n").length));
+    area.id = "edit-input";
+    label.htmlFor = area.id;
+    const actions = document.createElement("div");
+    actions.className = "edit-actions";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.className = "btn btn-secondary btn-small";
+    cancel.textContent = "Cancel";
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.className = "btn btn-primary btn-small";
+    save.textContent = "Save & send";
+    actions.append(cancel, save);
+    form.append(label, area, actions);
+    view.el.classList.add("is-editing");
+    view.bubble.hidden = true;
+    view.el.insertBefore(form, view.bubble);
+    this.editing = { msg, view, form };
+    this.updateComposer();
+    area.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        form.requestSubmit();
+      } else if (e.key === "Escape") {
+        e.preventDefault();
+        this.cancelEdit();
+      }
+    });
+    cancel.addEventListener("click", () => this.cancelEdit());
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.finishEdit(area.value);
+    });
+    area.focus();
+    area.setSelectionRange(area.value.length, area.value.length);
+  }
+
+  cancelEdit() {
+    const editing = this.editing;
+    if (!editing) return;
+    this.editing = null;
+    editing.form.remove();
+    editing.view.bubble.hidden = false;
+    editing.view.el.classList.remove("is-editing");
+    editing.view.editBtn.focus();
+    this.updateComposer();
+  }
+
+  finishEdit(text) {
+    const editing = this.editing;
+    const conv = this.conv;
+    if (!editing || !conv || !text.trim() || this.run) return;
+    this.editing = null;
+    const i = conv.messages.indexOf(editing.msg);
+    if (i < 0) return;
+    for (const later of conv.messages.splice(i)) this.views.get(later)?.el.remove();
+    const user = { role: "user", content: text };
+    conv.messages.push(user);
+    this.append(user);
+    this.dom.input.focus();
+    this.ask();
+  }
+
+  // ------------------------------------------------------------------ composer & layout
+
+  updateComposer() {
+    const d = this.dom;
+    const busy = Boolean(this.run);
+    d.send.hidden = busy;
+    d.stop.hidden = !busy;
+    d.send.disabled = !this.ready || busy || !d.input.value.trim() || !d.model.value;
+    d.model.disabled = !this.ready || busy || this.models.size === 0;
+    d.input.rows = Math.min(8, Math.max(1, d.input.value.split("\n").length));
+    // Only the last user message and the last answer offer Edit / Regenerate.
+    const msgs = this.conv ? this.conv.messages : [];
+    let lastUser = null;
+    for (let i = msgs.length - 1; i >= 0; i--) {
+      if (msgs[i].role === "user") {
+        lastUser = msgs[i];
+        break;
+      }
+    }
+    for (const msg of msgs) {
+      const view = this.views.get(msg);
+      if (!view) continue;
+      if (view instanceof UserView) view.setEditable(!busy && !this.editing && msg === lastUser);
+      else {
+        const can = !busy && msg === msgs[msgs.length - 1];
+        if (view.canRegenerate !== can) {
+          view.canRegenerate = can;
+          view.render();
+        }
+      }
+    }
+  }
+
+  isNearBottom() {
+    const m = this.dom.messages;
+    return m.scrollHeight - m.scrollTop - m.clientHeight < 120;
+  }
+
+  scrollToBottom() {
+    const m = this.dom.messages;
+    m.scrollTop = m.scrollHeight;
+    this.follow = true;
+  }
+
+  afterViewRender() {
+    // Follow the answer while the reader is at the bottom; leave them alone if they scrolled up.
+    if (this.follow) this.scrollToBottom();
+  }
+
+  /** Mobile: the sidebar is a drawer (open/closed). Desktop: it can be collapsed. */
+  toggleSidebar(force) {
+    const app = this.dom.app;
+    const mobile = this.mobile.matches;
+    let expanded;
+    if (mobile) {
+      expanded = typeof force === "boolean" ? force : !app.classList.contains("sidebar-open");
+      app.classList.toggle("sidebar-open", expanded);
+    } else {
+      app.classList.remove("sidebar-open");
+      if (typeof force !== "boolean") app.classList.toggle("sidebar-collapsed");
+      expanded = !app.classList.contains("sidebar-collapsed");
+    }
+    this.dom.toggle.setAttribute("aria-expanded", String(expanded));
+    this.dom.toggle.setAttribute("aria-label", expanded ? "Hide conversations" : "Show conversations");
+    this.dom.scrim.hidden = !(mobile && expanded);
+    this.dom.sidebar.inert = mobile && !expanded;
+    if (mobile && expanded) this.dom.newChat.focus();
+  }
+
+  announce(text) {
+    this.dom.announcer.textContent = "";
+    setTimeout(() => {
+      this.dom.announcer.textContent = text;
+    }, 50);
+  }
+
+  // ------------------------------------------------------------------ history sidebar
+
+  async refreshList() {
+    let items = [];
+    try {
+      items = await this.history.list();
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404 && this.history.server) {
+        this.history = new LocalHistory();
+        items = await this.history.list();
+      }
+    }
+    const ul = this.dom.convList;
+    const focusedId = document.activeElement?.closest?.("li")?.dataset.id;
+    ul.replaceChildren(...items.map((c) => this.convItem(c)));
+    this.dom.convEmpty.hidden = items.length > 0;
+    this.markCurrent();
+    if (focusedId) ul.querySelector(`li[data-id="${CSS.escape(focusedId)}"] .conv-open`)?.focus();
+  }
+
+  convItem(c) {
+    const li = document.createElement("li");
+    li.className = "conv-item";
+    li.dataset.id = c.id;
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "conv-open";
+    open.textContent = c.title || "New chat";
+    open.title = c.title || "New chat";
+    const rename = document.createElement("button");
+    rename.type = "button";
+    rename.className = "icon-btn conv-rename";
+    rename.setAttribute("aria-label", `Rename “${c.title || "New chat"}”`);
+    rename.innerHTML = '<span class="icon icon-edit" aria-hidden="true"></span>';
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "icon-btn conv-delete";
+    del.setAttribute("aria-label", `Delete “${c.title || "New chat"}”`);
+    del.innerHTML = '<span class="icon icon-trash" aria-hidden="true"></span>';
+    li.append(open, rename, del);
+    open.addEventListener("click", () => this.openConversation(c.id));
+    rename.addEventListener("click", () => this.renameInline(li, c));
+    del.addEventListener("click", () => this.deleteWithConfirm(li, del, c));
+    return li;
+  }
+
+  markCurrent() {
+    const id = this.conv && this.conv.id;
+    for (const li of this.dom.convList.children) {
+      const open = li.querySelector(".conv-open");
+      if (li.dataset.id === id) open.setAttribute("aria-current", "page");
+      else open.removeAttribute("aria-current");
+    }
+  }
+
+  async openConversation(id) {
+    if (this.conv && this.conv.id === id) return this.toggleSidebar(false);
+    let conv = this.runConv && this.runConv.id === id ? this.runConv : null;
+    if (!conv) {
+      try {
+        conv = await this.history.get(id);
+      } catch {
+        conv = null;
+      }
+    }
+    if (!conv) {
+      this.announce("That conversation no longer exists.");
+      await this.refreshList();
+      return;
+    }
+    this.show(conv);
+    this.toggleSidebar(false);
+    if (conv === this.runConv) this.views.get(this.run.msg)?.render();
+    else this.resumeStored(conv);
+    this.dom.input.focus();
+  }
+
+  renameInline(li, c) {
+    const open = li.querySelector(".conv-open");
+    const input = document.createElement("input");
+    input.type = "text";
+    input.className = "conv-rename-input";
+    input.value = c.title || "";
+    input.setAttribute("aria-label", "Conversation title");
+    input.maxLength = 200;
+    open.replaceWith(input);
+    input.focus();
+    input.select();
+    let done = false;
+    const finish = async (save) => {
+      if (done) return;
+      done = true;
+      const title = input.value.trim();
+      if (save && title && title !== c.title) {
+        try {
+          await this.history.rename(c.id, title);
+          if (this.conv && this.conv.id === c.id) {
+            this.conv.title = title;
+            this.dom.title.textContent = title;
+            document.title = `${title} · tokenrelay`;
+          }
+        } catch {
+          this.announce("Rename failed.");
+        }
+      }
+      await this.refreshList();
+      this.dom.convList.querySelector(`li[data-id="${CSS.escape(c.id)}"] .conv-open`)?.focus();
+    };
+    input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter") {
+        e.preventDefault();
+        finish(true);
+      } else if (e.key === "Escape") {
+        e.preventDefault();
+        finish(false);
+      }
+    });
+    input.addEventListener("blur", () => finish(true));
+  }
+
+  deleteWithConfirm(li, button, c) {
+    if (!button.classList.contains("confirm")) {
+      button.classList.add("confirm");
+      button.setAttribute("aria-label", `Confirm delete “${c.title || "New chat"}”`);
+      button.innerHTML = '<span class="confirm-text">Delete?</span>';
+      const reset = () => {
+        button.classList.remove("confirm");
+        button.setAttribute("aria-label", `Delete “${c.title || "New chat"}”`);
+        button.innerHTML = '<span class="icon icon-trash" aria-hidden="true"></span>';
+      };
+      button.addEventListener("blur", reset, { once: true });
+      return;
+    }
+    this.deleteConversation(c.id);
+  }
+
+  async deleteConversation(id) {
+    if (this.runConv && this.runConv.id === id && this.run) this.run.stop();
+    try {
+      await this.history.remove(id);
+    } catch {
+      this.announce("Delete failed.");
+      return;
+    }
+    if (this.conv && this.conv.id === id) this.show(null);
+    await this.refreshList();
+    this.announce("Conversation deleted.");
+  }
+}
+
+const app = new App();
+app.init();
