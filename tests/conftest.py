@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,15 @@ def gateway_factory(
 async def gateway(gateway_factory: Callable[..., Any]) -> AsyncIterator[Gateway]:
     async with gateway_factory() as gw:
         yield gw
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connecting is refused, and nothing else
+    can take it while the test runs (port 1 is not safe: a root process may bind it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 @pytest.fixture

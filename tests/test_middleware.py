@@ -249,10 +249,10 @@ def test_key_env_must_be_set(tmp_path: Path):
 
 
 def _serve_warning(env: dict[str, str], *args: str) -> str:
-    """Run the real ``tokenrelay serve`` command with ``uvicorn.run`` made a no-op (nothing
+    """Run the real ``tokenrelay serve`` command with its server made a no-op (nothing
     listens), and return what it printed to stderr."""
     code = (
-        "import sys, uvicorn; uvicorn.run = lambda *a, **k: None; "
+        "import sys, tokenrelay.server; tokenrelay.server.serve = lambda *a, **k: None; "
         "from tokenrelay.cli import main; main(sys.argv[1:])"
     )
     result = subprocess.run(

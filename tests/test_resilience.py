@@ -79,9 +79,9 @@ async def test_first_token_budget_is_retried_then_reported(simulator, gateway_fa
     await asyncio.wait_for(sim.wait_disconnected(2), 10)
 
 
-async def test_refused_connection_is_retried_then_reported(http):
+async def test_refused_connection_is_retried_then_reported(http, refused_port):
     env = {
-        "TOKENRELAY_UPSTREAM_URL": "http://127.0.0.1:1/v1",
+        "TOKENRELAY_UPSTREAM_URL": f"http://127.0.0.1:{refused_port}/v1",
         "TOKENRELAY_RETRY_MAX_ATTEMPTS": "3",
         **FAST_RETRY,
     }
@@ -107,13 +107,15 @@ async def test_client_errors_are_not_retried(simulator, gateway, http):
     assert sim.stats.requests == 1
 
 
-async def test_fallback_chain_answers_with_the_next_model(simulator, tmp_path: Path, http):
+async def test_fallback_chain_answers_with_the_next_model(
+    simulator, tmp_path: Path, http, refused_port
+):
     _, url = simulator
     config = tmp_path / "tokenrelay.toml"
     config.write_text(
         f"""
 [providers.dead]
-base_url = "http://127.0.0.1:1/v1"
+base_url = "http://127.0.0.1:{refused_port}/v1"
 retry = {{ max_attempts = 2, base_delay = 0.01, max_delay = 0.02 }}
 
 [providers.sim]
