@@ -42,6 +42,7 @@ from tokenrelay.errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamIncomplete,
+    UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeout,
     redact,
@@ -175,7 +176,10 @@ class UpstreamClient:
             ) as resp:
                 if resp.status != 200:
                     raise UpstreamStatusError(resp.status, f"upstream answered HTTP {resp.status}")
-                data = await resp.json(loads=orjson.loads, content_type=None)
+                try:
+                    data = await resp.json(loads=orjson.loads, content_type=None)
+                except ValueError:  # orjson.JSONDecodeError
+                    raise UpstreamProtocolError("upstream /models is not JSON") from None
         items = data.get("data", []) if isinstance(data, dict) else []
         return [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
 

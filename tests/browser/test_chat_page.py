@@ -12,6 +12,7 @@ import pytest
 from chatpage import (
     DOC_SCREENSHOTS,
     ChatPage,
+    Watch,
     open_chat,
     replayed,
     stream_info,
@@ -22,6 +23,7 @@ from playwright.async_api import Browser
 from support.client import chat_body, read_stream
 from support.fault_upstream import FaultUpstream, ok, status
 from support.gateway import Gateway, running_gateway
+from tokenrelay.simulator import build_text
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 SPEED = "3"
@@ -410,6 +412,111 @@ async def test_reasoning_and_tool_calls_are_shown(
     names = await page.locator("article.msg-assistant .tool-name").all_inner_texts()
     assert names == ["get_weather", "get_time"]
     chat.watch.assert_clean()
+
+
+CRAFTED_MARKDOWN = (
+    "# Title\n\nIntro with **bold** and `code`.\n\n"
+    "1. one\n2. two\n\n   continued inside item two\n\n3. three\n\n"
+    "```python\ndef f():\n\n    return 1\n```\n\n"
+    "~~~\nplain fence\n\n~~~\n\n"
+    "| a | b |\n|---|--:|\n| 1 | 2 |\n\n"
+    "> quote\n\n- x\n- y\n\nThe end."
+)
+
+
+async def test_incremental_markdown_ends_as_the_full_render(
+    live: Gateway, chat_factory: Callable[..., Any]
+) -> None:
+    """Rendering the tail as it grows (stable blocks kept) ends like one full render, and an
+    unfinished code fence is shown as code while it streams."""
+    sample = "".join(build_text("sim-chat", [{"role": "user", "content": "markdown"}],
+                                length=600))
+    chat: ChatPage = await chat_factory(live.base_url)
+    result = await chat.page.evaluate(
+        """async (texts) => {
+            const { Renderer, MarkdownView } = await import('/static/markdown.js');
+            const r = new Renderer();
+            const shape = (root) => ['h1', 'h2', 'h3', 'p', 'li', 'pre', 'table', 'blockquote',
+                                     'code.hljs', 'td.align-right']
+                .map((s) => s + '=' + root.querySelectorAll(s).length).join(' ');
+            const out = [];
+            for (const text of texts) {
+                const root = document.createElement('div');
+                const view = new MarkdownView(r, root);
+                let openFenceShownAsCode = true;
+                for (let i = 1; i <= text.length; i += 2) {
+                    view.render(text.slice(0, i), false);
+                    const prefix = text.slice(0, i);
+                    const fences = (prefix.match(/^(```|~~~)/gm) || []).length;
+                    if (fences % 2 === 1 && prefix.endsWith('\\n')
+                        && !root.querySelector('.md-tail pre')) openFenceShownAsCode = false;
+                }
+                view.render(text, true);
+                const whole = document.createElement('div');
+                whole.appendChild(r.fragment(text));
+                out.push({
+                    incremental: root.textContent.replace(/\\s+/g, ' ').trim(),
+                    full: whole.textContent.replace(/\\s+/g, ' ').trim(),
+                    incShape: shape(root), fullShape: shape(whole), openFenceShownAsCode,
+                });
+            }
+            return out;
+        }""",
+        [sample, CRAFTED_MARKDOWN],
+    )
+    for case in result:
+        assert case["incremental"] == case["full"]
+        assert case["incShape"] == case["fullShape"]
+        assert case["openFenceShownAsCode"]
+
+
+async def test_api_key_prompt_when_the_gateway_requires_keys(browser: Browser) -> None:
+    async with running_gateway(
+        TOKENRELAY_SIMULATOR_SPEED=SPEED, TOKENRELAY_API_KEYS="tester:correct-key-123"
+    ) as gw:
+        context = await browser.new_context()
+        page = await context.new_page()
+        watch = Watch()
+        watch.attach(page)
+        await page.goto(gw.base_url + "/")
+        await page.locator("#key-dialog[open]").wait_for()
+        await page.fill("#key-input", "wrong-key-000")
+        await page.press("#key-input", "Enter")
+        # The refused key (401 on /api/models) brings the prompt back, saying so.
+        await page.locator("#key-desc", has_text="refused").wait_for()
+        await page.fill("#key-input", "correct-key-123")
+        await page.press("#key-input", "Enter")
+        chat = ChatPage(page, watch, gw.base_url)
+        await chat.ready()
+        assert not await page.locator("#key-dialog").is_visible()
+        await chat.ask("Hello with a key", model="sim-fast")
+        assert (await chat.wait_answer())["state"] == "complete"
+        assert await page.evaluate("() => localStorage.getItem('tokenrelay.apiKey')") == (
+            "correct-key-123"
+        )
+        watch.assert_clean(allow_errors=["status of 401"])
+        await context.close()
+
+
+async def test_without_a_history_api_conversations_stay_in_the_browser(
+    chat_factory: Callable[..., Any],
+) -> None:
+    async with running_gateway(
+        TOKENRELAY_SIMULATOR_SPEED=SPEED, TOKENRELAY_DATABASE_URL="none"
+    ) as gw:
+        chat: ChatPage = await chat_factory(gw.base_url)
+        page = chat.page
+        assert await page.inner_text("#history-mode") == "Saved in this browser"
+        await chat.ask("Remember me locally", model="sim-fast")
+        first = await chat.wait_answer()
+        await page.reload()
+        await chat.ready()
+        await page.locator("#conv-list .conv-open", has_text="Remember me locally").wait_for()
+        restored = await chat.answer()
+        assert restored["content"] == first["content"] and restored["state"] == "complete"
+        # The history probe may be refused by the server; nothing else may fail.
+        chat.watch.assert_clean(allow_errors=["/api/conversations", "status of 404",
+                                              "status of 500", "status of 503"])
 
 
 async def test_sse_parser_accepts_any_chunking(

@@ -164,6 +164,22 @@ async def test_another_owner_sees_nothing(store: SQLStore) -> None:
     assert [m["content"] for m in found["messages"]] == ["secret", ""]
 
 
+async def test_truncate_messages_keeps_the_head_and_the_owner_check(store: SQLStore) -> None:
+    cid = await store.ensure_conversation("alice", None, "t")
+    for content in ("a", "b", "c", "d"):
+        await store.add_user_message("alice", cid, content)
+    assert await store.truncate_messages("mallory", cid, 1) == 0
+    assert await store.truncate_messages("alice", cid, 2) == 2
+    found = await store.get_conversation("alice", cid)
+    assert found is not None
+    assert [m["content"] for m in found["messages"]] == ["a", "b"]
+    await store.add_user_message("alice", cid, "e")  # positions keep increasing
+    found = await store.get_conversation("alice", cid)
+    assert found is not None
+    assert [m["content"] for m in found["messages"]] == ["a", "b", "e"]
+    assert await store.truncate_messages("alice", cid, 10) == 0
+
+
 async def test_assistant_lifecycle(store: SQLStore) -> None:
     cid = await store.ensure_conversation("local", None, "t")
     user_id = await store.add_user_message("local", cid, "question")

@@ -30,19 +30,40 @@ def _title(messages: list[dict[str, Any]]) -> str:
     return "New chat"
 
 
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+
+
 async def record_request(request: Request, chat: ChatRequest, message_id: str) -> str | None:
-    """Store the user's message and the (empty) assistant message; returns the conversation."""
+    """Bring the stored conversation in line with the request; returns its id.
+
+    The request carries the whole conversation so far. What is stored is kept up to the
+    first difference (so a regenerate or an edit-and-resend replaces the old tail instead
+    of repeating it), then the request's new user messages are added.
+    """
     store = request.app.state.store
     if store is None:
         return chat.conversation_id
     owner = owner_of(request)
+    said = [(m["role"], _text(m["content"])) for m in chat.messages
+            if m["role"] in ("user", "assistant")]
     try:
         conversation_id: str = await store.ensure_conversation(
             owner, chat.conversation_id, _title(chat.messages)
         )
-        last = chat.messages[-1]
-        if last["role"] == "user" and isinstance(last["content"], str):
-            await store.add_user_message(owner, conversation_id, last["content"])
+        keep = 0
+        if chat.conversation_id is not None:
+            found = await store.get_conversation(owner, conversation_id)
+            stored = [(m["role"], m["content"]) for m in (found or {}).get("messages", [])]
+            while keep < min(len(stored), len(said)) and stored[keep] == said[keep]:
+                keep += 1
+            if keep < len(stored):
+                await store.truncate_messages(owner, conversation_id, keep)
+        for role, content in said[keep:]:
+            if role == "user":
+                await store.add_user_message(owner, conversation_id, content)
     except TokenRelayError:
         raise
     except Exception as exc:
@@ -143,6 +164,7 @@ async def config(request: Request) -> JSONResponse:
             "auth_required": bool(getattr(state, "auth_required", False)),
             "version": __version__,
             "heartbeat_s": state.settings.heartbeat_s,
+            "history": state.store is not None,
         }
     )
 

@@ -22,7 +22,10 @@ TITLE_MAX = 200
 
 
 def _store(request: Request) -> Store:
-    store: Store = request.app.state.store
+    store: Store | None = request.app.state.store
+    if store is None:
+        raise BadRequest("history is disabled (TOKENRELAY_DATABASE_URL=none)",
+                         code="history_disabled", status=404)
     return store
 
 

@@ -55,6 +55,10 @@ class Store(abc.ABC):
         """Store a user message; returns its id."""
 
     @abc.abstractmethod
+    async def truncate_messages(self, owner: str, conversation_id: str, keep: int) -> int:
+        """Delete the conversation's messages after its first ``keep``; returns the count."""
+
+    @abc.abstractmethod
     async def begin_assistant(
         self,
         owner: str,

@@ -615,6 +615,30 @@ class SQLStore(Store):
             )
         return bool(result.rowcount)
 
+    async def truncate_messages(self, owner: str, conversation_id: str, keep: int) -> int:
+        """Delete every message of the conversation after its first ``keep``; returns how
+        many were deleted (regenerate and edit-and-resend replace the tail)."""
+        async with self._begin() as conn:
+            seqs = await conn.scalars(
+                select(messages.c.seq)
+                .where(messages.c.conversation_id == conversation_id,
+                       messages.c.owner == owner)
+                .order_by(messages.c.seq)
+                .offset(max(0, keep))
+                .limit(1)
+            )
+            first = seqs.first()
+            if first is None:
+                return 0
+            result = await conn.execute(
+                delete(messages).where(
+                    messages.c.conversation_id == conversation_id,
+                    messages.c.owner == owner,
+                    messages.c.seq >= first,
+                )
+            )
+        return int(result.rowcount or 0)
+
     # -- reads ------------------------------------------------------------------------
 
     async def list_conversations(

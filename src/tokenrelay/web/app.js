@@ -45,6 +45,7 @@ class App {
       welcome: $("welcome"), form: $("composer"), input: $("input"), send: $("send"),
       stop: $("stop"), simNote: $("sim-note"), announcer: $("announcer"),
       keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"),
+      keyDesc: $("key-desc"),
     };
     this.api = new Api(() => this.askForKey());
     this.renderer = new Renderer();
@@ -74,7 +75,7 @@ class App {
     if (config) {
       this.dom.version.textContent = config.version ? `v${config.version}` : "";
       if (typeof config.heartbeat_s === "number" && config.heartbeat_s > 0) this.heartbeatS = config.heartbeat_s;
-      if (config.auth_required && !this.api.key) await this.askForKey();
+      if (config.auth_required && !this.api.key) await this.askForKey(true);
     }
     // A gateway that says whether it keeps history spares us probing (and a logged 404).
     const advertised = config && typeof config.history === "boolean" ? config.history : undefined;
@@ -132,13 +133,25 @@ class App {
         this.stop();
       }
     });
+    d.keyDialog.addEventListener("cancel", (e) => {
+      if (this.keyResolve) e.preventDefault(); // start-up cannot go on without a key
+    });
     d.keyForm.addEventListener("submit", (e) => {
       e.preventDefault();
       const value = d.keyInput.value.trim();
       if (!value) return;
       this.api.key = value;
       d.keyDialog.close();
-      if (this.keyResolve) this.keyResolve();
+      if (this.keyResolve) {
+        const resolve = this.keyResolve;
+        this.keyResolve = null;
+        resolve();
+      } else {
+        // A key was refused after start-up: start over with the new one (the answer in
+        // progress, if any, is resumed from sessionStorage).
+        this.saveSnapshot(true);
+        location.reload();
+      }
     });
     window.addEventListener("pagehide", () => {
       this.saveSnapshot();
@@ -150,17 +163,26 @@ class App {
     d.messages.addEventListener("scroll", () => {
       this.follow = this.isNearBottom();
     }, { passive: true });
+    window.addEventListener("storage", (e) => {
+      // Another tab changed this browser's history: keep the sidebar in step.
+      if (!this.history.server && e.key && e.key.startsWith("tokenrelay.conv")) this.refreshList();
+    });
     window.addEventListener("pageshow", (e) => {
       if (e.persisted && this.run) location.reload(); // back from bfcache: the run was closed
     });
   }
 
-  askForKey() {
+  /** Ask for an API key. During start-up the returned promise waits for it. */
+  askForKey(waiting = false) {
     const dialog = this.dom.keyDialog;
     if (!dialog.open) {
       this.dom.keyInput.value = "";
+      this.dom.keyDesc.textContent = this.api.key
+        ? "The server refused this API key. Enter a valid one; it is kept in this browser only."
+        : "This gateway needs an API key. It is kept in this browser only.";
       dialog.showModal();
     }
+    if (!waiting) return Promise.resolve();
     return new Promise((resolve) => {
       this.keyResolve = resolve;
     });
@@ -706,7 +728,7 @@ class App {
     this.toggleSidebar(false);
     if (conv === this.runConv) this.views.get(this.run.msg)?.render();
     else this.resumeStored(conv);
-    this.dom.input.focus();
+    if (!this.mobile.matches) this.dom.input.focus(); // on phones that would pop the keyboard
   }
 
   renameInline(li, c) {

@@ -40,9 +40,9 @@ function createMarkdown() {
     const src = token.attrGet("src") || "";
     const alt = escapeHtml(token.content || "image");
     if (SAFE_URL.test(src)) {
-      return `<a class="md-image-link" href="${escapeHtml(src)}">🖼 ${alt}</a>`;
+      return `<a class="md-image-link" href="${escapeHtml(src)}">Image: ${alt}</a>`;
     }
-    return `<span class="md-image-link">🖼 ${alt}</span>`;
+    return `<span class="md-image-link">Image: ${alt}</span>`;
   };
   // Table alignment arrives as style="text-align:…"; turn it into a class.
   const align = (tokens, idx, options, env, self) => {
@@ -121,8 +121,8 @@ function decorate(root) {
 
 /**
  * Index just after the last safe block boundary in `text`: a blank line outside any code
- * fence whose next line has arrived and starts with a non-space character. Text before it
- * renders the same on its own as inside the whole document (for the markdown we meet).
+ * fence whose next line has arrived, starts with a non-space character and is not a list
+ * item. Text before it renders the same on its own as inside the whole document.
  */
 export function stableBoundary(text, from = 0) {
   let best = from;
@@ -142,7 +142,7 @@ export function stableBoundary(text, from = 0) {
     } else {
       const m = indent < 4 ? /^(`{3,}|~{3,})/.exec(stripped) : null;
       const blank = stripped === "";
-      if (prevBlank && !blank && indent === 0) best = pos;
+      if (prevBlank && !blank && indent === 0 && !LIST_ITEM.test(line)) best = pos;
       if (m) fence = m[1];
       prevBlank = blank;
     }
@@ -151,10 +151,17 @@ export function stableBoundary(text, from = 0) {
   // A non-blank line that began after a blank line can be decided once its first char arrived.
   if (!fence && prevBlank && pos < n) {
     const c = text.charCodeAt(pos);
-    if (c !== 32 && c !== 9 && c !== 10 && c !== 13) best = pos;
+    const head = text.slice(pos, pos + 12);
+    const maybeList = LIST_START.test(head) && (head.length < 12 || LIST_ITEM.test(head));
+    if (c !== 32 && c !== 9 && c !== 10 && c !== 13 && !maybeList) best = pos;
   }
   return best;
 }
+
+// A list item after a blank line may belong to the list above (which it then makes
+// "loose"), so a list is never cut: it stays in the tail until a non-list block follows.
+const LIST_ITEM = /^(?:[-+*]|\d{1,9}[.)])(?:[ \t]|$)/;
+const LIST_START = /^[-+*\d]/;
 
 /**
  * One answer's markdown view: call set(text) as often as you like; render() does the

@@ -1,0 +1,59 @@
+"""The conversation stored by POST /api/chat follows the conversation the client sends."""
+
+from __future__ import annotations
+
+from support.client import read_stream
+
+
+async def ask(http, gateway, messages, conversation_id=None):
+    body = {"model": "sim-chat", "messages": messages, "sim": {"tokens": 5}}
+    if conversation_id:
+        body["conversation_id"] = conversation_id
+    async with http.post(gateway.base_url + "/api/chat", json=body) as resp:
+        stream = await read_stream(resp)
+    assert stream.events[-1].data["state"] == "complete"
+    return stream.events[0].data["conversation_id"], stream.text
+
+
+async def stored(http, gateway, conversation_id):
+    async with http.get(f"{gateway.base_url}/api/conversations/{conversation_id}") as resp:
+        data = await resp.json()
+    return [(m["role"], m["content"]) for m in data["messages"]]
+
+
+async def test_continue_regenerate_and_edit_keep_one_copy_of_each_message(gateway, http):
+    a = {"role": "user", "content": "first question"}
+    cid, answer = await ask(http, gateway, [a])
+    assert await stored(http, gateway, cid) == [("user", a["content"]), ("assistant", answer)]
+
+    b = {"role": "user", "content": "second question"}
+    history = [a, {"role": "assistant", "content": answer}, b]
+    _, answer_b = await ask(http, gateway, history, cid)
+    assert await stored(http, gateway, cid) == [
+        ("user", a["content"]), ("assistant", answer),
+        ("user", b["content"]), ("assistant", answer_b),
+    ]
+
+    # Regenerate the last answer: same messages again -> the old answer is replaced.
+    _, again = await ask(http, gateway, history, cid)
+    assert await stored(http, gateway, cid) == [
+        ("user", a["content"]), ("assistant", answer),
+        ("user", b["content"]), ("assistant", again),
+    ]
+
+    # Edit the last question and resend: the old question and its answer are replaced.
+    edited = {"role": "user", "content": "second question, edited"}
+    _, answer_e = await ask(http, gateway, [*history[:2], edited], cid)
+    assert await stored(http, gateway, cid) == [
+        ("user", a["content"]), ("assistant", answer),
+        ("user", edited["content"]), ("assistant", answer_e),
+    ]
+
+
+async def test_history_disabled_is_a_clear_404(gateway_factory, http):
+    async with gateway_factory(TOKENRELAY_DATABASE_URL="none") as gw:
+        async with http.get(gw.base_url + "/api/conversations") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "history_disabled"
+        async with http.get(gw.base_url + "/api/config") as resp:
+            assert (await resp.json())["history"] is False
