@@ -148,7 +148,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await hub.shutdown(drain_s=0.0)
+            await hub.shutdown()
 
 
 async def _handle_ours(request: Request, exc: Exception) -> Response:

@@ -84,12 +84,12 @@ class Hub:
         for gen in list(self.generations.values()):
             gen.cancel(CANCEL_SHUTDOWN)
 
-    async def shutdown(self, drain_s: float = 0.0) -> None:
-        """Stop accepting streams, let running ones finish up to ``drain_s``, end the rest."""
+    async def shutdown(self) -> None:
+        """End every running answer as ``interrupted`` and stop the background tasks.
+
+        The drain (letting answers finish first) happens before, in :meth:`begin_drain`.
+        """
         self.draining = True
-        live = [g for g in self.generations.values() if g.task is not None]
-        if live and drain_s > 0:
-            await asyncio.wait([g.finished.wait() for g in live], timeout=drain_s)  # type: ignore[misc]
         for gen in list(self.generations.values()):
             gen.cancel(CANCEL_SHUTDOWN)
         tasks = [g.task for g in self.generations.values() if g.task is not None]
