@@ -36,6 +36,7 @@ from tokenrelay.metrics import Metrics
 from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
 from tokenrelay.routes import chat, openai, streams
 from tokenrelay.routes.common import JSONResponse, error_response
+from tokenrelay.subscriber import RAW_SEND
 from tokenrelay.upstream import UpstreamClient
 
 log = logging.getLogger("tokenrelay")
@@ -186,6 +187,20 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
+class TokenRelayApp(Starlette):
+    """Starlette, plus the server's own ``send`` kept in the scope.
+
+    Every middleware wrapper on ``send`` only looks at ``http.response.start``; a streaming
+    response sends its start through them and its body chunks (one per upstream read)
+    straight to the server, which saves a coroutine call per wrapper on the hot path.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the tokenrelay ASGI app. Settings default to :func:`load_settings`."""
     settings = settings or load_settings()
@@ -208,7 +223,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, **cors_options(settings.cors_origins)))
     middleware.append(Middleware(AuthMiddleware, keys=settings.api_keys))
-    app = Starlette(
+    app = TokenRelayApp(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,

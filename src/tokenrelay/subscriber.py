@@ -26,6 +26,8 @@ from tokenrelay.hub import Hub
 
 log = logging.getLogger("tokenrelay.subscriber")
 
+RAW_SEND = "tokenrelay.raw_send"  # scope key of the server's own send (set in app.py)
+
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache, no-transform"),
@@ -55,6 +57,7 @@ class SubscriberResponse:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        send = scope.get(RAW_SEND, send)  # body chunks skip the middleware (see app.py)
         async with self.hub.subscribed(self.stream_id):
             loop = asyncio.get_running_loop()
             task = asyncio.current_task()
