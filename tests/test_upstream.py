@@ -1,0 +1,50 @@
+"""Pure parts of the upstream client: Retry-After parsing and provider error messages."""
+
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from tokenrelay.upstream import _error_message, parse_retry_after
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "7"}, 7.0),
+        ({"retry-after": "1.5"}, 1.5),
+        ({"retry-after": " 3 "}, 3.0),
+        ({"retry-after": "-4"}, 0.0),
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),  # the precise one wins
+        ({"retry-after-ms": "soon", "retry-after": "9"}, 9.0),
+        ({"retry-after": "whenever"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_seconds_and_milliseconds(headers, expected):
+    assert parse_retry_after(headers) == expected
+
+
+def test_retry_after_http_date():
+    now = 1_800_000_000.0
+    later = email.utils.formatdate(now + 30, usegmt=True)
+    assert parse_retry_after({"retry-after": later}, now=now) == pytest.approx(30, abs=1)
+    earlier = email.utils.formatdate(now - 30, usegmt=True)
+    assert parse_retry_after({"retry-after": earlier}, now=now) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"error": {"message": "quota exceeded", "type": "x"}}', "quota exceeded"),
+        (b'{"error": "model overloaded"}', "model overloaded"),
+        (b'{"detail": "not found"}', "not found"),
+        (b"plain text failure", "plain text failure"),
+        (b"", "upstream answered HTTP 502"),
+        (b"[1, 2]", "upstream answered HTTP 502"),
+    ],
+)
+def test_provider_error_message(body, expected):
+    assert _error_message(body, 502) == expected
