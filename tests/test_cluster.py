@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from support.client import chat_body, read_stream
 from support.gateway import serve_app
 from support.processes import Instance, Launcher, free_port
+from support.redis_server import RedisServer
 from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,62 +245,27 @@ async def test_killed_instance_ends_followers_elsewhere_as_interrupted(
     assert received.startswith(answer["content"])
 
 
-async def start_redis(port: int) -> asyncio.subprocess.Process:
-    """A private, empty redis-server on ``port`` (never the shared one: the test stops it)."""
-    proc = await asyncio.create_subprocess_exec(
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ping = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
-    try:
-        for _ in range(200):
-            with contextlib.suppress(aioredis.ConnectionError):
-                if await ping.ping():
-                    return proc
-            await asyncio.sleep(0.02)
-    finally:
-        await ping.aclose()
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
-
-
-async def stop_redis(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        await proc.wait()
-
-
 async def test_redis_down_gives_503_then_recovers(
     launcher: Launcher, client: aiohttp.ClientSession
 ) -> None:
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    redis_proc = await start_redis(port)
+    redis = RedisServer(free_port())
+    redis.start()
     try:
         (instance,) = await launcher.start(
-            "D", TOKENRELAY_REDIS_URL=url, TOKENRELAY_LEASE_S="1"
+            "D", TOKENRELAY_REDIS_URL=redis.url, TOKENRELAY_LEASE_S="1"
         )
         resp = await start_chat(client, instance.url, tokens=3, tokens_per_s=100)
         assert [t.event for t in (await read_stream(resp)).terminal] == ["done"]
         resp.close()
 
-        await stop_redis(redis_proc)
+        redis.stop()
         body = chat_body("Are you there?")
         async with client.post(instance.url + "/api/chat", json=body) as refused:
             assert refused.status == 503
             error = (await refused.json())["error"]
         assert (error["code"], error["retryable"]) == ("service_unavailable", True)
 
-        redis_proc = await start_redis(port)  # empty: nothing was saved
+        redis.start()  # empty: nothing was saved
         for _ in range(200):
             resp = await client.post(instance.url + "/api/chat", json=body)
             if resp.status == 200:
@@ -312,7 +278,7 @@ async def test_redis_down_gives_503_then_recovers(
         assert stream.text
         await instance.stop()
     finally:
-        await stop_redis(redis_proc)
+        redis.stop()
 
 
 # -- nginx in front of two instances ---------------------------------------------------------

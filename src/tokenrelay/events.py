@@ -26,7 +26,6 @@ TOOL_CALL = "tool_call"
 RETRY = "retry"
 DONE = "done"
 ERROR = "error"
-TERMINAL_EVENTS = frozenset({DONE, ERROR})
 
 # Final states of an answer.
 STREAMING = "streaming"
@@ -34,7 +33,6 @@ COMPLETE = "complete"
 CANCELLED = "cancelled"
 FAILED = "error"
 INTERRUPTED = "interrupted"
-FINAL_STATES = frozenset({COMPLETE, CANCELLED, FAILED, INTERRUPTED})
 
 
 @dataclass(slots=True)
@@ -121,15 +119,6 @@ def parse_frame(raw: bytes) -> tuple[int, str | None, bytes]:
         line, _, rest = rest.partition(b"\n")
         name = line[7:].decode("ascii")
     return seq, name, rest[6:].rstrip(b"\n")
-
-
-def frame_event_name(raw: bytes) -> str | None:
-    """The event name of one of our frames, cheaply (None for text deltas)."""
-    nl = raw.index(b"\n")
-    if raw.startswith(b"event: ", nl + 1):
-        end = raw.index(b"\n", nl + 1)
-        return raw[nl + 8 : end].decode("ascii")
-    return None
 
 
 HEARTBEAT = b": heartbeat\n\n"

@@ -14,12 +14,13 @@ import secrets
 import pytest
 import redis.asyncio as aioredis
 
+from support.redis_server import RedisServer
 from tokenrelay import events as ev
 from tokenrelay.errors import JournalFull, ServiceUnavailable, StreamClosed, StreamNotFound
 from tokenrelay.journal.base import JournalLimits, open_journal
 from tokenrelay.journal.redis import RedisJournal
 
-from .conftest import SHARED_REDIS, MakeJournal, RedisServer, delete_prefix, until, waiting
+from .conftest import SHARED_REDIS, MakeJournal, delete_prefix, until, waiting
 
 
 def texts(start: int, stop: int) -> list[bytes]:
@@ -113,7 +114,7 @@ async def test_racing_finishes_write_exactly_one_terminal_frame(
     )
     assert sorted(won) == [False, True]
     result = await b.read("s", 0, 0)
-    names = [ev.frame_event_name(f) for f in result.frames]
+    names = [ev.parse_frame(f)[1] for f in result.frames]
     assert names == [None, None, None, ev.DONE if won[0] else ev.ERROR]
     assert seqs(result.frames) == [1, 2, 3, 4]
     assert result.finished
