@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite drives for real: Chromium (browser tests) and nginx
-# (the deployment test). Installed only when missing; never `playwright install`.
+# (the deployment test). Installed only when missing; Playwright never downloads its own
+# browser here: the tests launch /usr/bin/chromium.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)

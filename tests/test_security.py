@@ -7,7 +7,6 @@ upstream; nothing here is mocked.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import socket
 from collections.abc import Iterator
@@ -92,8 +91,6 @@ async def test_an_idempotency_key_is_scoped_to_its_tenant(gateway_factory, http)
             await read_stream(r)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tokenrelay.routes.conversations") is None,
-                    reason="the conversation history API is not in this tree yet")
 async def test_conversations_are_invisible_to_other_keys(gateway_factory, http, tmp_path):
     async with gateway_factory(TOKENRELAY_API_KEYS=KEYS,
                                TOKENRELAY_DATABASE_URL=f"sqlite:///{tmp_path / 'c.db'}") as gw:
