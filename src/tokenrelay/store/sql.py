@@ -496,9 +496,11 @@ class SQLStore(Store):
             raise _not_found()
         return int(seq)
 
-    async def add_user_message(self, owner: str, conversation_id: str, content: str) -> str:
+    async def _append_message(
+        self, owner: str, conversation_id: str, message_id: str, **columns: Any
+    ) -> None:
+        """Insert a message at the conversation's next position (owner-checked)."""
         now = utcnow()
-        message_id = new_id()
         async with self._begin() as conn:
             seq = await self._next_seq(conn, owner, conversation_id, now)
             await conn.execute(
@@ -507,15 +509,19 @@ class SQLStore(Store):
                     conversation_id=conversation_id,
                     owner=owner,
                     seq=seq,
-                    role="user",
-                    content=content,
                     reasoning="",
-                    state="complete",
                     usage_estimated=False,
                     created_at=now,
                     updated_at=now,
+                    **columns,
                 )
             )
+
+    async def add_user_message(self, owner: str, conversation_id: str, content: str) -> str:
+        message_id = new_id()
+        await self._append_message(
+            owner, conversation_id, message_id, role="user", content=content, state="complete"
+        )
         return message_id
 
     async def begin_assistant(
@@ -526,27 +532,17 @@ class SQLStore(Store):
         stream_id: str,
         model_requested: str,
     ) -> None:
-        now = utcnow()
-        async with self._begin() as conn:
-            seq = await self._next_seq(conn, owner, conversation_id, now)
-            await conn.execute(
-                messages.insert().values(
-                    id=message_id,
-                    conversation_id=conversation_id,
-                    owner=owner,
-                    seq=seq,
-                    role="assistant",
-                    content="",
-                    reasoning="",
-                    state="streaming",
-                    model_requested=model_requested,
-                    usage_estimated=False,
-                    stream_id=stream_id,
-                    instance_id=self.instance_id,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+        await self._append_message(
+            owner,
+            conversation_id,
+            message_id,
+            role="assistant",
+            content="",
+            state="streaming",
+            model_requested=model_requested,
+            stream_id=stream_id,
+            instance_id=self.instance_id,
+        )
 
     async def checkpoint(self, message_id: str, content: str, reasoning: str) -> None:
         """One UPDATE; ignored once the message left ``streaming`` (or was deleted)."""
