@@ -31,6 +31,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, nullcontext
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -564,19 +565,7 @@ class SQLStore(Store):
                 update(messages)
                 .where(messages.c.id == message_id)
                 .values(
-                    state=result.state,
-                    content=result.content,
-                    reasoning=result.reasoning,
-                    tool_calls=result.tool_calls,
-                    finish_reason=result.finish_reason,
-                    model_used=result.model_used,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    usage_estimated=result.usage_estimated,
-                    ttft_ms=result.ttft_ms,
-                    tokens_per_s=result.tokens_per_s,
-                    error_code=result.error_code,
-                    error_message=result.error_message,
+                    **asdict(result),  # its fields are the message's columns
                     updated_at=now,
                 )
             )
