@@ -25,12 +25,11 @@ import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 
 from support.client import chat_body, read_stream
 from support.gateway import serve_app
 from support.processes import Instance, Launcher, free_port
-from support.redis_server import RedisServer
+from support.redis_server import RedisServer, delete_prefix
 from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,13 +70,7 @@ async def redis_prefix() -> AsyncIterator[str]:
     """A random key prefix on the shared Redis; its keys (only) are deleted afterwards."""
     prefix = f"trcluster:{secrets.token_hex(6)}:"
     yield prefix
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await delete_prefix(REDIS_URL, prefix)
 
 
 @module_fixture

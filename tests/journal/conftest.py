@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from support.processes import free_port
-from support.redis_server import RedisServer
+from support.redis_server import RedisServer, delete_prefix
 from tokenrelay.journal.base import Journal, JournalLimits, open_journal
 from tokenrelay.journal.memory import MemoryJournal
 from tokenrelay.journal.redis import RedisJournal
@@ -26,17 +25,6 @@ from tokenrelay.journal.redis import RedisJournal
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 MakeJournal = Callable[..., Journal]
-
-
-async def delete_prefix(url: str, prefix: str) -> None:
-    """Delete this test's keys, and only them."""
-    client = aioredis.Redis.from_url(url)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import time
 
+import redis.asyncio as aioredis
+
 
 class RedisServer:
     """A private redis-server on its own port, which a test may stop and restart."""
@@ -52,3 +54,14 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    """Delete the keys under ``prefix``, and only them (never FLUSHDB a shared server)."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
