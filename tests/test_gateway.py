@@ -6,6 +6,7 @@ import asyncio
 import codecs
 import random
 import re
+import socket
 
 import orjson
 
@@ -235,6 +236,45 @@ async def test_a_client_that_stops_reading_slows_nobody(gateway_factory, http):
                 stream = await read_stream(reader)
             assert stream.events[-1].data["state"] == "complete"
             await asyncio.wait_for(generation.finished.wait(), 10)
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(
+    gateway_factory, http
+):
+    """The write that finds the socket full suspends; the send deadline then drops the
+    client (its response is cut, without a terminal event) instead of holding it."""
+    async with gateway_factory(TOKENRELAY_SEND_TIMEOUT_S="0.5", server={"sndbuf": 8192}) as gw:
+        host, port = gw.base_url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a tiny window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        body = orjson.dumps(chat_body("flood", "sim-fast", sim={"tokens": 100_000}))
+        writer.write(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        stream_id = re.search(rb"x-stream-id: (\S+)", head, re.I).group(1).decode()
+        generation = gw.hub.generations[stream_id]
+        await asyncio.wait_for(generation.finished.wait(), 30)
+        # Not reading: the gateway's buffers fill, a write suspends, the deadline fires.
+        for _ in range(200):
+            if gw.hub.subscriber_count() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert gw.hub.subscriber_count() == 0
+        rest = await asyncio.wait_for(reader.read(), 30)  # now drain it: cut, not finished
+        writer.close()
+        assert b"event: done" not in rest and b"event: error" not in rest
+        ids = [int(n) for n in re.findall(rb"^id: (\d+)$", rest, re.M)]
+        assert ids == list(range(1, len(ids) + 1)) and len(ids) > 1  # in order, no gap
+        # The stream itself is whole for anyone who resumes.
+        url = f"{gw.base_url}/api/streams/{stream_id}/events"
+        async with http.get(url, headers={"Last-Event-ID": "1"}) as resp:
+            stream = await read_stream(resp)
+        assert stream.events[-1].data["state"] == "complete"
 
 
 async def test_journal_bound_ends_the_stream_with_a_clear_error(gateway_factory, http):

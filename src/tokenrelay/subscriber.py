@@ -71,7 +71,9 @@ class SubscriberResponse:
                 await self._send_loop(send, deadline)
                 completed = True
             except asyncio.CancelledError:
-                if not listener.gone or task.uncancel() > 0:
+                # Absorb only our own cancellations: the client left, or a write stuck
+                # past the deadline (which can fire just before the loop awaits it).
+                if not (listener.gone or deadline.expired) or task.uncancel() > 0:
                     raise
             except (TimeoutError, OSError, TokenRelayError) as exc:
                 # A client that stopped reading, a broken socket, or a stream that expired.
@@ -87,47 +89,136 @@ class SubscriberResponse:
     async def _send_loop(self, send: Any, deadline: _SendDeadline) -> None:
         hub = self.hub
         journal = hub.journal
-        settings = hub.settings
-        heartbeat_s = settings.heartbeat_s
+        heartbeat_s = hub.settings.heartbeat_s
         # Only a shared journal can outlive the instance that writes to it.
         lease_check = journal.owner_alive if journal.distributed else None
         check_every = journal.lease_s / 2
         transform = self.transform
-        pos = self.after
-        last_write = time.monotonic()
+        follower = _Follower(self.after, send, transform, deadline)
 
         async def write(data: bytes) -> None:
             await deadline.send(send, {"type": "http.response.body", "body": data,
                                        "more_body": True})
+            follower.last_write = time.monotonic()
 
         # A comment first: bytes reach the client (and any proxy) before the upstream answers.
         await write(b": stream " + self.stream_id.encode() + b"\n\n")
         while True:
-            idle_for = time.monotonic() - last_write
-            wait = max(0.0, heartbeat_s - idle_for)
+            wait = max(0.0, heartbeat_s - (time.monotonic() - follower.last_write))
             if lease_check is not None:
                 wait = min(wait, check_every)
-            result = await journal.read(self.stream_id, pos, wait)
+            # While parked here, the journal may write new frames through the follower
+            # itself (no wake-up of this task); it returns what is left to write.
+            result = await journal.read(self.stream_id, follower.pos, wait, follower=follower)
+            await follower.settle()
             if result.frames:
-                pos += len(result.frames)
+                follower.pos += len(result.frames)
                 if transform is not None:
                     data = transform(result.frames)
                     if data:
                         await write(data)
                 else:
                     await write(b"".join(result.frames))
-                last_write = time.monotonic()
                 if result.finished:
                     return
                 continue
             if result.finished:
                 return
-            if time.monotonic() - last_write >= heartbeat_s * 0.999:
+            if time.monotonic() - follower.last_write >= heartbeat_s * 0.999:
                 await write(self.heartbeat)
-                last_write = time.monotonic()
             if lease_check is not None and self.stream_id not in hub.generations:
                 if not await lease_check(self.stream_id):
                     await _end_interrupted(hub, self.stream_id)
+
+
+class _Follower:
+    """Writes frames pushed by the journal while the send loop is parked in ``read``.
+
+    The push runs inside the generation's append, so a caught-up subscriber costs no task
+    wake-up per upstream read. The server's ``send`` is driven by hand: it almost always
+    completes without suspending (the socket takes the bytes); when it does suspend (the
+    client is not reading and flow control paused the transport), the half-run send is
+    kept and the parked read returns, so the send loop finishes it in its own task under
+    the send deadline (``settle``). A failure is kept and raised there too.
+    """
+
+    __slots__ = ("_deadline", "_send", "_transform", "error", "last_write", "pending", "pos")
+
+    def __init__(
+        self,
+        pos: int,
+        send: Any,
+        transform: Callable[[list[bytes]], bytes] | None,
+        deadline: _SendDeadline,
+    ) -> None:
+        self.pos = pos
+        self._send = send
+        self._transform = transform
+        self._deadline = deadline
+        self.last_write = time.monotonic()
+        self.pending: tuple[Any, Any] | None = None  # (suspended send, what it waits for)
+        self.error: BaseException | None = None
+
+    def push(self, frames: list[bytes]) -> bool:
+        if self.pending is not None or self.error is not None:
+            return False
+        try:
+            data = b"".join(frames) if self._transform is None else self._transform(frames)
+        except Exception as exc:  # a bug in a transform must end this response only
+            self.error = exc
+            return False
+        self.pos += len(frames)
+        if not data:
+            return True
+        coro = self._send({"type": "http.response.body", "body": data, "more_body": True})
+        try:
+            waiting_for = coro.send(None)
+        except StopIteration:
+            self.last_write = time.monotonic()
+            return True
+        except Exception as exc:  # a broken socket: the send loop raises it
+            self.error = exc
+            return False
+        self.pending = (coro, waiting_for)
+        self._deadline.begin()
+        return False
+
+    async def settle(self) -> None:
+        """Finish a send that suspended during a push; raise what a push hit."""
+        if self.pending is not None:
+            coro, waiting_for = self.pending
+            self.pending = None
+            await self._deadline.wait(_finish_suspended(coro, waiting_for))
+            self.last_write = time.monotonic()
+        if self.error is not None:
+            raise self.error
+
+
+async def _finish_suspended(coro: Any, waiting_for: Any) -> None:
+    """Run to its end, in this task, a coroutine that suspended while driven by hand.
+
+    It suspended on ``waiting_for`` (an asyncio future, or None for a bare yield); this
+    awaits that, then resumes it, as a task would, until it returns. Cancellation reaches
+    it like any await.
+    """
+    try:
+        while True:
+            try:
+                if waiting_for is None:
+                    await asyncio.sleep(0)
+                else:
+                    # What a task does with a future its coroutine yields; awaiting it
+                    # again would otherwise fail ("await wasn't used with future").
+                    waiting_for._asyncio_future_blocking = False
+                    await waiting_for
+            except BaseException as exc:
+                waiting_for = coro.throw(exc)
+            else:
+                waiting_for = coro.send(None)
+    except StopIteration:
+        return
+    finally:
+        coro.close()
 
 
 class _SendDeadline:
@@ -161,18 +252,26 @@ class _SendDeadline:
         else:
             self._handle = self._loop.call_at(due, self._fire)
 
-    async def send(self, send: Any, message: dict[str, Any]) -> None:
+    def begin(self) -> None:
+        """A write starts now (it may finish elsewhere: see ``_Follower``)."""
         self.started = self._loop.time()
         if self._handle is None:
             self._handle = self._loop.call_at(self.started + self._timeout, self._fire)
+
+    async def wait(self, write: Any) -> None:
+        """Await a write begun with ``begin``; TimeoutError if the deadline cancelled it."""
         try:
-            await send(message)
+            await write
         except asyncio.CancelledError:
             if self.expired and self.task is not None and self.task.uncancel() == 0:
                 raise TimeoutError from None
             raise
         finally:
             self.started = 0.0
+
+    async def send(self, send: Any, message: dict[str, Any]) -> None:
+        self.begin()
+        await self.wait(send(message))
 
     def close(self) -> None:
         if self._handle is not None:

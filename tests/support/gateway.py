@@ -27,16 +27,19 @@ class Gateway:
         return self.app.state.hub
 
 
-def serve_app(app: Any, *, lifespan: str = "on") -> contextlib.AbstractAsyncContextManager[str]:
+def serve_app(
+    app: Any, *, lifespan: str = "on", **options: Any
+) -> contextlib.AbstractAsyncContextManager[str]:
     """Serve an ASGI app with uvicorn on 127.0.0.1:<free port>; yield its base URL."""
-    return running_asgi(app, lifespan=lifespan, timeout_graceful_shutdown=1)
+    return running_asgi(app, lifespan=lifespan, timeout_graceful_shutdown=1, **options)
 
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    settings: Settings | None = None, **env: str
+    settings: Settings | None = None, *, server: dict[str, Any] | None = None, **env: str
 ) -> AsyncIterator[Gateway]:
-    """Start the real app (lifespan included) with ``TOKENRELAY_*`` overrides in ``env``."""
+    """Start the real app (lifespan included) with ``TOKENRELAY_*`` overrides in ``env``;
+    ``server`` holds options for :func:`support.servers.serve_asgi`."""
     with tempfile.TemporaryDirectory(prefix="tokenrelay-test-") as tmp:
         if settings is None:
             environ = {
@@ -46,5 +49,5 @@ async def running_gateway(
             }
             settings = load_settings(environ=environ)
         app = create_app(settings)
-        async with serve_app(app) as base_url:
+        async with serve_app(app, **(server or {})) as base_url:
             yield Gateway(base_url, app, settings)

@@ -41,10 +41,15 @@ class _Server(uvicorn.Server):
 async def serve_asgi(app: Any, **options: Any) -> tuple[str, Callable[[], Awaitable[None]]]:
     """Start ``app`` on 127.0.0.1; return its base URL and an async ``stop()``.
 
-    ``options`` go to ``uvicorn.Config`` (e.g. ``timeout_graceful_shutdown``).
+    ``options`` go to ``uvicorn.Config`` (e.g. ``timeout_graceful_shutdown``), except
+    ``sndbuf``: a fixed SO_SNDBUF for accepted connections (a small one makes a client that
+    stops reading fill the server's socket at once, instead of after megabytes).
     """
+    sndbuf = options.pop("sndbuf", None)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # inherited on accept
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     settings: dict[str, Any] = {

@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass(slots=True)
@@ -29,6 +29,20 @@ class ReadResult:
     frames: list[bytes]
     finished: bool
     state: str | None = None  # final state once finished
+
+
+class Follower(Protocol):
+    """A reader that can take new frames synchronously while its read is parked.
+
+    ``pos`` is how many frames it has (its next frame is ``pos + 1``). A journal that
+    supports it calls ``push(frames)`` from ``append`` when ``pos`` equals the count before
+    them; ``push`` advances ``pos`` by what it took and returns True to stay parked, or
+    False to have the read return (with the frames after ``pos``). It must not raise.
+    """
+
+    pos: int
+
+    def push(self, frames: list[bytes]) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +92,19 @@ class Journal(abc.ABC):
 
     @abc.abstractmethod
     async def read(
-        self, stream_id: str, after: int, timeout: float, limit: int = 2048
+        self,
+        stream_id: str,
+        after: int,
+        timeout: float,
+        limit: int = 2048,
+        follower: Follower | None = None,
     ) -> ReadResult:
         """Up to ``limit`` frames with seq > ``after``; waits up to ``timeout`` s for one.
 
         ``finished`` is True only once the returned frames include the terminal frame.
+        With a ``follower`` (``after == follower.pos``), frames appended while the read
+        waits may be pushed to it instead; the read then returns what comes after
+        ``follower.pos``. Backends without push support ignore it.
 
         Raises :class:`~tokenrelay.errors.StreamNotFound` for unknown or expired streams.
         """

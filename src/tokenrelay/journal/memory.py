@@ -1,20 +1,33 @@
 """In-process journal: the embedded default for a single tokenrelay process.
 
 Each stream is a list of frames; readers park on a future that the next append resolves,
-so a generation wakes its subscribers once per upstream read, not once per token. A slow
-reader only holds an index into the list: it never slows the writer or other readers.
+so a generation wakes its subscribers once per upstream read, not once per token. A parked
+reader that passed a *follower* is not even woken: the append hands it the new frames
+synchronously (``Follower.push``), so a caught-up subscriber costs no task switch per read.
+A slow reader only holds an index into the list: it never slows the writer or other readers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
 
 from tokenrelay.errors import JournalFull, StreamNotFound
-from tokenrelay.journal.base import Journal, JournalLimits, ReadResult, StreamInfo
+from tokenrelay.journal.base import Follower, Journal, JournalLimits, ReadResult, StreamInfo
+
+
+class _Waiter:
+    """A parked read: its future, and the follower that may take frames without waking."""
+
+    __slots__ = ("follower", "fut")
+
+    def __init__(self, fut: asyncio.Future[None], follower: Follower | None) -> None:
+        self.fut = fut
+        self.follower = follower
 
 
 class _Stream:
@@ -26,24 +39,35 @@ class _Stream:
         self.nbytes = 0
         self.finished = False
         self.state: str | None = None
-        self.waiters: list[asyncio.Future[None]] = []
+        self.waiters: list[_Waiter] = []
         self.expires_at = 0.0
 
     def wake(self) -> None:
         waiters, self.waiters = self.waiters, []
-        for fut in waiters:
-            if not fut.done():
+        for w in waiters:
+            if not w.fut.done():
+                w.fut.set_result(None)
+
+    def deliver(self, frames: list[bytes], before: int) -> None:
+        """New frames after ``before``: push them to caught-up followers, wake the rest."""
+        waiters, self.waiters = self.waiters, []
+        for w in waiters:
+            fut = w.fut
+            if fut.done():
+                continue
+            follower = w.follower
+            if follower is not None and follower.pos == before and follower.push(frames):
+                self.waiters.append(w)  # delivered: it stays parked
+            else:
                 fut.set_result(None)
 
 
-def _expire(stream: _Stream, fut: asyncio.Future[None]) -> None:
+def _expire(stream: _Stream, waiter: _Waiter) -> None:
     """A read's wait ran out: wake it with nothing, and forget it."""
-    if not fut.done():
-        fut.set_result(None)
-        try:
-            stream.waiters.remove(fut)
-        except ValueError:
-            pass
+    if not waiter.fut.done():
+        waiter.fut.set_result(None)
+        with contextlib.suppress(ValueError):
+            stream.waiters.remove(waiter)
 
 
 class MemoryJournal(Journal):
@@ -95,10 +119,11 @@ class MemoryJournal(Journal):
                 f"stream exceeds the journal bound ({limits.max_events} events, "
                 f"{limits.max_bytes} bytes)"
             )
+        before = len(stream.frames)
         stream.frames.extend(frames)
         stream.nbytes += size
         if stream.waiters:
-            stream.wake()
+            stream.deliver(frames, before)
 
     async def finish(self, stream_id: str, frame: bytes, state: str) -> bool:
         stream = self._get(stream_id)
@@ -113,26 +138,32 @@ class MemoryJournal(Journal):
         return True
 
     async def read(
-        self, stream_id: str, after: int, timeout: float, limit: int = 2048
+        self,
+        stream_id: str,
+        after: int,
+        timeout: float,
+        limit: int = 2048,
+        follower: Follower | None = None,
     ) -> ReadResult:
         stream = self._get(stream_id)
         if after >= len(stream.frames) and not stream.finished and timeout > 0:
-            # A plain timer that resolves the future: cheaper than asyncio.timeout on the
-            # per-read path, and a timeout is not an error here (the caller heartbeats).
+            # A plain timer that resolves the future: cheaper than asyncio.timeout, and a
+            # timeout is not an error here (the caller heartbeats).
             loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            stream.waiters.append(fut)
-            timer = loop.call_later(timeout, _expire, stream, fut)
+            waiter = _Waiter(loop.create_future(), follower)
+            stream.waiters.append(waiter)
+            timer = loop.call_later(timeout, _expire, stream, waiter)
             try:
-                await fut
+                await waiter.fut
             finally:
                 timer.cancel()
-                if not fut.done():
-                    fut.cancel()
-                    try:
-                        stream.waiters.remove(fut)
-                    except ValueError:
-                        pass
+                if not waiter.fut.done():
+                    waiter.fut.cancel()
+                # A cancelled read (its task was cancelled) must leave no waiter behind.
+                if waiter in stream.waiters:
+                    stream.waiters.remove(waiter)
+            if follower is not None:
+                after = follower.pos  # past what was pushed while parked
         frames = stream.frames[after : after + limit] if after < len(stream.frames) else []
         done = stream.finished and after + len(frames) >= len(stream.frames)
         return ReadResult(frames, done, stream.state)

@@ -54,7 +54,7 @@ from tokenrelay.errors import (
     StreamClosed,
     StreamNotFound,
 )
-from tokenrelay.journal.base import Journal, JournalLimits, ReadResult, StreamInfo
+from tokenrelay.journal.base import Follower, Journal, JournalLimits, ReadResult, StreamInfo
 
 log = logging.getLogger("tokenrelay.journal.redis")
 
@@ -625,7 +625,12 @@ class RedisJournal(Journal):
         return (await self._fetch_range(stream_id, after, limit)).cut(after, after, limit)
 
     async def read(
-        self, stream_id: str, after: int, timeout: float, limit: int = 2048
+        self,
+        stream_id: str,
+        after: int,
+        timeout: float,
+        limit: int = 2048,
+        follower: Follower | None = None,  # frames arrive by fetch here: no push
     ) -> ReadResult:
         after = max(0, after)
         if timeout <= 0:
