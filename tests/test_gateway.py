@@ -406,3 +406,8 @@ async def test_metrics_count_streams_tokens_and_resumes(gateway, http):
     assert 'tokenrelay_streams_total{model="sim-chat",state="complete"} 1.0' in text
     assert 'tokenrelay_ttft_seconds_count{model="sim-chat"} 1.0' in text
     assert "tokenrelay_resumes_total 1.0" in text
+    gaps = re.search(r'tokenrelay_inter_token_seconds_count\{model="sim-chat"\} (\d+)', text)
+    assert gaps and 0 < int(gaps.group(1)) < relayed  # one per read with tokens, but the first
+    assert f'tokenrelay_inter_token_seconds_bucket{{le="+Inf",model="sim-chat"}} {gaps.group(1)}' \
+        in text
+    assert 'tokenrelay_inter_token_seconds_bucket{le="0.001",model="sim-chat"}' in text

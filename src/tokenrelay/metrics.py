@@ -1,14 +1,20 @@
 """Prometheus metrics (``GET /metrics``): one registry per app, fed by generation hooks.
 
-Hooks run per upstream *read* (a batch of frames), never per token, and label children are
-resolved once per generation, so metrics cost nothing noticeable on the hot path.
+The per-read hook (``relayed``) only bumps plain integers in a per-model :class:`_ReadStats`
+(no lock, no prometheus call); :class:`_ReadCollector` turns them into the
+``tokenrelay_events_relayed`` counter and the ``tokenrelay_inter_token_seconds`` histogram
+when ``/metrics`` is scraped. Per-answer hooks use prometheus_client directly.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import INF, floatToGoString
 
 if TYPE_CHECKING:
     from tokenrelay.errors import TokenRelayError
@@ -20,6 +26,45 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class _ReadStats:
+    """Per-model counts of relayed reads: events, and gaps between reads with tokens."""
+
+    __slots__ = ("events", "gap_buckets", "gap_sum")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.gap_buckets = [0] * (len(_GAP_BUCKETS) + 1)  # per bucket, last one is +Inf
+        self.gap_sum = 0.0
+
+
+class _ReadCollector:
+    """Exposes the :class:`_ReadStats` of every model at scrape time."""
+
+    def __init__(self, stats: dict[str, _ReadStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily(
+            "tokenrelay_events_relayed",
+            "SSE events relayed (text, reasoning, tool calls)",
+            labels=["model"],
+        )
+        gaps = HistogramMetricFamily(
+            "tokenrelay_inter_token_seconds",
+            "Time between consecutive upstream reads with tokens",
+            labels=["model"],
+        )
+        for model, st in sorted(self._stats.items()):
+            events.add_metric([model], st.events)
+            cumulative, buckets = 0, []
+            for bound, count in zip((*_GAP_BUCKETS, INF), st.gap_buckets, strict=True):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            gaps.add_metric([model], buckets, st.gap_sum)
+        yield events
+        yield gaps
 
 
 class Metrics:
@@ -36,11 +81,6 @@ class Metrics:
                                      "Streams retained by this process's journal", registry=r)
         self.ttft = Histogram("tokenrelay_ttft_seconds", "Time to first token", ["model"],
                               buckets=_TTFT_BUCKETS, registry=r)
-        self.gap = Histogram("tokenrelay_inter_token_seconds",
-                             "Time between consecutive upstream reads with tokens", ["model"],
-                             buckets=_GAP_BUCKETS, registry=r)
-        self.events = Counter("tokenrelay_events_relayed", "SSE events relayed (text, "
-                              "reasoning, tool calls)", ["model"], registry=r)
         self.streams = Counter("tokenrelay_streams", "Finished answers by final state",
                                ["model", "state"], registry=r)
         self.errors = Counter("tokenrelay_upstream_errors", "Answers that ended in an error",
@@ -49,8 +89,10 @@ class Metrics:
                                ["reason"], registry=r)
         self.resumes = Counter("tokenrelay_resumes", "Re-attachments with Last-Event-ID",
                                registry=r)
-        self._children: dict[int, tuple[Any, Any, Any]] = {}
-        self._last: dict[int, float] = {}
+        self._reads: dict[str, _ReadStats] = {}
+        r.register(_ReadCollector(self._reads))
+        # Per live generation: its model's stats and the time of its last read with tokens.
+        self._live: dict[int, list[Any]] = {}
 
     def bind(self, hub: Hub) -> None:
         """Read live gauges from the hub at scrape time."""
@@ -65,32 +107,33 @@ class Metrics:
 
     # -- generation hooks ----------------------------------------------------------------
 
-    def _child(self, gen: Generation) -> tuple[Any, Any, Any]:
-        found = self._children.get(id(gen))
-        if found is None:
-            model = gen.route.name
-            found = (self.ttft.labels(model), self.gap.labels(model), self.events.labels(model))
-            self._children[id(gen)] = found
-        return found
-
     def first_token(self, gen: Generation, seconds: float) -> None:
-        self._child(gen)[0].observe(seconds)
+        self.ttft.labels(gen.route.name).observe(seconds)
 
     def relayed(self, gen: Generation, count: int) -> None:
-        _, gap, events = self._child(gen)
-        events.inc(count)
+        """Once per upstream read that carried events: plain arithmetic only."""
         now = gen.last_token_at or 0.0
-        last = self._last.get(id(gen))
-        if last is not None:
-            gap.observe(now - last)
-        self._last[id(gen)] = now
+        live = self._live.get(id(gen))
+        if live is None:
+            model = gen.route.name
+            stats = self._reads.get(model)
+            if stats is None:
+                stats = self._reads[model] = _ReadStats()
+            self._live[id(gen)] = [stats, now]
+            stats.events += count
+            return
+        stats, last = live
+        live[1] = now
+        stats.events += count
+        gap = now - last
+        stats.gap_buckets[bisect_left(_GAP_BUCKETS, gap)] += 1
+        stats.gap_sum += gap
 
     def retry(self, gen: Generation, notice: RetryNotice) -> None:
         self.retries.labels(notice.reason).inc()
 
     def finished(self, gen: Generation, error: TokenRelayError | None) -> None:
-        self._children.pop(id(gen), None)
-        self._last.pop(id(gen), None)
+        self._live.pop(id(gen), None)
         self.streams.labels(gen.model_used, gen.state).inc()
         if error is not None:
             self.errors.labels(error.code).inc()
