@@ -28,7 +28,7 @@ import pytest_asyncio
 
 from support.client import chat_body, read_stream
 from support.gateway import serve_app
-from support.processes import Instance, Launcher, free_port
+from support.processes import TOKENRELAY, Instance, Launcher, free_port
 from support.redis_server import RedisServer, delete_prefix
 from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator
 
@@ -236,6 +236,69 @@ async def test_killed_instance_ends_followers_elsewhere_as_interrupted(
     assert answer["state"] == "interrupted"
     assert answer["content"]
     assert received.startswith(answer["content"])
+
+
+async def test_workers_share_streams_through_the_journal(
+    launcher: Launcher, client: aiohttp.ClientSession, sim: tuple[Simulator, str]
+) -> None:
+    """``serve --workers 2``: one port, two processes; any worker resumes or stops any
+    stream, whichever of them accepted the request that started it."""
+    simulator, _ = sim
+    (instance,) = await launcher.start("W", args=("--workers", "2"),
+                                       unset=("TOKENRELAY_INSTANCE_ID",),
+                                       TOKENRELAY_LOG_LEVEL="info")  # logs worker starts
+    fresh = aiohttp.TCPConnector(force_close=True)  # every request on a new connection
+    async with aiohttp.ClientSession(connector=fresh) as http:
+        starts = await asyncio.gather(*(
+            start_chat(http, instance.url, tokens=40, tokens_per_s=80) for _ in range(8)
+        ))
+        heads = [await read_stream(resp, stop_after=3) for resp in starts]
+        for resp in starts:
+            resp.close()
+        owners = {head.events[0].data["stream_id"]: head for head in heads}
+        for stream_id, head in owners.items():
+            url = f"{instance.url}/api/streams/{stream_id}/events"
+            async with http.get(url, headers={"Last-Event-ID": str(head.last_id)}) as resp:
+                rest = await read_stream(resp)
+            assert [t.event for t in rest.terminal] == ["done"]
+            ids = [e.id for e in head.events + rest.events]
+            assert ids == list(range(1, len(ids) + 1))
+        # Stops, each on a new connection: the worker that takes it stops the stream
+        # directly when it owns it, else through the journal's cancel channel.
+        disconnected = simulator.stats.disconnected
+        long = [await start_chat(http, instance.url, tokens=5000, tokens_per_s=50)
+                for _ in range(4)]
+        for resp in long:
+            await read_stream(resp, stop_after=2)
+            async with http.post(
+                f"{instance.url}/api/streams/{resp.headers['x-stream-id']}/cancel"
+            ) as cancelled:
+                assert (await cancelled.json())["cancelled"] is True
+        for resp in long:
+            tail = await asyncio.wait_for(read_stream(resp), 20)
+            resp.close()
+            assert tail.terminal[0].data["state"] == "cancelled"
+        await asyncio.wait_for(simulator.wait_for("disconnected", disconnected + 4), 20)
+    workers = {line for line in instance.log.read_text().splitlines()
+               if "Started server process" in line}
+    assert len(workers) == 2, instance.log.read_text()[-2000:]
+    await instance.stop()
+
+
+async def test_workers_refuse_a_memory_journal_or_a_shared_instance_id(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    for env, unset, message in (
+        ({}, ("TOKENRELAY_REDIS_URL",), "needs a shared journal"),
+        ({"TOKENRELAY_INSTANCE_ID": "same"}, (), "unset TOKENRELAY_INSTANCE_ID"),
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            str(TOKENRELAY), "serve", "--port", str(free_port()), "--workers", "2",
+            env={k: v for k, v in {**launcher.env, **env}.items() if k not in unset},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 2 and message in err.decode(), err
 
 
 async def test_redis_down_gives_503_then_recovers(

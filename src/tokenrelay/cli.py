@@ -47,12 +47,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "anyone who can reach this port can use your upstream keys.",
             file=sys.stderr,
         )
-    if args.workers > 1 and settings.journal_url.startswith("memory"):
-        print(
-            "tokenrelay: --workers > 1 needs a shared journal: set TOKENRELAY_REDIS_URL.",
-            file=sys.stderr,
-        )
-        return 2
+    if args.workers > 1:
+        problem = _workers_problem(settings)
+        if problem:
+            print(f"tokenrelay: {problem}", file=sys.stderr)
+            return 2
     from tokenrelay.logs import configure_logging
 
     configure_logging(settings.log_level, json_lines=settings.log_json,
@@ -70,7 +69,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backlog=4096,
     )
     if args.workers > 1:
-        # Each worker process imports the factory and reads the same environment.
+        import asyncio
+        import os
+
+        # Each worker process imports the factory and reads the same environment, so the
+        # config file goes there too; the schema is migrated once, here, not by N workers
+        # racing on an empty database.
+        if args.config:
+            os.environ["TOKENRELAY_CONFIG"] = os.path.abspath(args.config)
+        asyncio.run(_migrate(settings))
         uvicorn.run("tokenrelay.app:create_app", factory=True, workers=args.workers,
                     timeout_graceful_shutdown=settings.drain_s, **kwargs)
     else:
@@ -86,6 +93,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         serve(create_app(settings), settings.drain_s, **kwargs)
     return 0
+
+
+def _workers_problem(settings: Any) -> str | None:
+    """Why ``--workers N`` cannot run with these settings, or None."""
+    if settings.journal_url.startswith("memory"):
+        return "--workers > 1 needs a shared journal: set TOKENRELAY_REDIS_URL."
+    if settings.instance_id:
+        # Workers sharing one id would mark each other's live answers as interrupted
+        # when one of them restarts (see tokenrelay.store.sql).
+        return ("--workers > 1 gives every worker its own instance id: unset "
+                "TOKENRELAY_INSTANCE_ID (or run one instance per id).")
+    return None
+
+
+async def _migrate(settings: Any) -> None:
+    """Bring the database schema up to date (before the workers start)."""
+    if not settings.database_url or settings.database_url == "none":
+        return
+    from tokenrelay.store import open_store
+
+    store = open_store(settings.database_url)
+    await store.start()
+    await store.aclose()
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

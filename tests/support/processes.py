@@ -59,7 +59,10 @@ class Launcher:
         self.http = http
         self.started: list[Instance] = []
 
-    async def start(self, *names: str, **env: str) -> list[Instance]:
+    async def start(
+        self, *names: str, args: tuple[str, ...] = (), unset: tuple[str, ...] = (), **env: str
+    ) -> list[Instance]:
+        """Start instances; ``args`` are extra ``serve`` options, ``unset`` env names to drop."""
         instances = []
         for name in names:
             port = free_port()
@@ -72,10 +75,15 @@ class Launcher:
                     "127.0.0.1",
                     "--port",
                     str(port),
+                    *args,
                     env={
-                        **self.env,
-                        "TOKENRELAY_INSTANCE_ID": f"{name}-{secrets.token_hex(4)}",
-                        **env,
+                        key: value
+                        for key, value in {
+                            **self.env,
+                            "TOKENRELAY_INSTANCE_ID": f"{name}-{secrets.token_hex(4)}",
+                            **env,
+                        }.items()
+                        if key not in unset
                     },
                     stdout=out,
                     stderr=subprocess.STDOUT,
