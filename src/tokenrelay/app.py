@@ -22,7 +22,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
 from tokenrelay.config import SIMULATOR, Settings, load_settings
@@ -187,18 +187,65 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
+class _ExactRouter(Router):
+    """Starlette's router, plus a dict lookup for paths without parameters.
+
+    Starlette tries every route in order (a regex match each) and then calls
+    ``Route.handle``; the chat endpoints sit several routes down the list. A path that
+    only its own route can match (checked once, here) goes straight to that route when
+    the method matches too; anything else (405s, 404s, parameters, mounts, a
+    ``root_path``) takes Starlette's own scan, so the answers are the same.
+    """
+
+    def __init__(self, routes: list[BaseRoute], **kwargs: Any) -> None:
+        super().__init__(routes, **kwargs)
+        self._exact: dict[str, Route] = {}
+        for i, route in enumerate(routes):
+            if not isinstance(route, Route) or route.param_convertors or not route.methods:
+                continue
+            probes = [{"type": "http", "path": route.path, "root_path": "", "method": m}
+                      for m in route.methods]
+            if not any(earlier.matches(probe)[0] is not Match.NONE
+                       for earlier in routes[:i] for probe in probes):
+                self._exact.setdefault(route.path, route)
+
+    async def app(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):  # else: as Starlette
+            route = self._exact.get(scope["path"])
+            if route is not None:
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:  # what Router.app then Route.handle would do
+                    if "router" not in scope:
+                        scope["router"] = self
+                    scope["route"] = route
+                    scope.update(child_scope)
+                    await route.app(scope, receive, send)
+                    return
+        await super().app(scope, receive, send)
+
+
 class TokenRelayApp(Starlette):
-    """Starlette, plus the server's own ``send`` kept in the scope.
+    """Starlette, plus the server's own ``send`` kept in the scope, and a router that
+    finds the routes of fixed paths by a dict lookup (:class:`_ExactRouter`).
 
     Every middleware wrapper on ``send`` only looks at ``http.response.start``; a streaming
     response sends its start through them and its body chunks (one per upstream read)
     straight to the server, which saves a coroutine call per wrapper on the hot path.
     """
 
+    def __init__(self, *, routes: list[BaseRoute], lifespan: Any, **kwargs: Any) -> None:
+        super().__init__(routes=routes, lifespan=lifespan, **kwargs)
+        self.router = _ExactRouter(routes, lifespan=lifespan)
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             scope[RAW_SEND] = send
-        await super().__call__(scope, receive, send)
+        # Starlette.__call__ inlined: one coroutine frame less under every request (each
+        # resumption of the response's task passes through all of them).
+        scope["app"] = self
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        await self.middleware_stack(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -222,7 +269,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     middleware = [Middleware(AccessLogMiddleware)]
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, **cors_options(settings.cors_origins)))
-    middleware.append(Middleware(AuthMiddleware, keys=settings.api_keys))
+    if settings.api_keys:  # without keys it would pass every request through unchanged
+        middleware.append(Middleware(AuthMiddleware, keys=settings.api_keys))
     app = TokenRelayApp(
         routes=routes,
         middleware=middleware,

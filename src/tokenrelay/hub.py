@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 from tokenrelay import events as ev
@@ -250,22 +249,24 @@ class Hub:
 
     # -- subscribers and the grace period -----------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def subscribed(self, stream_id: str) -> AsyncIterator[None]:
-        """Count a subscriber for the grace period while the block runs."""
+    def subscribed(self, stream_id: str) -> _Subscription:
+        """``async with hub.subscribed(stream_id):`` counts a subscriber for the grace
+        period while the block runs."""
+        return _Subscription(self, stream_id)
+
+    def _subscribe(self, stream_id: str) -> None:
         self._subscribers[stream_id] = self._subscribers.get(stream_id, 0) + 1
         handle = self._grace.pop(stream_id, None)
         if handle is not None:
             handle.cancel()
-        try:
-            yield
-        finally:
-            left = self._subscribers.get(stream_id, 1) - 1
-            if left > 0:
-                self._subscribers[stream_id] = left
-            else:
-                self._subscribers.pop(stream_id, None)
-                self._start_grace(stream_id)
+
+    def _unsubscribe(self, stream_id: str) -> None:
+        left = self._subscribers.get(stream_id, 1) - 1
+        if left > 0:
+            self._subscribers[stream_id] = left
+        else:
+            self._subscribers.pop(stream_id, None)
+            self._start_grace(stream_id)
 
     def _start_grace(self, stream_id: str) -> None:
         gen = self.generations.get(stream_id)
@@ -289,3 +290,20 @@ class Hub:
 
     def subscriber_count(self) -> int:
         return sum(self._subscribers.values())
+
+
+class _Subscription:
+    """The context manager of :meth:`Hub.subscribed`: a plain class, as it runs once per
+    response (a generator-based one costs a generator and its wrapper objects)."""
+
+    __slots__ = ("hub", "stream_id")
+
+    def __init__(self, hub: Hub, stream_id: str) -> None:
+        self.hub = hub
+        self.stream_id = stream_id
+
+    async def __aenter__(self) -> None:
+        self.hub._subscribe(self.stream_id)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.hub._unsubscribe(self.stream_id)

@@ -7,7 +7,7 @@ body message through at once, so nothing is buffered or delayed.
 Order, outermost first (``app.create_app``): :class:`AccessLogMiddleware` (request id,
 ``nosniff``, one log line per request), then CORS (Starlette's, only when origins are
 configured, so a preflight never needs a key and a 401 is readable cross-origin), then
-:class:`AuthMiddleware`.
+:class:`AuthMiddleware` (only when keys are configured: without any it passes everything).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class AccessLogMiddleware:
             return
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        rid = request_id.encode()
+        rid = (b"x-request-id", request_id.encode())
         status = 0
 
         async def send_wrapper(message: dict[str, Any]) -> None:
@@ -176,10 +176,12 @@ class AccessLogMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", ()))
-                names = {name.lower() for name, _ in headers}
-                if b"x-content-type-options" not in names:
+                for name, _ in headers:
+                    if name.lower() == b"x-content-type-options":
+                        break
+                else:
                     headers.append(_NOSNIFF)
-                headers.append((b"x-request-id", rid))
+                headers.append(rid)
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -189,16 +191,18 @@ class AccessLogMiddleware:
             status = status or 500
             raise
         finally:
-            log.info(
-                "%s %s %d %.1fms key=%s rid=%s",
-                _log_method(scope.get("method", "")),
-                _log_path(scope.get("path", "")),
-                status,
-                (time.perf_counter() - started) * 1000,
-                state.get("key_name", "-"),
-                request_id,
-                extra={"request_id": request_id, "status": status},
-            )
+            # The arguments cost (quoting the path) even when the line is filtered out.
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "%s %s %d %.1fms key=%s rid=%s",
+                    _log_method(scope.get("method", "")),
+                    _log_path(scope.get("path", "")),
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                    state.get("key_name", "-"),
+                    request_id,
+                    extra={"request_id": request_id, "status": status},
+                )
 
 
 CORS_HEADERS = ["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key",

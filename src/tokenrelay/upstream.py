@@ -35,6 +35,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from tokenrelay.chunks import ChunkDecoder
 from tokenrelay.config import ModelRoute, Provider, Settings
@@ -133,6 +135,16 @@ def _map_errors(phase: str, timeouts_for: Callable[[str], float]) -> Iterator[No
         raise UpstreamConnectError(f"upstream request failed ({type(exc).__name__})") from None
 
 
+@dataclass(frozen=True, slots=True)
+class _ChatTarget:
+    """What every chat request to one provider sends alike, built once per provider."""
+
+    provider: Provider  # the one it was built for (settings are frozen)
+    url: URL | str
+    headers: CIMultiDictProxy[str]
+    timeout: aiohttp.ClientTimeout
+
+
 class UpstreamClient:
     """Holds the shared HTTP session and resolves routes to providers."""
 
@@ -146,12 +158,41 @@ class UpstreamClient:
         self.session = session
         self._base_urls = dict(base_urls or {})
         self._secrets = settings.secrets
+        self._targets: dict[str, _ChatTarget] = {}
 
     def provider(self, route: ModelRoute) -> Provider:
         return self.settings.providers[route.provider]
 
     def base_url(self, provider: Provider) -> str:
         return self._base_urls.get(provider.name) or provider.base_url
+
+    def chat_target(self, provider: Provider) -> _ChatTarget:
+        """URL, headers and timeout of ``provider``'s chat requests (cached: building them,
+        and aiohttp parsing a URL and converting a header dict, cost on every request)."""
+        target = self._targets.get(provider.name)
+        if target is not None and target.provider is provider:
+            return target
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            **dict(provider.headers),
+        }
+        if provider.api_key:
+            headers["Authorization"] = f"Bearer {provider.api_key}"
+        url: URL | str = self.base_url(provider) + "/chat/completions"
+        try:
+            url = URL(url)
+        except ValueError:  # left to aiohttp, which reports it as before (InvalidUrlClientError)
+            pass
+        connect = provider.timeouts.connect
+        target = _ChatTarget(
+            provider,
+            url,
+            CIMultiDictProxy(CIMultiDict(headers)),
+            aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect),
+        )
+        self._targets[provider.name] = target
+        return target
 
     def call(
         self,
@@ -295,14 +336,7 @@ class UpstreamCall:
     ) -> AsyncIterator[list[Event]]:
         """One HTTP request: yields event lists; the first yield marks the first token."""
         timeouts = provider.timeouts
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream",
-            **dict(provider.headers),
-        }
-        if provider.api_key:
-            headers["Authorization"] = f"Bearer {provider.api_key}"
-        url = self.client.base_url(provider) + "/chat/completions"
+        target = self.client.chat_target(provider)
         loop = asyncio.get_running_loop()
         start = loop.time()
         total_deadline = start + timeouts.total
@@ -315,12 +349,10 @@ class UpstreamCall:
             # No yield inside this timeout: it may only ever cancel this await.
             async with asyncio.timeout_at(first_deadline):
                 resp = await self.client.session.post(
-                    url,
+                    target.url,
                     data=self._request_body(route),
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(
-                        total=None, connect=timeouts.connect, sock_connect=timeouts.connect
-                    ),
+                    headers=target.headers,
+                    timeout=target.timeout,
                     read_bufsize=_READ_SIZE,
                 )
         watchdog = _Watchdog(loop, first_deadline, "first_token", resp.close)

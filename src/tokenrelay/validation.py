@@ -7,11 +7,12 @@ except :func:`read_json_body`, which reads a request body with a size cap and a 
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from tokenrelay.config import Limits, ModelRoute, Settings
 from tokenrelay.errors import BadRequest
@@ -61,21 +62,36 @@ class ChatRequest:
 
 async def read_json_body(request: Request, limits: Limits) -> Any:
     """The request's JSON body, bounded in size and time."""
-    declared = request.headers.get("content-length")
+    scope = request.scope
+    declared = None
+    for name, value in scope["headers"]:  # the first one, as ``request.headers.get``
+        if name == b"content-length":
+            declared = value.decode("latin-1")
+            break
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest("invalid Content-Length header")
         if int(declared) > limits.max_body_bytes:
             raise _too_large(limits)
+    # ``receive`` directly rather than ``request.stream()``: the same messages without an
+    # async generator per request (the body is nearly always in the first message).
+    receive = request.receive
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(limits.body_timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limits.max_body_bytes:
-                    raise _too_large(limits)
-                chunks.append(chunk)
+            while True:
+                message = await receive()
+                if message["type"] == "http.request":
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limits.max_body_bytes:
+                        raise _too_large(limits)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+                elif message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
     except TimeoutError:
         raise BadRequest(
             f"the request body did not arrive within {limits.body_timeout_s:g} s",
@@ -170,6 +186,12 @@ def validate_messages(messages: Any, limits: Limits) -> list[dict[str, Any]]:
     return clean
 
 
+@functools.cache
+def _allowed_fields(extra_fields: frozenset[str]) -> frozenset[str]:
+    """The fields a chat body may have (one set per route, built once)."""
+    return frozenset(PASSTHROUGH) | _OWN_FIELDS | extra_fields
+
+
 def validate_chat(
     data: Any,
     settings: Settings,
@@ -180,9 +202,9 @@ def validate_chat(
     """Check a chat request body; raises BadRequest naming the first problem."""
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_request")
-    allowed = PASSTHROUGH.keys() | _OWN_FIELDS | extra_fields
-    unknown = sorted(k for k in data if k not in allowed)
-    if unknown:
+    allowed = _allowed_fields(extra_fields)
+    if not allowed.issuperset(data):
+        unknown = sorted(k for k in data if k not in allowed)
         raise BadRequest(f"unknown field {unknown[0]!r}", code="unknown_field")
     messages = validate_messages(data.get("messages"), settings.limits)
     model = data.get("model", settings.default_model)

@@ -14,12 +14,13 @@ from tokenrelay import __version__
 from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError, UpstreamError
 from tokenrelay.hub import Hub, new_id
 from tokenrelay.idempotency import check_key, fingerprint
-from tokenrelay.routes.common import JSONResponse, owner_of
+from tokenrelay.routes.common import Endpoint, JSONResponse, header, owner_of
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import ChatRequest, read_json_body, validate_chat
 
 log = logging.getLogger("tokenrelay.routes")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_EXTRA_FIELDS = frozenset({"conversation_id"})
 
 
 def _title(messages: list[dict[str, Any]]) -> str:
@@ -73,18 +74,20 @@ async def record_request(request: Request, chat: ChatRequest, message_id: str) -
 
 
 async def chat(request: Request) -> Any:
-    settings = request.app.state.settings
-    hub: Hub = request.app.state.hub
+    state = request.app.state
+    settings = state.settings
+    hub: Hub = state.hub
     data = await read_json_body(request, settings.limits)
-    chat_request = validate_chat(data, settings, extra_fields=frozenset({"conversation_id"}))
+    chat_request = validate_chat(data, settings, extra_fields=_EXTRA_FIELDS)
     stream_id = new_id()
+    owner = owner_of(request)
     # Admission before any side effect, so a refused request leaves no trace.
-    lease = await request.app.state.limiter.acquire(owner_of(request))
+    lease = await state.limiter.acquire(owner)
     try:
-        key = request.headers.get("idempotency-key")
+        key = header(request, b"idempotency-key")
         if key is not None:
-            earlier = await request.app.state.idempotency.claim(
-                owner_of(request), check_key(key), fingerprint(data), stream_id
+            earlier = await state.idempotency.claim(
+                owner, check_key(key), fingerprint(data), stream_id
             )
             if earlier is not None:
                 await lease.finish()
@@ -92,7 +95,7 @@ async def chat(request: Request) -> Any:
         message_id = new_id("m-")
         conversation_id = await record_request(request, chat_request, message_id)
         gen = await hub.start(
-            owner=owner_of(request),
+            owner=owner,
             route=chat_request.route,
             body=chat_request.upstream_body(),
             conversation_id=conversation_id,
@@ -170,7 +173,7 @@ async def config(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/api/chat", chat, methods=["POST"]),
+    Route("/api/chat", Endpoint(chat), methods=["POST"]),
     Route("/api/models", models, methods=["GET"]),
     Route("/api/config", config, methods=["GET"]),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -15,7 +16,39 @@ LOCAL_OWNER = "local"
 
 def owner_of(request: Request) -> str:
     """The tenant of the caller: set by the auth middleware, else the single local user."""
-    return getattr(request.state, "owner", LOCAL_OWNER)
+    # The scope's state dict is what ``request.state`` wraps; reading it directly avoids
+    # the two AttributeErrors that ``getattr(request.state, ...)`` raises for the local user.
+    state = request.scope.get("state")
+    return state.get("owner", LOCAL_OWNER) if state else LOCAL_OWNER
+
+
+class Endpoint:
+    """``func(request) -> response`` as a plain ASGI app, for ``Route(path, Endpoint(func))``.
+
+    Starlette wraps a function endpoint in a second exception-handling layer (a Request,
+    closures, two more coroutine frames under the response's task). The one in
+    ``ExceptionMiddleware`` already applies the same handlers to the same exceptions
+    (nothing but routing sits between the two), so the hot endpoints skip the inner one.
+    """
+
+    __slots__ = ("__name__", "func")
+
+    def __init__(self, func: Callable[[Request], Awaitable[Any]]) -> None:
+        self.func = func
+        self.__name__ = func.__name__  # the route's name, as for a function endpoint
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        response = await self.func(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+
+def header(request: Request, name: bytes) -> str | None:
+    """The first value of a request header (``name`` in lower case), as
+    ``request.headers.get`` returns it, without building a Headers object."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 class JSONResponse(Response):

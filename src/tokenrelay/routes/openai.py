@@ -21,16 +21,11 @@ from starlette.routing import Route
 from tokenrelay import events as ev
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.hub import Hub
-from tokenrelay.routes.common import JSONResponse, owner_of
+from tokenrelay.routes.common import Endpoint, JSONResponse, owner_of
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import read_json_body, validate_chat
 
 _CLIENT_ERRORS = frozenset({400, 404, 413, 422})
-
-
-def _chunk(base: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> bytes:
-    body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    return b"data: " + ev.dumps(body) + b"\n\n"
 
 
 def chunk_transform(
@@ -39,19 +34,29 @@ def chunk_transform(
     """Re-encode our journal frames as OpenAI streaming chunks."""
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
             "model": model}
+    # Every chunk is ``{**base, "choices": [{"index": 0, "delta": ..., "finish_reason":
+    # ...}]}``; its bytes are the same as encoding that dict, with the part that never
+    # changes encoded once per stream instead of once per token.
+    head = b"data: " + ev.dumps(base)[:-1] + b',"choices":[{"index":0,"delta":'
+    open_tail = b',"finish_reason":null}]}\n\n'
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        tail = open_tail if finish is None else (
+            b',"finish_reason":' + ev.dumps(finish) + b"}]}\n\n")
+        return head + ev.dumps(delta) + tail
 
     def transform(frames: list[bytes]) -> bytes:
         out: list[bytes] = []
         for raw in frames:
             _, name, data = ev.parse_frame(raw)
             if name is None:
-                out.append(_chunk(base, {"content": orjson.loads(data)["content"]}))
+                out.append(chunk({"content": orjson.loads(data)["content"]}))
                 continue
             payload = orjson.loads(data)
             if name == ev.START:
-                out.append(_chunk(base, {"role": "assistant", "content": ""}))
+                out.append(chunk({"role": "assistant", "content": ""}))
             elif name == ev.REASONING:
-                out.append(_chunk(base, {"reasoning_content": payload["reasoning"]}))
+                out.append(chunk({"reasoning_content": payload["reasoning"]}))
             elif name == ev.TOOL_CALL:
                 call: dict[str, Any] = {"index": payload["index"], "type": "function",
                                         "function": {"arguments": payload["arguments"]}}
@@ -59,13 +64,13 @@ def chunk_transform(
                     call["id"] = payload["id"]
                 if payload.get("name"):
                     call["function"]["name"] = payload["name"]
-                out.append(_chunk(base, {"tool_calls": [call]}))
+                out.append(chunk({"tool_calls": [call]}))
             elif name == ev.RETRY:
                 out.append(b": retry in %d ms (%s)\n\n" % (payload["wait_ms"],
                                                           payload["reason"].encode()))
             elif name == ev.DONE:
                 reason = payload.get("finish_reason") or "stop"
-                out.append(_chunk(base, {}, reason))
+                out.append(chunk({}, reason))
                 if include_usage:
                     usage = payload["usage"]
                     body = {**base, "choices": [], "usage": {
@@ -181,6 +186,6 @@ async def list_models(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/chat/completions", Endpoint(chat_completions), methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
 ]
