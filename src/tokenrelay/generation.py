@@ -164,10 +164,8 @@ class Generation:
     async def _relay_upstream(self) -> None:
         call = self.upstream.call(self.route, self.body, on_retry=self._on_retry)
         try:
-            # aclosing: however the loop ends (cancel included), the upstream response closes.
-            async with contextlib.aclosing(call.events()) as batches:
-                async for batch in batches:
-                    await self._append_batch(batch)
+            # However it ends (cancel included), run() closes the upstream response.
+            await call.run(self._append_batch)
             self.state = ev.COMPLETE
         finally:
             self.model_used = call.route_used.name

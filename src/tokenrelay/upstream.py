@@ -1,7 +1,9 @@
 """OpenAI-compatible upstream client: request, retries, fallbacks, time budgets, decoding.
 
-One :class:`UpstreamCall` per answer. ``events()`` yields lists of normalized events, one list
-per network read (bulk parsing: a read of 50 tokens becomes a handful of objects).
+One :class:`UpstreamCall` per answer. ``run(sink)`` awaits ``sink(events)`` with a list of
+normalized events per network read (bulk parsing: a read of 50 tokens becomes a handful of
+objects). A callback rather than an async generator: it runs once per read, and each
+generator layer costs a resumption there.
 
 Policy (DESIGN.md "Upstreams and models"):
 
@@ -28,7 +30,7 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -243,6 +245,7 @@ class UpstreamCall:
         self.upstream_model: str | None = None  # what the provider says it ran
         self.attempts = 0
         self.content_chunks = 0  # upstream chunks that carried text (a token estimate)
+        self.relayed = False  # the current attempt has handed events to the sink
 
     def _chain(self) -> list[ModelRoute]:
         chain = [self.route]
@@ -252,8 +255,9 @@ class UpstreamCall:
                 chain.append(fallback)
         return chain
 
-    async def events(self) -> AsyncIterator[list[Event]]:
-        """Yield lists of events; raises UpstreamError when the answer cannot go on."""
+    async def run(self, sink: Callable[[list[Event]], Awaitable[None]]) -> None:
+        """Hand each read's events to ``sink``; raises UpstreamError when the answer
+        cannot go on. Nothing is retried once ``sink`` has been called."""
         chain = self._chain()
         started = time.monotonic()
         budget = self.client.provider(self.route).retry.budget
@@ -265,14 +269,12 @@ class UpstreamCall:
                 attempt += 1
                 self.attempts += 1
                 self.route_used = route
-                relayed = False
+                self.relayed = False
                 try:
-                    async for events in self._attempt(route, provider):
-                        relayed = True
-                        yield events
+                    await self._attempt(route, provider, sink)
                     return
                 except UpstreamError as exc:
-                    if relayed or not exc.retryable:
+                    if self.relayed or not exc.retryable:
                         raise
                     last_model = index == len(chain) - 1
                     overloaded = isinstance(exc, UpstreamStatusError) and exc.overloaded
@@ -332,9 +334,9 @@ class UpstreamCall:
         return orjson.dumps(body)
 
     async def _attempt(
-        self, route: ModelRoute, provider: Provider
-    ) -> AsyncIterator[list[Event]]:
-        """One HTTP request: yields event lists; the first yield marks the first token."""
+        self, route: ModelRoute, provider: Provider, sink: Callable[[list[Event]], Awaitable[None]]
+    ) -> None:
+        """One HTTP request; the first call of ``sink`` marks the first token."""
         timeouts = provider.timeouts
         target = self.client.chat_target(provider)
         loop = asyncio.get_running_loop()
@@ -346,7 +348,7 @@ class UpstreamCall:
             return float(getattr(timeouts, phase))
 
         with _map_errors("first_token", budget):
-            # No yield inside this timeout: it may only ever cancel this await.
+            # Only this await inside the timeout: it may cancel nothing else.
             async with asyncio.timeout_at(first_deadline):
                 resp = await self.client.session.post(
                     target.url,
@@ -374,54 +376,54 @@ class UpstreamCall:
             content = resp.content
             waiting_first = True
             idle = timeouts.idle
-            try:
-                while True:
+            while True:
+                # Only the read is mapped to upstream errors: what the sink raises (the
+                # journal, say) passes through as it is.
+                try:
                     data = await content.readany()
-                    if not data:
-                        break
-                    out: list[Event] = []
-                    failure: UpstreamError | None = None
-                    try:
-                        for event in sse.decode(data):
-                            if event.event == "message" or event.event == "error":
-                                chunks.feed(event.data, out)
-                    except UpstreamError as exc:
-                        failure = exc  # relay the good text of this read first
-                    if waiting_first:
-                        if not out or all(isinstance(e, Usage | Finish) for e in out):
-                            if failure is not None:
-                                raise failure
-                            continue
-                        waiting_first = False
-                        watchdog.phase = "idle"
-                        watchdog.rearm(min(loop.time() + idle, total_deadline))
-                        self.upstream_model = chunks.model
-                    # The watchdog re-arms itself lazily: per read we only move a float.
-                    watchdog.deadline = min(loop.time() + idle, total_deadline)
-                    if watchdog.deadline == total_deadline:
-                        watchdog.phase = "total"
-                    self.content_chunks = chunks.content_chunks
-                    if out:
-                        yield out
-                    if failure is not None:
-                        raise failure
-                tail: list[Event] = []
-                chunks.flush(tail)
-                if tail:
-                    yield tail
-                if watchdog.expired:
-                    raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase))
-                chunks.finish()
-                complete = True
-            except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-                if watchdog.expired:
-                    raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
-                with _map_errors(watchdog.phase, budget):
-                    raise exc from None
-            except UpstreamIncomplete:
-                if watchdog.expired:
-                    raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
-                raise
+                except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+                    if watchdog.expired:
+                        raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
+                    with _map_errors(watchdog.phase, budget):
+                        raise exc from None
+                if not data:
+                    break
+                out: list[Event] = []
+                failure: UpstreamError | None = None
+                try:
+                    for event in sse.decode(data):
+                        if event.event == "message" or event.event == "error":
+                            chunks.feed(event.data, out)
+                except UpstreamError as exc:
+                    failure = exc  # relay the good text of this read first
+                if waiting_first:
+                    if not out or all(isinstance(e, Usage | Finish) for e in out):
+                        if failure is not None:
+                            raise failure
+                        continue
+                    waiting_first = False
+                    watchdog.phase = "idle"
+                    watchdog.rearm(min(loop.time() + idle, total_deadline))
+                    self.upstream_model = chunks.model
+                # The watchdog re-arms itself lazily: per read we only move a float.
+                watchdog.deadline = min(loop.time() + idle, total_deadline)
+                if watchdog.deadline == total_deadline:
+                    watchdog.phase = "total"
+                self.content_chunks = chunks.content_chunks
+                if out:
+                    self.relayed = True
+                    await sink(out)
+                if failure is not None:
+                    raise failure
+            tail: list[Event] = []
+            chunks.flush(tail)
+            if tail:
+                self.relayed = True
+                await sink(tail)
+            if watchdog.expired:  # the watchdog closed the response: that was the end
+                raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase))
+            chunks.finish()
+            complete = True
         finally:
             watchdog.cancel()
             if complete:
