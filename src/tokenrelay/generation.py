@@ -42,6 +42,42 @@ CHECKPOINT_KEEPALIVE_S = 10.0  # well under the store's orphan_after_s (30 s)
 class Generation:
     """Runs one answer from the upstream into the journal (see module docstring)."""
 
+    # Slots: a generation lives as long as its answer, thousands at a time when idle.
+    __slots__ = (
+        "_dirty",
+        "_finishing",
+        "_relaying",
+        "body",
+        "cancel_reason",
+        "checkpoint_s",
+        "content_chunks",
+        "conversation_id",
+        "created",
+        "error",
+        "finish_reason",
+        "finished",
+        "first_token_at",
+        "journal",
+        "last_token_at",
+        "message_id",
+        "model_used",
+        "observer",
+        "on_finish",
+        "owner",
+        "reasoning",
+        "route",
+        "seq",
+        "started",
+        "state",
+        "store",
+        "stream_id",
+        "task",
+        "text",
+        "tool_calls",
+        "upstream",
+        "usage",
+    )
+
     def __init__(
         self,
         *,
@@ -89,7 +125,7 @@ class Generation:
         self.content_chunks = 0
         self._dirty = False
         self.error: TokenRelayError | None = None
-        self.finished = asyncio.Event()
+        self.finished = _Flag()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -365,3 +401,29 @@ class Generation:
                 )
             except Exception:
                 log.warning("checkpoint of message %s failed", self.message_id[:8])
+
+
+class _Flag:
+    """``asyncio.Event``'s ``set``/``is_set``/``wait`` for one-shot use, without the
+    Event's deque: every live generation holds one, so its size counts per idle stream."""
+
+    __slots__ = ("_fut", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._fut: asyncio.Future[None] | None = None  # made only when someone waits
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._fut is not None and not self._fut.done():
+            self._fut.set_result(None)
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        if self._fut is None:
+            self._fut = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._fut)  # a cancelled waiter must not cancel the flag
