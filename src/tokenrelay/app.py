@@ -36,7 +36,7 @@ from tokenrelay.metrics import Metrics
 from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
 from tokenrelay.routes import chat, openai, streams
 from tokenrelay.routes.common import JSONResponse, error_response
-from tokenrelay.subscriber import RAW_SEND
+from tokenrelay.subscriber import DEFERRED, RAW_SEND, Deferred
 from tokenrelay.upstream import UpstreamClient
 
 log = logging.getLogger("tokenrelay")
@@ -231,6 +231,7 @@ class TokenRelayApp(Starlette):
     Every middleware wrapper on ``send`` only looks at ``http.response.start``; a streaming
     response sends its start through them and its body chunks (one per upstream read)
     straight to the server, which saves a coroutine call per wrapper on the hot path.
+    Its body runs here, after the middleware stack has returned (see ``Deferred``).
     """
 
     def __init__(self, *, routes: list[BaseRoute], lifespan: Any, **kwargs: Any) -> None:
@@ -238,14 +239,18 @@ class TokenRelayApp(Starlette):
         self.router = _ExactRouter(routes, lifespan=lifespan)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        deferred = None
         if scope["type"] == "http":
             scope[RAW_SEND] = send
+            scope[DEFERRED] = deferred = Deferred()
         # Starlette.__call__ inlined: one coroutine frame less under every request (each
         # resumption of the response's task passes through all of them).
         scope["app"] = self
         if self.middleware_stack is None:
             self.middleware_stack = self.build_middleware_stack()
         await self.middleware_stack(scope, receive, send)
+        if deferred is not None:
+            await deferred.run()
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

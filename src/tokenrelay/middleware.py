@@ -25,6 +25,7 @@ from urllib.parse import quote
 import orjson
 
 from tokenrelay.config import ApiKey
+from tokenrelay.subscriber import DEFERRED
 
 log = logging.getLogger("tokenrelay.access")
 
@@ -185,12 +186,7 @@ class AccessLogMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except BaseException:
-            status = status or 500
-            raise
-        finally:
+        def log_line() -> None:
             # The arguments cost (quoting the path) even when the line is filtered out.
             if log.isEnabledFor(logging.INFO):
                 log.info(
@@ -203,6 +199,18 @@ class AccessLogMiddleware:
                     request_id,
                     extra={"request_id": request_id, "status": status},
                 )
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            deferred = scope.get(DEFERRED)
+            if deferred is not None and deferred.body is not None:
+                deferred.after.append(log_line)  # a stream: logged when its body ends
+            else:
+                log_line()
 
 
 CORS_HEADERS = ["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key",

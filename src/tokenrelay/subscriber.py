@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenrelay import events as ev
@@ -27,12 +27,40 @@ from tokenrelay.hub import Hub
 log = logging.getLogger("tokenrelay.subscriber")
 
 RAW_SEND = "tokenrelay.raw_send"  # scope key of the server's own send (set in app.py)
+DEFERRED = "tokenrelay.deferred"  # scope key of the request's Deferred (set in app.py)
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache, no-transform"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+class Deferred:
+    """A response body that the app runs after the middleware and the route returned.
+
+    A stream may stay open for hours; run inside the route, its task would keep the
+    coroutine frames of every middleware, the router and the route alive all that time
+    (~3.7 KB per open stream, ``bench/memory_probe.py``). So a SubscriberResponse sends
+    its start through the middleware (which add their headers), leaves its body here, and
+    returns. A middleware that acts when the response ends (the access log) appends a
+    callback to ``after``: the app calls them once the body has ended.
+    """
+
+    __slots__ = ("after", "body")
+
+    def __init__(self) -> None:
+        self.body: Callable[[], Awaitable[None]] | None = None
+        self.after: list[Callable[[], None]] = []
+
+    async def run(self) -> None:
+        if self.body is None:
+            return
+        try:
+            await self.body()
+        finally:
+            for callback in self.after:
+                callback()
 
 
 class SubscriberResponse:
@@ -58,6 +86,13 @@ class SubscriberResponse:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         send = scope.get(RAW_SEND, send)  # body chunks skip the middleware (see app.py)
+        deferred: Deferred | None = scope.get(DEFERRED)
+        if deferred is not None and deferred.body is None:
+            deferred.body = lambda: self._body(send, receive)  # run by the app (Deferred)
+            return
+        await self._body(send, receive)
+
+    async def _body(self, send: Any, receive: Any) -> None:
         async with self.hub.subscribed(self.stream_id):
             loop = asyncio.get_running_loop()
             task = asyncio.current_task()
@@ -107,6 +142,7 @@ class SubscriberResponse:
             wait = max(0.0, heartbeat_s - (time.monotonic() - follower.last_write))
             if lease_check is not None:
                 wait = min(wait, check_every)
+            deadline.park()
             # While parked here, the journal may write new frames through the follower
             # itself (no wake-up of this task); it returns what is left to write.
             result = await journal.read(self.stream_id, follower.pos, wait, follower=follower)
@@ -272,6 +308,12 @@ class _SendDeadline:
     async def send(self, send: Any, message: dict[str, Any]) -> None:
         self.begin()
         await self.wait(send(message))
+
+    def park(self) -> None:
+        """No write is pending: drop the timer, so an idle subscriber holds none (a uvloop
+        timer is ~0.5 KB; a push while parked arms it again through ``begin``)."""
+        if not self.started:
+            self.close()
 
     def close(self) -> None:
         if self._handle is not None:
