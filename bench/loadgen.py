@@ -290,14 +290,20 @@ async def throughput(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     sim = {"tokens": tokens, "tokens_per_s": 0, "first_token_delay_s": 0}
     warm = [target.chat(i, {**sim, "tokens": min(tokens, 100)}) for i in range(min(n, 10))]
     await run_streams(target, warm)
-    streams = [target.chat(i, sim) for i in range(n)]
+    # Several rounds of n concurrent streams, back to back: one round is a fraction of a
+    # second, too short for a stable CPU figure.
+    rounds = spec.get("rounds", 1)
+    streams: list[Stream] = []
     window = CPUWindow(spec["pids"])
-    await run_streams(target, streams)
+    for r in range(rounds):
+        batch = [target.chat(r * n + i, sim) for i in range(n)]
+        await run_streams(target, batch)
+        streams += batch
     out = window.stop()
     complete = sum(1 for s in streams if s.complete)
     total = complete * tokens  # the gateway merges the tokens of one read into one frame
-    out.update(tokens=total, frames=sum(s.tokens for s in streams), errors=n - complete,
-               tokens_per_s=total / out["wall_s"])
+    out.update(tokens=total, frames=sum(s.tokens for s in streams),
+               errors=len(streams) - complete, tokens_per_s=total / out["wall_s"])
     return out
 
 
