@@ -90,3 +90,19 @@ async def test_a_failed_push_is_raised_by_the_send_loop() -> None:
     assert follower.push([b"y"]) is False  # refuses more once failed
     with pytest.raises(ConnectionResetError):
         await follower.settle()
+
+
+async def test_a_send_left_suspended_is_closed_when_the_loop_ends() -> None:
+    loop = asyncio.get_running_loop()
+    cleaned: list[bool] = []
+
+    async def stuck(message: dict) -> None:
+        try:
+            await loop.create_future()
+        finally:
+            cleaned.append(True)  # e.g. uvicorn's drain waiter leaves its Event
+
+    follower = _Follower(0, stuck, None, _SendDeadline(loop, 5.0))
+    assert follower.push([b"x"]) is False and follower.pending is not None
+    follower.close()
+    assert cleaned == [True] and follower.pending is None

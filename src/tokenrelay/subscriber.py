@@ -41,7 +41,7 @@ class Deferred:
 
     A stream may stay open for hours; run inside the route, its task would keep the
     coroutine frames of every middleware, the router and the route alive all that time
-    (~3.7 KB per open stream, ``bench/memory_probe.py``). So a SubscriberResponse sends
+    (~2 KB per open stream, ``bench/memory_probe.py``). So a SubscriberResponse sends
     its start through the middleware (which add their headers), leaves its body here, and
     returns. A middleware that acts when the response ends (the access log) appends a
     callback to ``after``: the app calls them once the body has ended.
@@ -138,33 +138,38 @@ class SubscriberResponse:
 
         # A comment first: bytes reach the client (and any proxy) before the upstream answers.
         await write(b": stream " + self.stream_id.encode() + b"\n\n")
-        while True:
-            wait = max(0.0, heartbeat_s - (time.monotonic() - follower.last_write))
-            if lease_check is not None:
-                wait = min(wait, check_every)
-            deadline.park()
-            # While parked here, the journal may write new frames through the follower
-            # itself (no wake-up of this task); it returns what is left to write.
-            result = await journal.read(self.stream_id, follower.pos, wait, follower=follower)
-            await follower.settle()
-            if result.frames:
-                follower.pos += len(result.frames)
-                if transform is not None:
-                    data = transform(result.frames)
-                    if data:
-                        await write(data)
-                else:
-                    await write(b"".join(result.frames))
+        try:
+            while True:
+                wait = max(0.0, heartbeat_s - (time.monotonic() - follower.last_write))
+                if lease_check is not None:
+                    wait = min(wait, check_every)
+                deadline.park()
+                # While parked here, the journal may write new frames through the follower
+                # itself (no wake-up of this task); it returns what is left to write.
+                result = await journal.read(
+                    self.stream_id, follower.pos, wait, follower=follower
+                )
+                await follower.settle()
+                if result.frames:
+                    follower.pos += len(result.frames)
+                    if transform is not None:
+                        data = transform(result.frames)
+                        if data:
+                            await write(data)
+                    else:
+                        await write(b"".join(result.frames))
+                    if result.finished:
+                        return
+                    continue
                 if result.finished:
                     return
-                continue
-            if result.finished:
-                return
-            if time.monotonic() - follower.last_write >= heartbeat_s * 0.999:
-                await write(self.heartbeat)
-            if lease_check is not None and self.stream_id not in hub.generations:
-                if not await lease_check(self.stream_id):
-                    await _end_interrupted(hub, self.stream_id)
+                if time.monotonic() - follower.last_write >= heartbeat_s * 0.999:
+                    await write(self.heartbeat)
+                if lease_check is not None and self.stream_id not in hub.generations:
+                    if not await lease_check(self.stream_id):
+                        await _end_interrupted(hub, self.stream_id)
+        finally:
+            follower.close()  # a send a push left suspended, if the loop ended meanwhile
 
 
 class _Follower:
@@ -218,6 +223,12 @@ class _Follower:
         self.pending = (coro, waiting_for)
         self._deadline.begin()
         return False
+
+    def close(self) -> None:
+        """The send loop is over: drop a send that a push left suspended."""
+        if self.pending is not None:
+            self.pending[0].close()
+            self.pending = None
 
     async def settle(self) -> None:
         """Finish a send that suspended during a push; raise what a push hit."""
