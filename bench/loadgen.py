@@ -284,6 +284,24 @@ async def run_streams(target: Target, streams: list[Stream], ramp_s: float = 0.0
 
 # --------------------------------------------------------------------------- phases
 
+IDLE_SIM = {"tokens": 5, "first_token_delay_s": 3600}  # held an hour before its first token
+
+
+async def warm_idle_path(target: Target) -> None:
+    """Run the code of complete and of idle streams once (imports, caches, pools) before
+    memory is measured: ten short answers, then twenty idle streams, dropped."""
+    warm = [target.chat(i, {"tokens": 5, "tokens_per_s": 0, "first_token_delay_s": 0})
+            for i in range(10)]
+    await run_streams(target, warm)
+    idle = [target.chat(i, IDLE_SIM) for i in range(20)]
+    for s in idle:
+        await target.open(s)
+        await s.opened
+    await asyncio.sleep(0.5)  # the gateway has started their upstream requests
+    for s in idle:
+        s.abort()
+    await asyncio.sleep(1.0)  # and noticed the aborts (grace timers, closed upstreams)
+
 
 async def throughput(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     n, tokens = spec["streams"], spec["tokens"]
@@ -337,18 +355,8 @@ async def capacity(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     """Idle streams waiting for a first token that never comes; heartbeats keep them up."""
     n = spec["streams"]
     gw = spec["pids"]["gateway"]
-    sim = {"tokens": 5, "first_token_delay_s": 3600}
-    warm = [target.chat(i, {"tokens": 5, "tokens_per_s": 0, "first_token_delay_s": 0})
-            for i in range(10)]
-    await run_streams(target, warm)
-    idle = [target.chat(i, sim) for i in range(20)]  # warm the idle path's code too
-    for s in idle:
-        await target.open(s)
-        await s.opened
-    await asyncio.sleep(0.5)
-    for s in idle:
-        s.abort()
-    await asyncio.sleep(0.5)
+    sim = IDLE_SIM
+    await warm_idle_path(target)
     rss0 = rss_bytes(gw)
     window = CPUWindow(spec["pids"])
     streams = [target.chat(i, sim) for i in range(n)]

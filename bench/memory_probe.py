@@ -30,9 +30,9 @@ biggest allocation sites by whole traceback.
 packages).
 
 ``--patch`` applies a named experiment inside the gateway before the app is built (see
-``PATCHES``: ``flat_asgi``, ``flat_asgi_log``, ``event_list``, ``deadline_disarm``,
-``lean_upstream`` -- a minimal HTTP/1.1 streaming client instead of aiohttp --,
-``gen_slots``, ``read_4k``, ``gc_freeze``); ``--uvicorn JSON`` adds uvicorn options;
+``PATCHES``: ``lean_upstream`` -- a minimal HTTP/1.1 streaming client instead of aiohttp --,
+``event_list``, ``read_4k``; the experiments that paid off are in the code now);
+``--uvicorn JSON`` adds uvicorn options;
 ``--env`` sets environment variables of the gateway (e.g. MALLOC_ARENA_MAX=2,
 PYTHONMALLOC=malloc). Everything is loopback and bounded; the processes it starts are
 stopped at the end.
@@ -179,95 +179,6 @@ def _patch_read_4k() -> None:
     upstream._READ_SIZE = 1 << 12
 
 
-def _patch_gc_freeze() -> None:
-    """Nothing per stream; here to test that the GC's own lists are not the cost."""
-    gc.freeze()
-
-
-def _patch_flat_asgi() -> None:
-    """Run an SSE response's body after the middleware stack has returned.
-
-    The response start still goes through every middleware (their headers are added); the
-    body then runs in ``TokenRelayApp.__call__``, so an idle stream no longer keeps the
-    coroutine frames of the middleware, the router and the route alive. (Experiment: the
-    access log line is written when the headers go out, not at the end of the stream.)
-    """
-    from starlette.applications import Starlette
-
-    from tokenrelay import app as app_mod
-    from tokenrelay import subscriber
-
-    deferred_key = "tokenrelay.deferred"
-    body = subscriber.SubscriberResponse.__call__
-
-    async def response_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
-        slot = scope.get(deferred_key)
-        if slot is None:
-            await body(self, scope, receive, send)
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        slot.append(self)
-
-    async def app_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
-        deferred: list[Any] = []
-        if scope["type"] == "http":
-            scope[subscriber.RAW_SEND] = send
-            scope[deferred_key] = deferred
-        await Starlette.__call__(self, scope, receive, send)
-        if deferred:
-            async def started(message: Any) -> None:
-                pass  # the start went out through the middleware already
-
-            await body(deferred[0], scope, receive, started)
-
-    subscriber.SubscriberResponse.__call__ = response_call  # type: ignore[method-assign]
-    app_mod.TokenRelayApp.__call__ = app_call  # type: ignore[method-assign]
-
-
-def _patch_flat_asgi_log() -> None:
-    """``flat_asgi``, but the body runs just inside the access-log middleware, so its log
-    line still comes at the end of the stream with the right duration."""
-    from tokenrelay import middleware, subscriber
-
-    deferred_key = "tokenrelay.deferred"
-    body = subscriber.SubscriberResponse.__call__
-
-    async def response_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
-        slot = scope.get(deferred_key)
-        if slot is None:
-            await body(self, scope, receive, send)
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        slot.append(self)
-
-    class Runner:
-        """Stands for the few lines the proposal adds to AccessLogMiddleware.__call__."""
-
-        __slots__ = ("app",)
-
-        def __init__(self, app: Any) -> None:
-            self.app = app
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            deferred: list[Any] = []
-            if scope["type"] == "http":
-                scope[deferred_key] = deferred
-            await self.app(scope, receive, send)
-            if deferred:
-                async def started(message: Any) -> None:
-                    pass  # the start went out through the middleware already
-
-                await body(deferred[0], scope, receive, started)
-
-    init = middleware.AccessLogMiddleware.__init__
-
-    def access_init(self: Any, app: Any, *args: Any, **kwargs: Any) -> None:
-        init(self, Runner(app), *args, **kwargs)
-
-    subscriber.SubscriberResponse.__call__ = response_call  # type: ignore[method-assign]
-    middleware.AccessLogMiddleware.__init__ = access_init  # type: ignore[method-assign]
-
-
 def _patch_event_list() -> None:
     """asyncio.Event keeps its waiters in a list instead of a deque (760 bytes empty).
 
@@ -281,39 +192,6 @@ def _patch_event_list() -> None:
         self._value = False
 
     asyncio.locks.Event.__init__ = init  # type: ignore[method-assign]
-
-
-def _patch_deadline_disarm() -> None:
-    """The subscriber's send-deadline timer is cancelled once a write completed, so an
-    idle subscriber holds no timer for it (the proposal cancels it only before parking)."""
-    from tokenrelay import subscriber
-
-    wait = subscriber._SendDeadline.wait
-
-    async def disarming_wait(self: Any, write: Any) -> None:
-        try:
-            await wait(self, write)
-        finally:
-            self.close()
-
-    subscriber._SendDeadline.wait = disarming_wait  # type: ignore[method-assign]
-
-
-def _patch_gen_slots() -> None:
-    """Generation with ``__slots__`` (it has more attributes than a shared-key dict holds)."""
-    import inspect
-
-    from tokenrelay import generation, hub
-
-    cls = generation.Generation
-    if "__slots__" in cls.__dict__:
-        return  # it has them already (since 051adf4)
-    names = sorted(set(re.findall(r"self\.(\w+)(?:: [^=\n]+)? = ", inspect.getsource(cls))))
-    ns = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    ns["__slots__"] = tuple(names)
-    slotted = type(cls.__name__, cls.__bases__, ns)
-    generation.Generation = slotted  # type: ignore[misc]
-    hub.Generation = slotted  # type: ignore[misc]
 
 
 class _LeanProtocol:
@@ -461,12 +339,7 @@ def _patch_lean_upstream() -> None:
 PATCHES = {
     "lean_upstream": _patch_lean_upstream,
     "read_4k": _patch_read_4k,
-    "gc_freeze": _patch_gc_freeze,
-    "flat_asgi": _patch_flat_asgi,
-    "flat_asgi_log": _patch_flat_asgi_log,
     "event_list": _patch_event_list,
-    "deadline_disarm": _patch_deadline_disarm,
-    "gen_slots": _patch_gen_slots,
 }
 
 
@@ -519,22 +392,12 @@ def _get(url: str, timeout: float = 600) -> dict[str, Any]:
 
 async def _clients(gw_url: str, n: int, heartbeat_s: float, objects: bool, top: int,
                    settle_s: float) -> dict[str, Any]:
-    from loadgen import Target, run_streams
+    from loadgen import IDLE_SIM, Target, warm_idle_path
 
     loop = asyncio.get_running_loop()
     target = Target("gateway", gw_url, "sim-fast")
-    idle_sim = {"tokens": 5, "first_token_delay_s": 3600}
-    # Warm up as the capacity phase does: complete answers, then idle ones, dropped.
-    await run_streams(target, [target.chat(i, {"tokens": 5, "tokens_per_s": 0,
-                                               "first_token_delay_s": 0}) for i in range(10)])
-    idle = [target.chat(i, idle_sim) for i in range(20)]
-    for s in idle:
-        await target.open(s)
-        await s.opened
-    await asyncio.sleep(0.5)
-    for s in idle:
-        s.abort()
-    await asyncio.sleep(1.0)
+    idle_sim = IDLE_SIM
+    await warm_idle_path(target)  # as the capacity phase does
     q = "&objects=1" if objects else ""
     before = await loop.run_in_executor(None, _get, f"{gw_url}{MARK}?name=before{q}")
     streams = [target.chat(i, idle_sim) for i in range(n)]
