@@ -65,6 +65,13 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def kernel_seconds(pid: int) -> float:
+    """System (kernel) CPU time of ``pid``, all threads (clock ticks from /proc stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_seconds(pid: int) -> float:
     """Time ``pid``'s threads were runnable but waiting for a CPU (other processes)."""
     total = 0.0
@@ -83,6 +90,7 @@ class CPUWindow:
         self.pids["loadgen"] = os.getpid()
         self.start = {k: cpu_seconds(p) for k, p in self.pids.items()}
         self.waited = {k: wait_seconds(p) for k, p in self.pids.items()}
+        self.kernel = {k: kernel_seconds(p) for k, p in self.pids.items()}
         self.t0 = time.perf_counter()
 
     def stop(self) -> dict[str, float]:
@@ -90,6 +98,7 @@ class CPUWindow:
         out = {f"cpu_{k}_s": cpu_seconds(p) - self.start[k] for k, p in self.pids.items()}
         for k, p in self.pids.items():
             out[f"runqueue_{k}_s"] = wait_seconds(p) - self.waited[k]
+            out[f"kernel_{k}_s"] = kernel_seconds(p) - self.kernel[k]
         out["wall_s"] = wall
         return out
 

@@ -240,6 +240,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if any(phase in r for r in runs):
             s[f"runqueue_{phase}"] = share("gateway", phase, "gateway",
                                           key="runqueue_gateway_s")
+        kernel = _get(runs, phase, "gateway", "kernel_gateway_s")
+        cpu = _get(runs, phase, "gateway", "cpu_gateway_s")
+        if kernel is not None and cpu:
+            s[f"kernel_{phase}"] = min(100.0, kernel / cpu * 100)
     if any("throughput" in r for r in runs):
         s["tps_direct"] = _get(runs, "throughput", "direct", "tokens_per_s")
         s["tps_gateway"] = _get(runs, "throughput", "gateway", "tokens_per_s")
@@ -350,6 +354,10 @@ def table(s: dict[str, Any], sizes: dict[str, dict[str, Any]], header: str) -> s
             notes.append(f"{phase}: load generator {load:.0f}% of its core{extra}")
     if notes:
         lines.append("CPU during the tokenrelay runs: " + "; ".join(notes) + ".")
+    kernel = {p: s[f"kernel_{p}"] for p in PHASES if s.get(f"kernel_{p}") is not None}
+    if kernel:
+        lines.append("Share of the gateway's CPU spent in the kernel (sockets, epoll): "
+                     + ", ".join(f"{p} {k:.0f}%" for p, k in kernel.items()) + ".")
     waits = {p: s[f"runqueue_{p}"] for p in PHASES if s.get(f"runqueue_{p}") is not None}
     if waits:
         lines.append("Gateway runnable but waiting for its CPU (other processes on its core): "
