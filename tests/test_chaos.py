@@ -249,3 +249,15 @@ async def test_the_upstream_gets_the_request_it_should(chaos):
     body = upstream.requests[0].json
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["model"] == "m" and body["messages"] == [{"role": "user", "content": "q"}]
+
+
+async def test_answers_reuse_the_upstream_connection_unless_it_broke(chaos):
+    upstream, ask = chaos
+    upstream.script(ok(TOKENS), ok(TOKENS), reset_after(TOKENS, 2), ok(TOKENS))
+    complete(await ask())
+    complete(await ask())
+    assert upstream.connections == 1  # kept alive after [DONE]
+    broken = await ask()
+    assert broken.terminal[0].event == "error"
+    complete(await ask())
+    assert upstream.connections == 2  # the broken one was not reused

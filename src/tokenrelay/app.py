@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -27,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from tokenrelay.config import SIMULATOR, Settings, load_settings
 from tokenrelay.errors import BadRequest, TokenRelayError
+from tokenrelay.httpclient import Pool
 from tokenrelay.hub import Hub
 from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
 from tokenrelay.journal.base import open_journal
@@ -110,16 +110,15 @@ def _open_idempotency(settings: Settings) -> IdempotencyStore:
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with contextlib.AsyncExitStack() as stack:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
-        stack.push_async_callback(session.close)
+        pool = Pool(keepalive_s=30.0)
+        stack.push_async_callback(pool.aclose)
         base_urls = {}
         if SIMULATOR in settings.providers:
             base_urls[SIMULATOR] = await stack.enter_async_context(
                 _simulator_server(settings.simulator_speed)
             )
             log.info("no upstream configured: serving the built-in simulator (simulated models)")
-        upstream = UpstreamClient(settings, session, base_urls)
+        upstream = UpstreamClient(settings, pool, base_urls)
         journal = open_journal(
             settings.journal_url,
             settings.journal,

@@ -19,7 +19,8 @@ Policy (DESIGN.md "Upstreams and models"):
 * Three budgets: first token (from the request), idle (between reads once streaming) and
   total. A silent upstream raises :class:`UpstreamTimeout`, never hangs.
 
-aiohttp errors never leave this module: :func:`_map_errors` turns each into the most
+HTTP goes through :mod:`tokenrelay.httpclient` (a keep-alive pool made for streamed
+answers); its errors never leave this module: :func:`_map_errors` turns each into the most
 specific :class:`~tokenrelay.errors.UpstreamError`. Error messages are built from statuses
 and the provider's own error text, redacted of every configured key.
 """
@@ -35,10 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from tokenrelay.chunks import ChunkDecoder
 from tokenrelay.config import ModelRoute, Provider, Settings
@@ -52,10 +50,21 @@ from tokenrelay.errors import (
     redact,
 )
 from tokenrelay.events import Event, Finish, Usage
+from tokenrelay.httpclient import (
+    BadResponse,
+    ConnectFailed,
+    Disconnected,
+    HTTPError,
+    Origin,
+    Pool,
+    Response,
+    encode_head,
+)
 from tokenrelay.sse import SSEDecoder
 
-_READ_SIZE = 1 << 16
 _ERROR_BODY_LIMIT = 64 * 1024
+_MODELS_BODY_LIMIT = 4 << 20
+_USER_AGENT = "tokenrelay"
 
 
 @dataclass(slots=True)
@@ -117,24 +126,23 @@ def _error_message(body: bytes, status: int) -> str:
 
 @contextmanager
 def _map_errors(phase: str, timeouts_for: Callable[[str], float]) -> Iterator[None]:
-    """Translate aiohttp/asyncio failures into UpstreamError subclasses."""
+    """Translate HTTP client and asyncio failures into UpstreamError subclasses."""
     try:
         yield
     except UpstreamError:
         raise
     except TimeoutError:
         raise UpstreamTimeout(phase, timeouts_for(phase)) from None
-    except aiohttp.ClientPayloadError:
-        raise UpstreamIncomplete("upstream connection broke in the middle of the answer") from None
-    except aiohttp.ServerDisconnectedError:
-        raise UpstreamIncomplete("upstream closed the connection") from None
-    except aiohttp.ClientConnectorError as exc:
-        reason = exc.os_error.strerror or "refused"
-        raise UpstreamConnectError(f"cannot connect to upstream ({reason})") from None
-    except (aiohttp.ClientOSError, ConnectionError) as exc:
+    except Disconnected as exc:
+        if exc.mid_body:
+            raise UpstreamIncomplete(str(exc)) from None
+        raise UpstreamConnectError(str(exc)) from None  # closed before any answer
+    except BadResponse as exc:
+        raise UpstreamProtocolError(str(exc)) from None
+    except ConnectFailed as exc:
+        raise UpstreamConnectError(str(exc)) from None
+    except (HTTPError, OSError) as exc:
         raise UpstreamConnectError(f"upstream connection failed ({type(exc).__name__})") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamConnectError(f"upstream request failed ({type(exc).__name__})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,22 +150,22 @@ class _ChatTarget:
     """What every chat request to one provider sends alike, built once per provider."""
 
     provider: Provider  # the one it was built for (settings are frozen)
-    url: URL | str
-    headers: CIMultiDictProxy[str]
-    timeout: aiohttp.ClientTimeout
+    origin: Origin | None  # None: the base URL is not a usable http(s) URL
+    head: bytes  # request line and headers, without Content-Length
+    problem: str = ""  # why origin is None
 
 
 class UpstreamClient:
-    """Holds the shared HTTP session and resolves routes to providers."""
+    """Holds the shared connection pool and resolves routes to providers."""
 
     def __init__(
         self,
         settings: Settings,
-        session: aiohttp.ClientSession,
+        pool: Pool,
         base_urls: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
-        self.session = session
+        self.pool = pool
         self._base_urls = dict(base_urls or {})
         self._secrets = settings.secrets
         self._targets: dict[str, _ChatTarget] = {}
@@ -168,33 +176,44 @@ class UpstreamClient:
     def base_url(self, provider: Provider) -> str:
         return self._base_urls.get(provider.name) or provider.base_url
 
+    def _headers(self, provider: Provider, accept: str) -> dict[str, str]:
+        headers = {
+            "User-Agent": _USER_AGENT,
+            "Accept": accept,
+            "Accept-Encoding": "identity",  # a compressor would hold tokens back
+        }
+        headers.update(provider.headers)
+        if provider.api_key:
+            headers["Authorization"] = f"Bearer {provider.api_key}"
+        return headers
+
+    def _target(self, provider: Provider, method: str, path: str, accept: str,
+                extra: Mapping[str, str]) -> _ChatTarget:
+        try:
+            origin = Origin.parse(self.base_url(provider))
+            head = encode_head(method, origin, path, {**self._headers(provider, accept), **extra})
+        except ValueError as exc:
+            # Never echo the header values: one of them carries the key.
+            return _ChatTarget(provider, None, b"", self.redact(str(exc)))
+        return _ChatTarget(provider, origin, head)
+
     def chat_target(self, provider: Provider) -> _ChatTarget:
-        """URL, headers and timeout of ``provider``'s chat requests (cached: building them,
-        and aiohttp parsing a URL and converting a header dict, cost on every request)."""
+        """Origin and encoded request head of ``provider``'s chat requests, built once
+        (settings are frozen)."""
         target = self._targets.get(provider.name)
         if target is not None and target.provider is provider:
             return target
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream",
-            **dict(provider.headers),
-        }
-        if provider.api_key:
-            headers["Authorization"] = f"Bearer {provider.api_key}"
-        url: URL | str = self.base_url(provider) + "/chat/completions"
-        try:
-            url = URL(url)
-        except ValueError:  # left to aiohttp, which reports it as before (InvalidUrlClientError)
-            pass
-        connect = provider.timeouts.connect
-        target = _ChatTarget(
-            provider,
-            url,
-            CIMultiDictProxy(CIMultiDict(headers)),
-            aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect),
-        )
+        target = self._target(provider, "POST", "/chat/completions", "text/event-stream",
+                              {"Content-Type": "application/json"})
         self._targets[provider.name] = target
         return target
+
+    async def _send(self, target: _ChatTarget, body: bytes, connect: float) -> Response:
+        if target.origin is None:
+            raise UpstreamConnectError(
+                f"provider {target.provider.name!r}: {target.problem}", retryable=False
+            )
+        return await self.pool.request(target.origin, target.head, body, connect_timeout=connect)
 
     def call(
         self,
@@ -209,20 +228,23 @@ class UpstreamClient:
 
     async def list_models(self, provider: Provider) -> list[dict[str, Any]]:
         """The provider's ``/models`` list (for passthrough setups)."""
-        headers = {"Accept": "application/json"}
-        if provider.api_key:
-            headers["Authorization"] = f"Bearer {provider.api_key}"
-        timeout = aiohttp.ClientTimeout(total=provider.timeouts.connect + 5)
-        with _map_errors("connect", lambda _: provider.timeouts.connect):
-            async with self.session.get(
-                self.base_url(provider) + "/models", headers=headers, timeout=timeout
-            ) as resp:
-                if resp.status != 200:
-                    raise UpstreamStatusError(resp.status, f"upstream answered HTTP {resp.status}")
+        target = self._target(provider, "GET", "/models", "application/json", {})
+        connect = provider.timeouts.connect
+        with _map_errors("connect", lambda _: connect):
+            async with asyncio.timeout(connect + 5):
+                resp = await self._send(target, b"", connect)
                 try:
-                    data = await resp.json(loads=orjson.loads, content_type=None)
-                except ValueError:  # orjson.JSONDecodeError
-                    raise UpstreamProtocolError("upstream /models is not JSON") from None
+                    if resp.status != 200:
+                        raise UpstreamStatusError(
+                            resp.status, f"upstream answered HTTP {resp.status}"
+                        )
+                    raw = await resp.read_all(_MODELS_BODY_LIMIT)
+                finally:
+                    resp.release()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError("upstream /models is not JSON") from None
         items = data.get("data", []) if isinstance(data, dict) else []
         return [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
@@ -350,12 +372,8 @@ class UpstreamCall:
         with _map_errors("first_token", budget):
             # Only this await inside the timeout: it may cancel nothing else.
             async with asyncio.timeout_at(first_deadline):
-                resp = await self.client.session.post(
-                    target.url,
-                    data=self._request_body(route),
-                    headers=target.headers,
-                    timeout=target.timeout,
-                    read_bufsize=_READ_SIZE,
+                resp = await self.client._send(
+                    target, self._request_body(route), timeouts.connect
                 )
         watchdog = _Watchdog(loop, first_deadline, "first_token", resp.close)
         complete = False
@@ -363,7 +381,7 @@ class UpstreamCall:
             if resp.status != 200:
                 with _map_errors("first_token", budget):
                     async with asyncio.timeout(timeouts.connect + 5):
-                        body = await resp.content.read(_ERROR_BODY_LIMIT)
+                        body = await resp.read_all(_ERROR_BODY_LIMIT)
                 message = self.client.redact(_error_message(body, resp.status))
                 raise UpstreamStatusError(
                     resp.status,
@@ -373,15 +391,15 @@ class UpstreamCall:
                 )
             sse = SSEDecoder()
             chunks = ChunkDecoder(think_tags=route.think_tags)
-            content = resp.content
+            read = resp.read
             waiting_first = True
             idle = timeouts.idle
             while True:
                 # Only the read is mapped to upstream errors: what the sink raises (the
                 # journal, say) passes through as it is.
                 try:
-                    data = await content.readany()
-                except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+                    data = await read()
+                except (HTTPError, OSError) as exc:
                     if watchdog.expired:
                         raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
                     with _map_errors(watchdog.phase, budget):
@@ -428,7 +446,7 @@ class UpstreamCall:
             watchdog.cancel()
             if complete:
                 resp.release()  # body read to the end: keep the connection for the next answer
-            elif not resp.closed:
+            else:
                 # Closing (not releasing) drops the connection, so an upstream cut off
                 # mid-answer (Stop, timeout, error) sees it closed and stops billing.
                 resp.close()

@@ -266,6 +266,7 @@ class FaultUpstream:
         self.model = model
         self.requests: list[RecordedRequest] = []
         self.closed_by_client = 0
+        self.connections = 0  # TCP connections accepted
         self.base_url = ""
         self.port = 0
         self._steps: list[Step] = [ok(["Hello", ",", " world", "!"])]
@@ -347,6 +348,7 @@ class FaultUpstream:
         self._handlers.add(task)
         conn = _Conn(reader, writer)
         self._conns.add(conn)
+        self.connections += 1
         try:
             while True:
                 request = await self._read_request(conn)
