@@ -3,6 +3,8 @@
     .venv/bin/python bench/setup_cost.py [--requests 2000] [--concurrency 20] [--tokens 5]
         [--endpoint api|v1] [--store] [--repeat 3] [--src DIR] [--profile [--top 30]]
     .venv/bin/python bench/setup_cost.py --callgrind [--requests 300]
+    .venv/bin/python bench/setup_cost.py --callgrind --requests 20 --concurrency 5 \
+        --tokens 105 --tokens-per-s 20      # minus the same with --tokens 5: cost per read
 
 Starts the standalone simulator and a gateway as ``run.py`` does (same environment: memory
 journal, no SQL store; ``--store`` keeps the default SQLite store, in a temporary
@@ -99,8 +101,9 @@ def gateway(upstream: str, cpus: set[int], args: argparse.Namespace) -> Iterator
             run.stop(proc)
 
 
-def make_stream(target: loadgen.Target, i: int, tokens: int, endpoint: str) -> loadgen.Stream:
-    sim = {"tokens": tokens, "tokens_per_s": 0, "first_token_delay_s": 0}
+def make_stream(target: loadgen.Target, i: int, tokens: int, endpoint: str,
+                rate: float = 0.0) -> loadgen.Stream:
+    sim = {"tokens": tokens, "tokens_per_s": rate, "first_token_delay_s": 0}
     if endpoint == "api":
         return target.chat(i, sim)
     body = {"model": target.model, "stream": True, "sim": sim,
@@ -111,7 +114,7 @@ def make_stream(target: loadgen.Target, i: int, tokens: int, endpoint: str) -> l
 
 
 async def fire(target: loadgen.Target, n: int, concurrency: int, tokens: int,
-               endpoint: str) -> int:
+               endpoint: str, rate: float = 0.0) -> int:
     """Send ``n`` answers, ``concurrency`` at a time; the number that completed."""
     sem = asyncio.Semaphore(concurrency)
     complete = 0
@@ -119,7 +122,7 @@ async def fire(target: loadgen.Target, n: int, concurrency: int, tokens: int,
     async def one(i: int) -> None:
         nonlocal complete
         async with sem:
-            s = make_stream(target, i, tokens, endpoint)
+            s = make_stream(target, i, tokens, endpoint, rate)
             await target.open(s)
             await s.done
             complete += s.complete
@@ -169,10 +172,12 @@ def instructions(out_dir: Path) -> int:
 
 async def measure(args: argparse.Namespace, gw_url: str, gw_pid: int) -> list[dict[str, Any]]:
     target = loadgen.Target("gateway", gw_url, "sim-fast")
-    await fire(target, min(300, args.requests), args.concurrency, args.tokens, args.endpoint)
+    await fire(target, min(300, args.requests), args.concurrency, min(args.tokens, 20),
+               args.endpoint)
     if args.callgrind:
         await callgrind(gw_pid, gw_url, "--instr=on")
-        done = await fire(target, args.requests, args.concurrency, args.tokens, args.endpoint)
+        done = await fire(target, args.requests, args.concurrency, args.tokens, args.endpoint,
+                          args.tokens_per_s)
         await callgrind(gw_pid, gw_url, "--instr=off")
         await callgrind(gw_pid, gw_url, "--dump")
         return [{"complete": done}]
@@ -180,7 +185,8 @@ async def measure(args: argparse.Namespace, gw_url: str, gw_pid: int) -> list[di
     for _ in range(args.repeat):
         window = loadgen.CPUWindow({"gateway": gw_pid})
         user0, sys0 = user_sys(gw_pid)
-        done = await fire(target, args.requests, args.concurrency, args.tokens, args.endpoint)
+        done = await fire(target, args.requests, args.concurrency, args.tokens, args.endpoint,
+                          args.tokens_per_s)
         out = window.stop()
         user1, sys1 = user_sys(gw_pid)
         rounds.append({
@@ -201,6 +207,9 @@ def main() -> int:
                         help="per round (default 2000; 300 with --callgrind)")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=5)
+    parser.add_argument("--tokens-per-s", type=float, default=0.0,
+                        help="pace the tokens (each then arrives in its own read); the "
+                             "difference of two --tokens counts gives the cost per read")
     parser.add_argument("--endpoint", choices=("api", "v1"), default="api")
     parser.add_argument("--store", action="store_true", help="the default SQLite store")
     parser.add_argument("--repeat", type=int, default=3)
