@@ -557,6 +557,118 @@ async def test_close_in_the_middle_of_the_body(pool: Pool, raw: bytes, before: b
         resp.close()
 
 
+# -- stream(): the body handed to a callback ------------------------------------------------
+
+
+async def test_stream_hands_the_body_to_the_callback_then_read_sees_the_end(pool: Pool) -> None:
+    pieces: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def handler(request: Request, writer: asyncio.StreamWriter) -> None:
+        writer.write(CHUNKED + chunk(b"first"))
+        while (piece := await pieces.get()) is not None:
+            writer.write(chunk(piece))
+        writer.write(LAST_CHUNK)
+
+    async with asyncio.timeout(WAIT), Upstream(handler) as server:
+        resp = await send(pool, server)
+        assert await resp.read() == b"first"  # pulled, then switched to the callback
+        got: list[bytes] = []
+        arrived: asyncio.Queue[None] = asyncio.Queue()
+
+        def on_data(data: bytes) -> None:
+            got.append(data)
+            arrived.put_nowait(None)
+
+        resp.stream(on_data)
+        end = asyncio.ensure_future(resp.read())  # waits for the end of the body only
+        for piece in (b"two", b"three"):
+            pieces.put_nowait(piece)
+            await arrived.get()
+        assert got == [b"two", b"three"] and not end.done()
+        pieces.put_nowait(None)
+        assert await end == b""
+        resp.release()
+        await send(pool, server)  # the connection went back to the pool
+        assert server.connections == 1
+
+
+async def test_stream_coalesces_what_arrives_in_one_loop_iteration(pool: Pool) -> None:
+    async with asyncio.timeout(WAIT), Upstream(replying(CHUNKED + chunk(b"a"))) as server:
+        resp = await send(pool, server)
+        assert await resp.read() == b"a"
+        got: list[bytes] = []
+        resp.stream(got.append)
+        for piece in (b"b", b"c", b"d"):  # three body pieces in one data_received each...
+            resp.data_received(chunk(piece))
+        assert got == []
+        await asyncio.sleep(0)  # ...handed over once, on the next loop iteration
+        assert got == [b"bcd"]
+        resp.close()
+
+
+def gated(first: bytes) -> tuple[Handler, asyncio.Queue[bytes | None]]:
+    """A handler writing ``first``, then each queued raw piece when the test queues it;
+    None closes the connection (no terminating chunk)."""
+    gate: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def handler(request: Request, writer: asyncio.StreamWriter) -> None:
+        writer.write(first)
+        while (raw := await gate.get()) is not None:
+            writer.write(raw)
+        writer.close()
+
+    return handler, gate
+
+
+async def test_stream_failure_comes_after_the_data_before_it(pool: Pool) -> None:
+    handler, gate = gated(CHUNKED + chunk(b"a"))
+    async with asyncio.timeout(WAIT), Upstream(handler) as server:
+        resp = await send(pool, server)
+        got: list[bytes] = []
+        assert await resp.read() == b"a"
+        resp.stream(got.append)
+        gate.put_nowait(chunk(b"last words"))
+        gate.put_nowait(None)  # closed without the terminating chunk
+        with pytest.raises(Disconnected) as caught:
+            await resp.read()
+        assert caught.value.mid_body is True
+        assert b"".join(got) == b"last words"
+
+
+async def test_stream_callback_that_closes_stops_the_body(pool: Pool) -> None:
+    """The relay's contract: a failing callback keeps its error and calls close(); nothing
+    more reaches it and the pending read() raises."""
+    handler, gate = gated(CHUNKED + chunk(b"a"))
+    async with asyncio.timeout(WAIT), Upstream(handler) as server:
+        resp = await send(pool, server)
+        assert await resp.read() == b"a"
+        got: list[bytes] = []
+
+        def on_data(data: bytes) -> None:
+            got.append(data)
+            resp.close()
+            resp.data_received(chunk(b"late"))  # what a socket could still deliver
+
+        resp.stream(on_data)
+        gate.put_nowait(chunk(b"b"))
+        with pytest.raises(Disconnected):
+            await resp.read()
+        await asyncio.sleep(0)  # a handover scheduled by the late bytes would run now
+        assert got == [b"b"]
+        assert resp.closed
+        gate.put_nowait(None)
+
+
+async def test_stream_refuses_while_read_has_pieces_waiting(pool: Pool) -> None:
+    async with asyncio.timeout(WAIT), Upstream(replying(CHUNKED)) as server:
+        resp = await send(pool, server)
+        resp.data_received(chunk(b"x"))  # arrived, not read
+        with pytest.raises(RuntimeError):
+            resp.stream(lambda data: None)
+        assert await resp.read() == b"x"
+        resp.close()
+
+
 async def test_close_wakes_a_pending_read(pool: Pool) -> None:
     async with asyncio.timeout(WAIT), Upstream(replying(CHUNKED + chunk(b"partial"))) as server:
         resp = await send(pool, server)

@@ -201,7 +201,9 @@ class Generation:
         call = self.upstream.call(self.route, self.body, on_retry=self._on_retry)
         try:
             # However it ends (cancel included), run() closes the upstream response.
-            await call.run(self._append_batch)
+            await call.run(
+                self._append_batch, self._append_now if self.journal.sync_append else None
+            )
             self.state = ev.COMPLETE
         finally:
             self.model_used = call.route_used.name
@@ -210,6 +212,21 @@ class Generation:
     # -- events -> frames (the hot path) -------------------------------------------------
 
     async def _append_batch(self, batch: list[ev.Event]) -> None:
+        frames, seq = self._frames(batch)
+        if frames:
+            await self.journal.append(self.stream_id, frames)
+            self._appended(len(frames), seq)
+
+    def _append_now(self, batch: list[ev.Event]) -> None:
+        """``_append_batch`` for a journal that appends without waiting: called from the
+        upstream connection's data callback (no task wake-up per read)."""
+        frames, seq = self._frames(batch)
+        if frames:
+            self.journal.append_now(self.stream_id, frames)
+            self._appended(len(frames), seq)
+
+    def _frames(self, batch: list[ev.Event]) -> tuple[list[bytes], int]:
+        """The frames of ``batch`` (numbered after ``seq``), and the text kept so far."""
         frames: list[bytes] = []
         seq = self.seq
         for item in batch:
@@ -236,11 +253,13 @@ class Generation:
                 if self.observer is not None:
                     self.observer.first_token(self, now - self.started)
             self.last_token_at = now
-            await self.journal.append(self.stream_id, frames)
-            self.seq = seq
-            self._dirty = True
-            if self.observer is not None:
-                self.observer.relayed(self, len(frames))
+        return frames, seq
+
+    def _appended(self, count: int, seq: int) -> None:
+        self.seq = seq
+        self._dirty = True
+        if self.observer is not None:
+            self.observer.relayed(self, count)
 
     def _tool_frame(self, seq: int, item: ev.ToolCallDelta) -> bytes:
         call = self.tool_calls.setdefault(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -114,8 +114,8 @@ class Response(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_body_seen", "_decoder", "_done", "_error", "_framed", "_head", "_idle_timer",
-        "_keep_alive", "_loop", "_origin", "_parser", "_paused", "_pieces", "_pool",
+        "_body_seen", "_decoder", "_done", "_error", "_flushing", "_framed", "_head", "_idle_timer",
+        "_keep_alive", "_loop", "_on_data", "_origin", "_parser", "_paused", "_pieces", "_pool",
         "_pool_slot", "_size", "_until_close", "_waiter", "headers", "status", "transport",
     )
 
@@ -144,6 +144,8 @@ class Response(asyncio.Protocol):
         self._framed = False  # Content-Length or chunked: the parser sees where it ends
         self._until_close = False  # neither: the body ends with the connection
         self._decoder: Any = None
+        self._on_data: Callable[[bytes], None] | None = None  # see stream()
+        self._flushing = False  # a _flush is scheduled
 
     # -- asyncio protocol -------------------------------------------------------------
 
@@ -153,6 +155,8 @@ class Response(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._head is None:  # idle in the pool: nothing may arrive now
             self.close()
+            return
+        if self._error is not None:  # failed or closed: what still arrives is dropped
             return
         self._body_seen = True
         try:
@@ -193,7 +197,7 @@ class Response(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"content-length" or (name == b"transfer-encoding"
-                                         and b"chunked" in value.lower()):
+                                         and value.lower().find(b"chunked") >= 0):
             self._framed = True
         if name in _KEPT_HEADERS:
             self.headers[name.decode("latin-1")] = value.decode("latin-1")
@@ -221,6 +225,11 @@ class Response(asyncio.Protocol):
             if not body:
                 return
         self._pieces.append(body)
+        if self._on_data is not None:
+            if not self._flushing:
+                self._flushing = True
+                self._loop.call_soon(self._flush)
+            return
         self._size += len(body)
         if self._size > _READ_LIMIT and not self._paused and self.transport is not None:
             self._paused = True
@@ -259,6 +268,21 @@ class Response(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def stream(self, on_data: Callable[[bytes], None]) -> None:
+        """From now on hand the body to ``on_data`` from a callback instead of keeping it
+        for ``read()``, which then only waits for the end of the body (``b""``) or its
+        failure. ``on_data`` must not raise: it keeps what it hit and calls ``close()``.
+
+        One call per event-loop iteration with all that arrived in it: what a task
+        wake-up per read would coalesce, without the wake-up. No flow control then: the
+        callback takes everything at once."""
+        if self._pieces:
+            raise RuntimeError("read() the body received so far before stream()")
+        self._on_data = on_data
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
     async def read_all(self, limit: int) -> bytes:
         """The body, up to ``limit`` bytes (the rest is not read: close, do not release)."""
         out = bytearray()
@@ -269,12 +293,22 @@ class Response(asyncio.Protocol):
             out += data
         return bytes(out[:limit])
 
+    def _flush(self) -> None:
+        self._flushing = False
+        pieces = self._pieces
+        if not pieces or self._on_data is None:
+            return
+        self._pieces = []
+        self._on_data(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
     @property
     def closed(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
     def close(self) -> None:
-        """Drop the connection (a response not read to its end, or any failure)."""
+        """Drop the connection and what was not read (a response not read to its end, or
+        any failure)."""
+        self._pieces = []
         if self.transport is not None:
             self.transport.close()
         if self._head is not None and not self._done:

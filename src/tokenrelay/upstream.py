@@ -277,9 +277,17 @@ class UpstreamCall:
                 chain.append(fallback)
         return chain
 
-    async def run(self, sink: Callable[[list[Event]], Awaitable[None]]) -> None:
+    async def run(
+        self,
+        sink: Callable[[list[Event]], Awaitable[None]],
+        sink_now: Callable[[list[Event]], None] | None = None,
+    ) -> None:
         """Hand each read's events to ``sink``; raises UpstreamError when the answer
-        cannot go on. Nothing is retried once ``sink`` has been called."""
+        cannot go on. Nothing is retried once ``sink`` has been called.
+
+        With ``sink_now`` (a sink that never waits), once the first token is relayed the
+        rest of the body is parsed and handed over straight from the connection's data
+        callback: no task wake-up per read."""
         chain = self._chain()
         started = time.monotonic()
         budget = self.client.provider(self.route).retry.budget
@@ -293,7 +301,7 @@ class UpstreamCall:
                 self.route_used = route
                 self.relayed = False
                 try:
-                    await self._attempt(route, provider, sink)
+                    await self._attempt(route, provider, sink, sink_now)
                     return
                 except UpstreamError as exc:
                     if self.relayed or not exc.retryable:
@@ -356,7 +364,11 @@ class UpstreamCall:
         return orjson.dumps(body)
 
     async def _attempt(
-        self, route: ModelRoute, provider: Provider, sink: Callable[[list[Event]], Awaitable[None]]
+        self,
+        route: ModelRoute,
+        provider: Provider,
+        sink: Callable[[list[Event]], Awaitable[None]],
+        sink_now: Callable[[list[Event]], None] | None,
     ) -> None:
         """One HTTP request; the first call of ``sink`` marks the first token."""
         timeouts = provider.timeouts
@@ -389,31 +401,27 @@ class UpstreamCall:
                     retry_after=parse_retry_after(resp.headers),
                     overloaded="overload" in message.lower(),
                 )
-            sse = SSEDecoder()
-            chunks = ChunkDecoder(think_tags=route.think_tags)
+            relay = _Relay(self, route, resp, watchdog, loop, timeouts.idle, total_deadline,
+                           sink_now)
             read = resp.read
             waiting_first = True
-            idle = timeouts.idle
             while True:
                 # Only the read is mapped to upstream errors: what the sink raises (the
                 # journal, say) passes through as it is.
                 try:
                     data = await read()
                 except (HTTPError, OSError) as exc:
+                    if relay.failure is not None:  # what the data callback hit
+                        raise relay.failure from None
                     if watchdog.expired:
                         raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
                     with _map_errors(watchdog.phase, budget):
                         raise exc from None
+                if relay.failure is not None:
+                    raise relay.failure
                 if not data:
                     break
-                out: list[Event] = []
-                failure: UpstreamError | None = None
-                try:
-                    for event in sse.decode(data):
-                        if event.event == "message" or event.event == "error":
-                            chunks.feed(event.data, out)
-                except UpstreamError as exc:
-                    failure = exc  # relay the good text of this read first
+                out, failure = relay.events(data)
                 if waiting_first:
                     if not out or all(isinstance(e, Usage | Finish) for e in out):
                         if failure is not None:
@@ -421,26 +429,24 @@ class UpstreamCall:
                         continue
                     waiting_first = False
                     watchdog.phase = "idle"
-                    watchdog.rearm(min(loop.time() + idle, total_deadline))
-                    self.upstream_model = chunks.model
-                # The watchdog re-arms itself lazily: per read we only move a float.
-                watchdog.deadline = min(loop.time() + idle, total_deadline)
-                if watchdog.deadline == total_deadline:
-                    watchdog.phase = "total"
-                self.content_chunks = chunks.content_chunks
+                    watchdog.rearm(min(loop.time() + timeouts.idle, total_deadline))
+                    self.upstream_model = relay.chunks.model
+                    if sink_now is not None:
+                        resp.stream(relay.on_data)  # the next reads go straight to sink_now
+                relay.tick()
                 if out:
                     self.relayed = True
                     await sink(out)
                 if failure is not None:
                     raise failure
             tail: list[Event] = []
-            chunks.flush(tail)
+            relay.chunks.flush(tail)
             if tail:
                 self.relayed = True
                 await sink(tail)
             if watchdog.expired:  # the watchdog closed the response: that was the end
                 raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase))
-            chunks.finish()
+            relay.chunks.finish()
             complete = True
         finally:
             watchdog.cancel()
@@ -450,6 +456,75 @@ class UpstreamCall:
                 # Closing (not releasing) drops the connection, so an upstream cut off
                 # mid-answer (Stop, timeout, error) sees it closed and stops billing.
                 resp.close()
+
+
+class _Relay:
+    """One attempt's body on its way to the sink: the parsers and the per-read bookkeeping,
+    shared by the task's read loop and, once streaming, the connection's data callback."""
+
+    __slots__ = ("_call", "_idle", "_loop", "_resp", "_sink_now", "_total_deadline",
+                 "_watchdog", "chunks", "failure", "sse")
+
+    def __init__(
+        self,
+        call: UpstreamCall,
+        route: ModelRoute,
+        resp: Response,
+        watchdog: _Watchdog,
+        loop: asyncio.AbstractEventLoop,
+        idle: float,
+        total_deadline: float,
+        sink_now: Callable[[list[Event]], None] | None,
+    ) -> None:
+        self._call = call
+        self._resp = resp
+        self._watchdog = watchdog
+        self._loop = loop
+        self._idle = idle
+        self._total_deadline = total_deadline
+        self._sink_now = sink_now
+        self.sse = SSEDecoder()
+        self.chunks = ChunkDecoder(think_tags=route.think_tags)
+        self.failure: BaseException | None = None  # what the data callback hit
+
+    def events(self, data: bytes) -> tuple[list[Event], UpstreamError | None]:
+        """The events of one read, and the error that stopped the parse (if any): the
+        good text before a corrupt chunk is still relayed."""
+        out: list[Event] = []
+        chunks = self.chunks
+        try:
+            for event in self.sse.decode(data):
+                if event.event == "message" or event.event == "error":
+                    chunks.feed(event.data, out)
+        except UpstreamError as exc:
+            return out, exc
+        finally:
+            self._call.content_chunks = chunks.content_chunks
+        return out, None
+
+    def tick(self) -> None:
+        """A read arrived while streaming: push the idle deadline (a float; the watchdog
+        re-arms itself lazily)."""
+        watchdog = self._watchdog
+        watchdog.deadline = deadline = min(self._loop.time() + self._idle, self._total_deadline)
+        if deadline == self._total_deadline:
+            watchdog.phase = "total"
+
+    def on_data(self, data: bytes) -> None:
+        """The connection's data callback once streaming. A failure is kept and the
+        connection closed; the task's pending read then raises it (``failure``)."""
+        if self.failure is not None:
+            return
+        try:
+            out, failure = self.events(data)
+            self.tick()
+            if out:
+                self._sink_now(out)  # type: ignore[misc]
+            if failure is not None:
+                raise failure
+        except Exception as exc:
+            self.failure = exc
+            self._resp.close()
 
 
 class _Watchdog:

@@ -81,6 +81,13 @@ class Journal(abc.ABC):
     async def append(self, stream_id: str, frames: list[bytes]) -> None:
         """Append frames (already numbered by the writer) and wake readers."""
 
+    sync_append = False  # True when append_now works: the backend never waits to append
+
+    def append_now(self, stream_id: str, frames: list[bytes]) -> None:
+        """``append`` without awaiting. The relay calls it straight from the upstream
+        connection's data callback, so a read costs no task wake-up (``sync_append``)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     async def finish(self, stream_id: str, frame: bytes, state: str) -> bool:
         """Append the terminal frame and mark the stream finished.

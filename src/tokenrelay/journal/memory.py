@@ -105,7 +105,12 @@ class MemoryJournal(Journal):
             self._evict()
         self._streams[stream_id] = _Stream(meta)
 
+    sync_append = True
+
     async def append(self, stream_id: str, frames: list[bytes]) -> None:
+        self.append_now(stream_id, frames)
+
+    def append_now(self, stream_id: str, frames: list[bytes]) -> None:
         stream = self._get(stream_id)
         size = 0
         for f in frames:
