@@ -391,6 +391,15 @@ async def test_unknown_model_with_a_configured_model_table(http):
         assert all(m["simulated"] for m in models)
 
 
+async def test_passthrough_gateway_lists_the_upstreams_models(gateway, http):
+    """TOKENRELAY_UPSTREAM_URL alone: the model list comes from the upstream's /models."""
+    async with http.get(gateway.base_url + "/api/models") as r:
+        assert r.status == 200
+        models = {m["id"]: m for m in (await r.json())["models"]}
+    assert {"sim-chat", "sim-fast", "sim-reasoner"} <= set(models)
+    assert not models["sim-chat"]["simulated"]  # a real upstream, as far as it knows
+
+
 async def test_metrics_count_streams_tokens_and_resumes(gateway, http):
     async with http.post(gateway.base_url + "/api/chat", json=chat_body("metrics")) as resp:
         stream = await read_stream(resp)
