@@ -30,8 +30,8 @@ biggest allocation sites by whole traceback.
 packages).
 
 ``--patch`` applies a named experiment inside the gateway before the app is built (see
-``PATCHES``: ``lean_upstream`` -- a minimal HTTP/1.1 streaming client instead of aiohttp --,
-``event_list``, ``read_4k``; the experiments that paid off are in the code now);
+``PATCHES``: ``event_list``; the experiments that paid off are in the code now, the last
+one the streaming HTTP/1.1 client that replaced aiohttp, ``httpclient.py``);
 ``--uvicorn JSON`` adds uvicorn options;
 ``--env`` sets environment variables of the gateway (e.g. MALLOC_ARENA_MAX=2,
 PYTHONMALLOC=malloc). Everything is loopback and bounded; the processes it starts are
@@ -172,13 +172,6 @@ def _apply_patches(names: list[str]) -> None:
         PATCHES[name]()
 
 
-def _patch_read_4k() -> None:
-    """aiohttp read_bufsize 4 KiB instead of 64 KiB (upstream.py's ``_READ_SIZE``)."""
-    from tokenrelay import upstream
-
-    upstream._READ_SIZE = 1 << 12
-
-
 def _patch_event_list() -> None:
     """asyncio.Event keeps its waiters in a list instead of a deque (760 bytes empty).
 
@@ -194,151 +187,7 @@ def _patch_event_list() -> None:
     asyncio.locks.Event.__init__ = init  # type: ignore[method-assign]
 
 
-class _LeanProtocol:
-    """Measurement prototype of a minimal streaming HTTP/1.1 client (``lean_upstream``).
-
-    One connection per request (no pool, no TLS, no proxy, no decompression): enough to
-    see what an idle upstream request would cost without aiohttp's per-request objects.
-    The same object is the protocol, the response and its ``content``.
-    """
-
-    __slots__ = ("_head", "_waiter", "chunks", "closed", "eof", "headers", "parser",
-                 "status", "transport")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        import httptools
-
-        self.transport: Any = None
-        self.parser = httptools.HttpResponseParser(self)
-        self._head: asyncio.Future[None] | None = loop.create_future()
-        self._waiter: asyncio.Future[None] | None = None
-        self.status = 0
-        self.headers: dict[str, str] = {}  # only what the caller reads (Retry-After)
-        self.chunks: list[bytes] = []
-        self.eof = False
-        self.closed = False
-
-    # protocol
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except Exception as exc:
-            self._fail(exc)
-
-    def eof_received(self) -> None:
-        pass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._fail(exc or ConnectionResetError("upstream closed the connection"))
-
-    def pause_writing(self) -> None:
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
-    def _fail(self, exc: Exception) -> None:
-        import aiohttp
-
-        err = aiohttp.ServerDisconnectedError() if self.status else exc
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(err)
-        self.eof = True
-        self._wake()
-
-    # parser callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
-        if key.startswith("retry-after"):
-            self.headers[key] = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if self._head is not None and not self._head.done():
-            self._head.set_result(None)
-        self._head = None
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        self.eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        self._waiter = None
-
-    # response / content
-    @property
-    def content(self) -> _LeanProtocol:
-        return self
-
-    async def readany(self) -> bytes:
-        while not self.chunks and not self.eof:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        data, self.chunks = b"".join(self.chunks), []
-        return data
-
-    async def read(self, n: int) -> bytes:
-        while not self.eof:
-            await self.readany_wait()
-        return b"".join(self.chunks)[:n]
-
-    async def readany_wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
-        await self._waiter
-
-    def release(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-
-class _LeanSession:
-    async def post(self, url: Any, *, data: bytes, headers: dict[str, str],
-                   **_: Any) -> _LeanProtocol:
-        from urllib.parse import urlsplit
-
-        loop = asyncio.get_running_loop()
-        u = urlsplit(str(url))  # a str or a yarl.URL
-        proto = _LeanProtocol(loop)
-        await loop.create_connection(lambda: proto, u.hostname, u.port)  # type: ignore[arg-type,return-value]
-        head = [f"POST {u.path} HTTP/1.1", f"Host: {u.netloc}", f"Content-Length: {len(data)}",
-                *(f"{k}: {v}" for k, v in headers.items())]
-        proto.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
-        assert proto._head is not None
-        await proto._head
-        return proto
-
-
-def _patch_lean_upstream() -> None:
-    """Upstream streaming requests through ``_LeanSession`` instead of aiohttp."""
-    from tokenrelay import upstream
-
-    lean = _LeanSession()
-    original = upstream.UpstreamClient.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self.session = lean
-
-    upstream.UpstreamClient.__init__ = init  # type: ignore[method-assign]
-
-
 PATCHES = {
-    "lean_upstream": _patch_lean_upstream,
-    "read_4k": _patch_read_4k,
     "event_list": _patch_event_list,
 }
 
