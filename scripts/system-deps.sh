@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Debian packages the test suite drives for real: Chromium (browser tests) and nginx
-# (the deployment test). Installed only when missing; Playwright never downloads its own
+# Debian packages the test suite drives for real: Chromium (browser tests), nginx
+# (the deployment test) and openssl (certificates for the upstream client's TLS tests). Installed only when missing; Playwright never downloads its own
 # browser here: the tests launch /usr/bin/chromium.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

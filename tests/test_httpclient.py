@@ -210,6 +210,13 @@ async def send(pool: Pool, server: Upstream, body: bytes = BODY,
     return await pool.request(origin, head, body, connect_timeout=connect_timeout)
 
 
+async def ask_ok(pool: Pool, server: Upstream) -> None:
+    """One request whose body must be b"ok", read to the end and released."""
+    resp = await send(pool, server)
+    assert await read_body(resp) == b"ok"
+    resp.release()
+
+
 async def read_body(resp: Response) -> bytes:
     out = bytearray()
     while data := await resp.read():
@@ -400,27 +407,19 @@ async def test_bytes_arriving_on_an_idle_connection_close_it(pool: Pool) -> None
             writer.write(sized(b"unasked"))  # nothing was asked: the client drops it
 
     async with asyncio.timeout(WAIT), Upstream(handler) as server:
-        resp = await send(pool, server)
-        assert await read_body(resp) == b"ok"
-        resp.release()
+        await ask_ok(pool, server)
         released.set_result(None)
         await server.eof(0)
-        resp2 = await send(pool, server)
-        assert await read_body(resp2) == b"ok"
-        resp2.release()
+        await ask_ok(pool, server)
         assert (server.connections, pool.connects) == (2, 2)
 
 
 async def test_idle_connection_expires_after_keepalive() -> None:
     async with asyncio.timeout(WAIT), open_pool(keepalive_s=0.05) as pool, \
             Upstream(replying(sized(b"ok"))) as server:
-        resp = await send(pool, server)
-        assert await read_body(resp) == b"ok"
-        resp.release()
+        await ask_ok(pool, server)
         await server.eof(0)  # the pool closed it once idle for keepalive_s
-        resp2 = await send(pool, server)
-        assert await read_body(resp2) == b"ok"
-        resp2.release()
+        await ask_ok(pool, server)
         assert (server.connections, pool.connects) == (2, 2)
 
 
@@ -443,9 +442,7 @@ async def test_max_idle_per_origin_closes_the_surplus() -> None:
 async def test_aclose_closes_idle_connections() -> None:
     async with asyncio.timeout(WAIT), Upstream(replying(sized(b"ok"))) as server:
         pool = Pool()
-        resp = await send(pool, server)
-        assert await read_body(resp) == b"ok"
-        resp.release()
+        await ask_ok(pool, server)
         await pool.aclose()
         await server.eof(0)
 
@@ -490,9 +487,7 @@ async def test_stale_connection_is_resent_only_once(pool: Pool) -> None:
             writer.close()
 
     async with asyncio.timeout(WAIT), Upstream(handler) as server:
-        resp = await send(pool, server)
-        assert await read_body(resp) == b"ok"
-        resp.release()
+        await ask_ok(pool, server)
         with pytest.raises(Disconnected) as caught:
             await send(pool, server)
         assert caught.value.mid_body is False
@@ -509,9 +504,7 @@ async def test_reused_connection_closed_after_a_partial_answer_is_not_resent(poo
             writer.close()
 
     async with asyncio.timeout(WAIT), Upstream(handler) as server:
-        resp = await send(pool, server)
-        assert await read_body(resp) == b"ok"
-        resp.release()
+        await ask_ok(pool, server)
         with pytest.raises(Disconnected) as caught:
             await send(pool, server)
         assert caught.value.mid_body is False
