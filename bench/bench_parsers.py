@@ -5,6 +5,7 @@ realistic OpenAI chunks of one word each plus ``[DONE]``, fed the way the upstre
 sees it: in 16 KB reads (a fast provider, or a backlog after a stall) and one event per
 read (a slow provider, one token per packet). Each case runs in a loop mirroring the
 caller: a fresh output list per read, every SSE event's data fed to the chunk decoder.
+``BodyDecoder`` adds the template fast path to the two (what the relay runs).
 The budget (STYLE.md point 15) is ~1 µs per event for each parser, 6 µs for a whole token.
 """
 
@@ -21,6 +22,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from tokenrelay.bodydecoder import BodyDecoder
 from tokenrelay.chunks import ChunkDecoder
 from tokenrelay.sse import SSEDecoder
 
@@ -60,6 +62,17 @@ def run_both(reads: list[bytes]) -> int:
             chunks.feed(event.data, out)
     chunks.finish()
     return seen
+
+
+def run_body(reads: list[bytes]) -> int:
+    """BodyDecoder: the same parsers plus the template fast path (what the relay runs);
+    returns the events seen (the text chunks, plus the role, finish and [DONE])."""
+    body = BodyDecoder()
+    for read in reads:
+        _, error = body.decode(read)
+        assert error is None
+    body.chunks.finish()
+    return body.chunks.content_chunks + 3
 
 
 def run_sse(reads: list[bytes]) -> int:
@@ -108,11 +121,14 @@ def main() -> None:
     one_each = events
     payloads = [e.data for e in SSEDecoder().decode(raw)]
     assert run_both(batched) == run_both(one_each) == len(events) == len(payloads)
+    assert run_body(batched) == run_body(one_each) == len(events)
     per_read = len(events) // len(batched) + 1
 
     cases = [
         ("sse + chunks, 16 KB reads", lambda: run_both(batched)),
         ("sse + chunks, one event per read", lambda: run_both(one_each)),
+        ("body decoder (template), 16 KB reads", lambda: run_body(batched)),
+        ("body decoder (template), one event per read", lambda: run_body(one_each)),
         ("sse only, 16 KB reads", lambda: run_sse(batched)),
         ("sse only, one event per read", lambda: run_sse(one_each)),
         ("chunks only, ~16 KB worth per out list", lambda: run_chunks(payloads, per_read)),

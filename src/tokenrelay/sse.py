@@ -75,6 +75,11 @@ class SSEDecoder:
         """True while (or, after :meth:`flush`, if) an unterminated event is buffered."""
         return bool(self._parts or self._open or self._truncated)
 
+    @property
+    def between_events(self) -> bool:
+        """True when nothing is buffered: the next byte starts a new line of a new event."""
+        return not (self._parts or self._open or self._cr or self._start)
+
     def decode(self, chunk: bytes) -> list[SSEEvent]:
         """Feed one read; return the events it completed (possibly none)."""
         if self._start:

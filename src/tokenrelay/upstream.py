@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from tokenrelay.chunks import ChunkDecoder
+from tokenrelay.bodydecoder import BodyDecoder
 from tokenrelay.config import ModelRoute, Provider, Settings
 from tokenrelay.errors import (
     UpstreamConnectError,
@@ -60,7 +60,6 @@ from tokenrelay.httpclient import (
     Response,
     encode_head,
 )
-from tokenrelay.sse import SSEDecoder
 
 _ERROR_BODY_LIMIT = 64 * 1024
 _MODELS_BODY_LIMIT = 4 << 20
@@ -463,7 +462,7 @@ class _Relay:
     shared by the task's read loop and, once streaming, the connection's data callback."""
 
     __slots__ = ("_call", "_idle", "_loop", "_resp", "_sink_now", "_total_deadline",
-                 "_watchdog", "chunks", "failure", "sse")
+                 "_watchdog", "body", "chunks", "failure")
 
     def __init__(
         self,
@@ -483,24 +482,16 @@ class _Relay:
         self._idle = idle
         self._total_deadline = total_deadline
         self._sink_now = sink_now
-        self.sse = SSEDecoder()
-        self.chunks = ChunkDecoder(think_tags=route.think_tags)
+        self.body = BodyDecoder(think_tags=route.think_tags)
+        self.chunks = self.body.chunks
         self.failure: BaseException | None = None  # what the data callback hit
 
     def events(self, data: bytes) -> tuple[list[Event], UpstreamError | None]:
         """The events of one read, and the error that stopped the parse (if any): the
         good text before a corrupt chunk is still relayed."""
-        out: list[Event] = []
-        chunks = self.chunks
-        try:
-            for event in self.sse.decode(data):
-                if event.event == "message" or event.event == "error":
-                    chunks.feed(event.data, out)
-        except UpstreamError as exc:
-            return out, exc
-        finally:
-            self._call.content_chunks = chunks.content_chunks
-        return out, None
+        result = self.body.decode(data)
+        self._call.content_chunks = self.chunks.content_chunks
+        return result
 
     def tick(self) -> None:
         """A read arrived while streaming: push the idle deadline (a float; the watchdog
