@@ -260,6 +260,7 @@ def main() -> int:
                 recorder.wait(30)
         if args.callgrind:
             ir = instructions(tmp)
+            (run.HERE / "results").mkdir(exist_ok=True)
             for dump in tmp.glob("callgrind.out.*"):  # for callgrind_annotate
                 shutil.copy(dump, run.HERE / "results" / "callgrind-setup.out")
     for r in rounds:
