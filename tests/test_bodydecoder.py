@@ -225,6 +225,30 @@ def test_an_event_that_differs_only_after_its_text_is_not_taken_for_the_template
     assert out == [TextDelta("xab"), Finish("ab"), TextDelta("c")]
 
 
+def test_a_chunk_written_over_several_data_lines_does_not_become_a_template():
+    payload = chunk({"content": "a"})  # split after "{": the line end is JSON whitespace
+    split = b"data: {\ndata: " + payload[1:] + b"\n\n"
+    # The same bytes without the second "data: ": SSE ignores that line (an unknown field),
+    # so the event's data is "{", a corrupt chunk, not the text.
+    crafted = b"data: {\n" + payload[1:].replace(b'"a"', b'"b"') + b"\n\n"
+    decoder = assert_same(split + crafted, [split, crafted])
+    assert not decoder._head
+
+
+def test_an_event_whose_prefix_and_suffix_share_their_quote_is_not_an_empty_text():
+    # '..."content":"},"finish_reason":...': the prefix's last quote is the suffix's first,
+    # so there is no text between them, and no valid chunk either.
+    good = chunk({"content": "a"})
+    at = good.index(b'"a"')
+    overlapped = event(good[: at + 1] + good[at + 3 :])
+    lead = text_events(["x"])
+    for body in (overlapped + text_events(["b"]), text_events(["b"]) + overlapped):
+        decoder = assert_same(lead + body, [lead, body])
+        assert decoder._head
+    decoder = assert_same(lead + overlapped, [lead, overlapped])  # a read of its own
+    assert decoder._head
+
+
 def test_crlf_streams_and_events_with_ids_stay_exact():
     body = text_events(["a", "b", "c"]).replace(b"\n", b"\r\n")
     assert_same(body, cut(body, [7, 80, 190, 300]))

@@ -144,7 +144,22 @@ class BodyDecoder:
         the template; an event begun in the previous read and the unfinished one at the
         end go through the exact parsers."""
         start = 0
-        if not self.sse.between_events:
+        if self.sse.between_events:
+            head, tail = self._head, self._tail
+            if (
+                data.find(b"\n\n") == len(data) - 2
+                and data.startswith(head)
+                and data.endswith(tail)
+                and len(data) >= len(head) + len(tail)
+            ):
+                # One whole event, as a live answer's tokens come: its text alone.
+                text = _text(data[len(head) : len(data) - len(tail)])
+                if text is not None:
+                    if text:
+                        self.chunks.content_chunks += 1
+                        _emit(text, out, self._kind)
+                    return
+        else:
             start = data.find(b"\n\n") + 2
             if start == 1 or start == len(data):
                 self._exact(data, out)
@@ -168,8 +183,8 @@ class BodyDecoder:
             # The run of events up to the last one that ends like the template: in a
             # fast answer's last read, the finish, usage and [DONE] come after it.
             cut = len(seg) if seg.endswith(tail) else seg.rfind(tail) + len(tail)
-            if cut >= len(head) + len(tail):
-                texts = seg[len(head) : cut - len(tail)].split(self._middle)
+            texts = self._texts(seg, cut)
+            if texts is not None:
                 joined = texts[0] if len(texts) == 1 else b"".join(texts)
                 text: str | None
                 if _UNSAFE(joined) is None:
@@ -183,6 +198,29 @@ class BodyDecoder:
                         self._walk(seg[cut:], out)
                     return
         self._walk(seg, out)
+
+    def _texts(self, seg: bytes, cut: int) -> list[bytes] | None:
+        """The texts of ``seg[:cut]`` if it is template events and nothing else (it starts
+        with the head and ends with the tail).
+
+        Split on the blank line and "data: " between events (a short separator: CPython
+        searches for a long one with an algorithm it sets up again for every occurrence),
+        then count the template's whole middle once: one middle per split, with the heads
+        and tails at the ends, means every event is prefix, text, suffix."""
+        head, tail = self._head, self._tail
+        if cut < len(head) + len(tail):
+            return None
+        prefix, suffix = len(self._prefix), len(self._suffix)
+        events = seg[6 : cut - 2].split(b"\n\ndata: ")  # 6: "data: ", 2: the blank line
+        if len(events) > 1:
+            count = seg.count(self._middle, 0, cut)
+            if (
+                count != len(events) - 1
+                or len(events[0]) < prefix + suffix
+                or len(events[-1]) < prefix + suffix
+            ):
+                return None
+        return [event[prefix : len(event) - suffix] for event in events]
 
     def _walk(self, seg: bytes, out: list[Event]) -> None:
         """Whole events of which some do not fit: event by event, the template where it
@@ -247,6 +285,8 @@ def _template(
 ) -> tuple[bytes, bytes, type[TextDelta | ReasoningDelta]] | None:
     """Prefix and suffix around ``text`` in ``data``, if the probes prove it is the only
     thing that varies; and the kind of delta it becomes."""
+    if data.find(b"\n") >= 0:
+        return None  # data of several lines: its events are not one "data:" line each
     encoded = dumps(text)  # with its quotes
     at = data.find(encoded)
     if at < 0 or data.find(encoded, at + 1) >= 0:
