@@ -1,7 +1,7 @@
 """What an idle open stream costs the gateway in memory, and what it is made of.
 
     .venv/bin/python bench/memory_probe.py [--streams 2000] [--trace 25] [--objects]
-                                          [--http httptools|h11] [--patch NAME ...]
+                                          [--http streaming|httptools|h11] [--patch NAME ...]
                                           [--env KEY=VALUE ...] [--json out.json]
 
 Setting (as ``bench/run.py``'s capacity phase): the standalone simulator
@@ -90,6 +90,8 @@ def _object_counts() -> dict[str, list[int]]:
     return counts
 
 
+_HTTP = {"streaming": "tokenrelay.protocol:StreamingHttpToolsProtocol",
+         "httptools": "httptools", "h11": "h11"}
 _PACKAGES = ("tokenrelay", "uvicorn", "starlette", "aiohttp", "asyncio", "uvloop",
              "multidict", "yarl", "httptools", "h11")
 
@@ -223,7 +225,8 @@ def child(cfg: dict[str, Any]) -> None:
     # First in the route list: no middleware or wrapper is added around the streams.
     app.router.routes.insert(0, Route(MARK, mark, methods=["GET"]))
     kwargs: dict[str, Any] = dict(  # as cli.cmd_serve
-        host=settings.host, port=settings.port, loop="uvloop", http=cfg.get("http", "httptools"),
+        host=settings.host, port=settings.port, loop="uvloop",
+        http=_HTTP[cfg.get("http", "streaming")],
         log_level=settings.log_level, access_log=False, proxy_headers=False, backlog=4096,
     )
     kwargs.update(cfg.get("uvicorn", {}))
@@ -327,7 +330,8 @@ def main() -> int:
                         help="extra seconds to wait before the 'after' mark")
     parser.add_argument("--trace", type=int, default=0, help="tracemalloc frames (0 = off)")
     parser.add_argument("--objects", action="store_true", help="count GC objects by type")
-    parser.add_argument("--http", default="httptools", choices=["httptools", "h11"])
+    parser.add_argument("--http", default="streaming", choices=sorted(_HTTP),
+                        help="streaming: tokenrelay's protocol, as `tokenrelay serve` uses")
     parser.add_argument("--patch", action="append", default=[], choices=sorted(PATCHES))
     parser.add_argument("--uvicorn", default="{}", help="extra uvicorn options (JSON)")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the gateway")

@@ -60,7 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, lighter per connection and telling streams of a disconnect directly.
+        http="tokenrelay.protocol:StreamingHttpToolsProtocol",
         log_level=settings.log_level,
         access_log=False,
         # Nothing in tokenrelay reads the client address or scheme that uvicorn's

@@ -5,8 +5,10 @@ journal and writes them (all that is pending in one write, so a subscriber that 
 catches up in big writes); when nothing arrives for ``heartbeat_s`` it writes a
 ``: heartbeat`` comment; a write stuck for ``send_timeout_s`` drops the client instead of
 holding memory; in a cluster it also notices a dead owner and ends the stream with
-``error``/``interrupted``. One small **listener** task waits for ``http.disconnect`` and
-cancels the send loop, which absorbs that one cancellation (``Task.uncancel``).
+``error``/``interrupted``. When the client leaves, the send loop is cancelled, and absorbs
+that one cancellation (``Task.uncancel``): told by the server's protocol
+(:mod:`tokenrelay.protocol`), or under another server by a small task waiting for
+``http.disconnect``.
 
 The generation never waits for a subscriber: a subscriber is only an index into the
 journal. ``ARCHITECTURE.md`` draws the timelines."""
@@ -23,10 +25,10 @@ from typing import Any
 from tokenrelay import events as ev
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.hub import Hub
+from tokenrelay.protocol import ON_DISCONNECT, Disconnect
 
 log = logging.getLogger("tokenrelay.subscriber")
 
-RAW_SEND = "tokenrelay.raw_send"  # scope key of the server's own send (set in app.py)
 DEFERRED = "tokenrelay.deferred"  # scope key of the request's Deferred (set in app.py)
 
 SSE_HEADERS = [
@@ -44,27 +46,25 @@ class Deferred:
     (~2 KB per open stream, ``bench/memory_probe.py``). So a SubscriberResponse sends
     its start through the middleware (which add their headers), leaves its body here, and
     returns. A middleware that acts when the response ends (the access log) appends a
-    callback to ``after``: the app calls them once the body has ended.
+    callback to ``after``: the app calls them once the body has ended. ``send`` is the
+    server's own send: body chunks skip the middleware wrappers.
     """
 
-    __slots__ = ("after", "body")
+    __slots__ = ("after", "body", "send")
 
-    def __init__(self) -> None:
+    def __init__(self, send: Callable[[Any], Awaitable[None]]) -> None:
+        self.send = send
         self.body: Callable[[], Awaitable[None]] | None = None
         self.after: list[Callable[[], None]] = []
-
-    async def run(self) -> None:
-        if self.body is None:
-            return
-        try:
-            await self.body()
-        finally:
-            for callback in self.after:
-                callback()
 
 
 class SubscriberResponse:
     """Streams one journal stream to one client as SSE (see module docstring)."""
+
+    # Slots, and the body a bound method rather than a closure: this object lives as long
+    # as the stream.
+    __slots__ = ("_hook", "_receive", "_send", "after", "headers", "heartbeat", "hub",
+                 "stream_id", "transform")
 
     def __init__(
         self,
@@ -84,26 +84,80 @@ class SubscriberResponse:
         self.heartbeat = heartbeat
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        send = scope.get(RAW_SEND, send)  # body chunks skip the middleware (see app.py)
+        headers, self.headers = self.headers, []  # sent: not kept for the stream's life
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         deferred: Deferred | None = scope.get(DEFERRED)
+        if deferred is not None:
+            send = deferred.send  # body chunks skip the middleware (see app.py)
+        self._send = send
+        self._receive = receive
+        self._hook: Disconnect | None = scope.get(ON_DISCONNECT)
         if deferred is not None and deferred.body is None:
-            deferred.body = lambda: self._body(send, receive)  # run by the app (Deferred)
+            deferred.body = self._body  # run by the app (Deferred)
             return
-        await self._body(send, receive)
+        await self._body()
 
-    async def _body(self, send: Any, receive: Any) -> None:
-        async with self.hub.subscribed(self.stream_id):
+    async def _body(self) -> None:
+        """Subscribe, run the send loop, end the response: one coroutine, not a method
+        per part, as its frame waits under every open stream (bench/memory_probe.py)."""
+        send, receive, hook = self._send, self._receive, self._hook
+        hub = self.hub
+        journal = hub.journal
+        async with hub.subscribed(self.stream_id):
             loop = asyncio.get_running_loop()
             task = asyncio.current_task()
             assert task is not None
-            deadline = _SendDeadline(loop, self.hub.settings.send_timeout_s)
+            deadline = _SendDeadline(loop, hub.settings.send_timeout_s)
             deadline.task = task
             listener = _Listener(task)
-            listening = loop.create_task(listener.run(receive))
+            listening: asyncio.Task[None] | None = None
+            if hook is None:  # a server other than ours: a task waits in receive()
+                listening = loop.create_task(listener.run(receive))
+            elif hook.gone:
+                listener.disconnected()
+            else:
+                hook.callbacks.append(listener.disconnected)
+            follower = _Follower(self.after, send, self.transform, deadline)
             completed = False
             try:
-                await self._send_loop(send, deadline)
+                # The send loop (module docstring).
+                heartbeat_s = hub.settings.heartbeat_s
+                # Only a shared journal can outlive the instance that writes to it.
+                lease_check = journal.owner_alive if journal.distributed else None
+                check_every = journal.lease_s / 2
+                transform = self.transform
+                write = follower.write
+                # A comment first: bytes reach the client (and any proxy) before the
+                # upstream answers.
+                await write(b": stream " + self.stream_id.encode() + b"\n\n")
+                while True:
+                    wait = max(0.0, heartbeat_s - (time.monotonic() - follower.last_write))
+                    if lease_check is not None:
+                        wait = min(wait, check_every)
+                    deadline.park()
+                    # While parked here, the journal may write new frames through the
+                    # follower itself (no wake-up of this task); it returns what is left.
+                    result = await journal.read(
+                        self.stream_id, follower.pos, wait, follower=follower
+                    )
+                    await follower.settle()
+                    if result.frames:
+                        follower.pos += len(result.frames)
+                        if transform is not None:
+                            data = transform(result.frames)
+                            if data:
+                                await write(data)
+                        else:
+                            await write(b"".join(result.frames))
+                    if result.finished:
+                        break
+                    if result.frames:
+                        continue
+                    if time.monotonic() - follower.last_write >= heartbeat_s * 0.999:
+                        await write(self.heartbeat)
+                    if lease_check is not None and self.stream_id not in hub.generations:
+                        if not await lease_check(self.stream_id):
+                            await _end_interrupted(hub, self.stream_id)
                 completed = True
             except asyncio.CancelledError:
                 # Absorb only our own cancellations: the client left, or a write stuck
@@ -114,62 +168,16 @@ class SubscriberResponse:
                 # A client that stopped reading, a broken socket, or a stream that expired.
                 log.debug("subscriber of %s ended: %s", self.stream_id[:8], type(exc).__name__)
             finally:
+                follower.close()  # a send a push left suspended, if the loop ended meanwhile
                 listener.armed = False  # from here on a disconnect cancels nothing
                 deadline.close()
-                listening.cancel()
-                await asyncio.wait((listening,))
+                if listening is not None:
+                    listening.cancel()
+                    await asyncio.wait((listening,))
+                elif not hook.gone:  # type: ignore[union-attr]
+                    hook.callbacks.remove(listener.disconnected)  # type: ignore[union-attr]
             if completed and not listener.gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _send_loop(self, send: Any, deadline: _SendDeadline) -> None:
-        hub = self.hub
-        journal = hub.journal
-        heartbeat_s = hub.settings.heartbeat_s
-        # Only a shared journal can outlive the instance that writes to it.
-        lease_check = journal.owner_alive if journal.distributed else None
-        check_every = journal.lease_s / 2
-        transform = self.transform
-        follower = _Follower(self.after, send, transform, deadline)
-
-        async def write(data: bytes) -> None:
-            await deadline.send(send, {"type": "http.response.body", "body": data,
-                                       "more_body": True})
-            follower.last_write = time.monotonic()
-
-        # A comment first: bytes reach the client (and any proxy) before the upstream answers.
-        await write(b": stream " + self.stream_id.encode() + b"\n\n")
-        try:
-            while True:
-                wait = max(0.0, heartbeat_s - (time.monotonic() - follower.last_write))
-                if lease_check is not None:
-                    wait = min(wait, check_every)
-                deadline.park()
-                # While parked here, the journal may write new frames through the follower
-                # itself (no wake-up of this task); it returns what is left to write.
-                result = await journal.read(
-                    self.stream_id, follower.pos, wait, follower=follower
-                )
-                await follower.settle()
-                if result.frames:
-                    follower.pos += len(result.frames)
-                    if transform is not None:
-                        data = transform(result.frames)
-                        if data:
-                            await write(data)
-                    else:
-                        await write(b"".join(result.frames))
-                    if result.finished:
-                        return
-                    continue
-                if result.finished:
-                    return
-                if time.monotonic() - follower.last_write >= heartbeat_s * 0.999:
-                    await write(self.heartbeat)
-                if lease_check is not None and self.stream_id not in hub.generations:
-                    if not await lease_check(self.stream_id):
-                        await _end_interrupted(hub, self.stream_id)
-        finally:
-            follower.close()  # a send a push left suspended, if the loop ended meanwhile
 
 
 class _Follower:
@@ -223,6 +231,12 @@ class _Follower:
         self.pending = (coro, waiting_for)
         self._deadline.begin()
         return False
+
+    async def write(self, data: bytes) -> None:
+        """Write from the send loop's own task, under the send deadline."""
+        await self._deadline.send(self._send, {"type": "http.response.body", "body": data,
+                                               "more_body": True})
+        self.last_write = time.monotonic()
 
     def close(self) -> None:
         """The send loop is over: drop a send that a push left suspended."""
@@ -333,7 +347,8 @@ class _SendDeadline:
 
 
 class _Listener:
-    """Waits for ``http.disconnect`` and cancels the send loop while it is armed.
+    """Told of the disconnect (by our protocol's callback, or by its own task waiting for
+    ``http.disconnect``), cancels the send loop while it is armed.
 
     Disarmed synchronously once the send loop has returned, so its cancellation can only
     ever land inside the send loop, where it is absorbed.
@@ -346,13 +361,16 @@ class _Listener:
         self.armed = True
         self.gone = False
 
+    def disconnected(self) -> None:
+        self.gone = True
+        if self.armed:
+            self.task.cancel()
+
     async def run(self, receive: Any) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self.gone = True
-                if self.armed:
-                    self.task.cancel()
+                self.disconnected()
                 return
 
 

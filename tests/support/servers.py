@@ -56,7 +56,7 @@ async def serve_asgi(app: Any, **options: Any) -> tuple[str, Callable[[], Awaita
         "log_config": None,  # never reconfigure logging globally from a test
         "access_log": False,
         "log_level": "warning",
-        "http": "httptools",
+        "http": "tokenrelay.protocol:StreamingHttpToolsProtocol",  # as `tokenrelay serve`
         "lifespan": "auto",
         "timeout_graceful_shutdown": 2,
     }

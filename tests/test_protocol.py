@@ -1,0 +1,116 @@
+"""tokenrelay.protocol: uvicorn's httptools protocol, leaner, with a disconnect callback."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+
+from support.client import chat_body, read_stream
+from support.gateway import running_gateway
+from support.servers import running_asgi
+from tokenrelay.protocol import ON_DISCONNECT
+
+STREAMING = "tokenrelay.protocol:StreamingHttpToolsProtocol"
+
+
+class Recorder:
+    """An ASGI app that answers GET /done at once and streams GET /stream until told to
+    stop, recording what the protocol gives it."""
+
+    def __init__(self) -> None:
+        self.fired: list[str] = []
+        self.hooks: dict[str, Any] = {}
+        self.waiters: list[type] = []
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.left = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        hook = scope.get(ON_DISCONNECT)
+        self.hooks[path] = hook
+        if hook is not None:
+            hook.callbacks.append(lambda: (self.fired.append(path), self.left.set()))
+        cycle = getattr(receive, "__self__", None)  # uvicorn's request cycle
+        if cycle is not None:
+            self.waiters.append(type(cycle.message_event._waiters))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        if path == "/stream":
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            self.started.set()
+            await self.release.wait()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": path.encode()})
+
+
+async def request(port: int, raw: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    return reader, writer
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+async def test_a_client_leaving_mid_response_runs_the_callbacks_and_a_finished_one_does_not():
+    app = Recorder()
+    async with running_asgi(app, http=STREAMING) as url:
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await request(port, get("/done"))
+        assert (await reader.readuntil(b"/done")).endswith(b"/done")
+        writer.close()  # after its response ended: nothing to report
+        await writer.wait_closed()
+        reader, writer = await request(port, get("/stream"))
+        await asyncio.wait_for(app.started.wait(), 5)
+        writer.close()  # mid-response
+        await writer.wait_closed()
+        await asyncio.wait_for(app.left.wait(), 5)
+        assert app.hooks["/stream"].gone
+        app.release.set()
+    assert app.fired == ["/stream"]
+    assert not app.hooks["/done"].gone
+    # The request cycle's event keeps its waiters in a list, not a ~0.8 KB deque.
+    assert app.waiters == [list, list]
+
+
+async def test_pipelined_requests_are_still_answered_in_order():
+    app = Recorder()
+    async with running_asgi(app, http=STREAMING) as url:
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await request(port, get("/a") + get("/b") + get("/c"))
+        data = b""
+        while data.count(b"\r\n0\r\n\r\n") < 3:  # three chunked bodies ended
+            chunk = await asyncio.wait_for(reader.read(4096), 5)
+            assert chunk, data
+            data += chunk
+        writer.close()
+        await writer.wait_closed()
+    assert re.findall(rb"\r\n\r\n2\r\n(/[abc])\r\n0\r\n", data) == [b"/a", b"/b", b"/c"]
+
+
+@pytest.mark.parametrize("http_protocol", [STREAMING, "httptools"])
+async def test_an_abandoned_stream_is_cancelled_under_either_protocol(
+    simulator, http, http_protocol
+):
+    # httptools: no callback in the scope, so the subscriber's own task waits in receive().
+    sim, url = simulator
+    async with running_gateway(
+        server={"http": http_protocol}, TOKENRELAY_UPSTREAM_URL=url, TOKENRELAY_GRACE_S="0"
+    ) as gw:
+        body = chat_body("walk away", sim={"tokens_per_s": 20})
+        async with http.post(gw.base_url + "/api/chat", json=body) as resp:
+            stream_id = resp.headers["X-Stream-Id"]
+            await read_stream(resp, stop_after=2)
+        await asyncio.wait_for(sim.wait_disconnected(1), 10)
+        async with http.get(f"{gw.base_url}/api/streams/{stream_id}/events") as resp:
+            replay = await read_stream(resp)
+    assert replay.events[-1].data["state"] == "cancelled"
