@@ -38,6 +38,7 @@ from typing import Any
 
 import orjson
 
+from tokenrelay import timerwheel
 from tokenrelay.bodydecoder import BodyDecoder
 from tokenrelay.config import ModelRoute, Provider, Settings
 from tokenrelay.errors import (
@@ -400,8 +401,9 @@ class UpstreamCall:
                     retry_after=parse_retry_after(resp.headers),
                     overloaded="overload" in message.lower(),
                 )
-            relay = _Relay(self, route, resp, watchdog, loop, timeouts.idle, total_deadline,
-                           sink_now)
+            # The parsers are made when the first bytes come: a stream waiting minutes for
+            # a reasoning model's first token holds none of them.
+            relay: _Relay | None = None
             read = resp.read
             waiting_first = True
             while True:
@@ -410,13 +412,16 @@ class UpstreamCall:
                 try:
                     data = await read()
                 except (HTTPError, OSError) as exc:
-                    if relay.failure is not None:  # what the data callback hit
+                    if relay is not None and relay.failure is not None:  # the data callback's
                         raise relay.failure from None
                     if watchdog.expired:
                         raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
                     with _map_errors(watchdog.phase, budget):
                         raise exc from None
-                if relay.failure is not None:
+                if relay is None:
+                    relay = _Relay(self, route, resp, watchdog, loop, timeouts.idle,
+                                   total_deadline, sink_now)
+                elif relay.failure is not None:
                     raise relay.failure
                 if not data:
                     break
@@ -438,6 +443,7 @@ class UpstreamCall:
                     await sink(out)
                 if failure is not None:
                     raise failure
+            assert relay is not None  # made on the first pass, which every exit follows
             tail: list[Event] = []
             relay.chunks.flush(tail)
             if tail:
@@ -539,11 +545,12 @@ class _Watchdog:
         self.phase = phase
         self.expired = False
         self._on_expire = on_expire
-        self._handle: asyncio.TimerHandle | None = loop.call_at(deadline, self._fire)
+        # A coarse timer (timerwheel): a budget of seconds, one per open stream.
+        self._handle: timerwheel.Deadline | None = timerwheel.call_at(loop, deadline, self._fire)
 
     def _fire(self) -> None:
         if self._loop.time() < self.deadline:
-            self._handle = self._loop.call_at(self.deadline, self._fire)
+            self._handle = timerwheel.call_at(self._loop, self.deadline, self._fire)
             return
         self._handle = None
         self.expired = True
@@ -553,7 +560,7 @@ class _Watchdog:
         """Move the deadline, also earlier than the timer currently set."""
         self.cancel()
         self.deadline = deadline
-        self._handle = self._loop.call_at(deadline, self._fire)
+        self._handle = timerwheel.call_at(self._loop, deadline, self._fire)
 
     def cancel(self) -> None:
         if self._handle is not None:

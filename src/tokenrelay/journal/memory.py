@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
 
+from tokenrelay import timerwheel
 from tokenrelay.errors import JournalFull, StreamNotFound
 from tokenrelay.journal.base import Follower, Journal, JournalLimits, ReadResult, StreamInfo
 
@@ -152,12 +153,13 @@ class MemoryJournal(Journal):
     ) -> ReadResult:
         stream = self._get(stream_id)
         if after >= len(stream.frames) and not stream.finished and timeout > 0:
-            # A plain timer that resolves the future: cheaper than asyncio.timeout, and a
-            # timeout is not an error here (the caller heartbeats).
+            # A coarse timer that resolves the future: cheaper than asyncio.timeout (and
+            # than a loop timer per parked subscriber), and a timeout is not an error here
+            # (the caller heartbeats).
             loop = asyncio.get_running_loop()
             waiter = _Waiter(loop.create_future(), follower)
             stream.waiters.append(waiter)
-            timer = loop.call_later(timeout, _expire, stream, waiter)
+            timer = timerwheel.call_at(loop, loop.time() + timeout, _expire, stream, waiter)
             try:
                 await waiter.fut
             finally:
