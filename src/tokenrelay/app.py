@@ -215,7 +215,7 @@ class _ExactRouter(Router):
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:  # what Router.app then Route.handle would do
                     # Not scope["route"], which nothing here reads: with it the scope
-                    # outgrows its hash table, ~0.8 KB more under every open stream.
+                    # outgrows its hash table, which lives as long as the stream.
                     if "router" not in scope:
                         scope["router"] = self
                     scope.update(child_scope)
