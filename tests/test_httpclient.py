@@ -227,8 +227,8 @@ async def read_body(resp: Response) -> bytes:
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for IP 127.0.0.1 and its key, made by the openssl CLI."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
+    if shutil.which("openssl") is None:  # scripts/system-deps.sh installs it (make test)
+        pytest.fail("the openssl command is not installed: run scripts/system-deps.sh")
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
