@@ -33,9 +33,10 @@ def gateway_factory(
     """``async with gateway_factory(**env) as gw``: a gateway whose upstream is the simulator."""
     _, url = simulator
 
-    def factory(**env: str) -> AbstractAsyncContextManager[Gateway]:
+    def factory(server: dict[str, Any] | None = None, **env: str
+                ) -> AbstractAsyncContextManager[Gateway]:
         env.setdefault("TOKENRELAY_UPSTREAM_URL", url)
-        return running_gateway(**env)
+        return running_gateway(server=server, **env)
 
     return factory
 

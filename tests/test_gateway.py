@@ -9,8 +9,10 @@ import re
 import socket
 
 import orjson
+import pytest
 
 from support.client import chat_body, read_stream
+from support.servers import STREAMING_PROTOCOL
 from tokenrelay.simulator import build_text
 
 
@@ -196,11 +198,14 @@ async def test_stop_before_the_first_token(simulator, gateway, http):
     assert stream.text == ""
 
 
+@pytest.mark.parametrize("http_protocol", [STREAMING_PROTOCOL, "httptools"])
 async def test_abandoned_stream_is_cancelled_after_the_grace_period(
-    simulator, gateway_factory, http
+    simulator, gateway_factory, http, http_protocol
 ):
+    # Under our protocol the disconnect arrives by callback; under plain httptools the
+    # subscriber's own task waits for it in receive().
     sim, _ = simulator
-    async with gateway_factory(TOKENRELAY_GRACE_S="0.2") as gw:
+    async with gateway_factory({"http": http_protocol}, TOKENRELAY_GRACE_S="0.2") as gw:
         body = chat_body("walk away", sim={"tokens_per_s": 20})
         async with http.post(gw.base_url + "/api/chat", json=body) as resp:
             stream_id = resp.headers["X-Stream-Id"]

@@ -6,14 +6,8 @@ import asyncio
 import re
 from typing import Any
 
-import pytest
-
-from support.client import chat_body, read_stream
-from support.gateway import running_gateway
-from support.servers import running_asgi
+from support.servers import STREAMING_PROTOCOL, running_asgi
 from tokenrelay.protocol import ON_DISCONNECT
-
-STREAMING = "tokenrelay.protocol:StreamingHttpToolsProtocol"
 
 
 class Recorder:
@@ -63,7 +57,7 @@ def get(path: str) -> bytes:
 
 async def test_a_client_leaving_mid_response_runs_the_callbacks_and_a_finished_one_does_not():
     app = Recorder()
-    async with running_asgi(app, http=STREAMING) as url:
+    async with running_asgi(app, http=STREAMING_PROTOCOL) as url:
         port = int(url.rsplit(":", 1)[1])
         reader, writer = await request(port, get("/done"))
         assert (await reader.readuntil(b"/done")).endswith(b"/done")
@@ -84,7 +78,7 @@ async def test_a_client_leaving_mid_response_runs_the_callbacks_and_a_finished_o
 
 async def test_pipelined_requests_are_still_answered_in_order():
     app = Recorder()
-    async with running_asgi(app, http=STREAMING) as url:
+    async with running_asgi(app, http=STREAMING_PROTOCOL) as url:
         port = int(url.rsplit(":", 1)[1])
         reader, writer = await request(port, get("/a") + get("/b") + get("/c"))
         data = b""
@@ -95,22 +89,3 @@ async def test_pipelined_requests_are_still_answered_in_order():
         writer.close()
         await writer.wait_closed()
     assert re.findall(rb"\r\n\r\n2\r\n(/[abc])\r\n0\r\n", data) == [b"/a", b"/b", b"/c"]
-
-
-@pytest.mark.parametrize("http_protocol", [STREAMING, "httptools"])
-async def test_an_abandoned_stream_is_cancelled_under_either_protocol(
-    simulator, http, http_protocol
-):
-    # httptools: no callback in the scope, so the subscriber's own task waits in receive().
-    sim, url = simulator
-    async with running_gateway(
-        server={"http": http_protocol}, TOKENRELAY_UPSTREAM_URL=url, TOKENRELAY_GRACE_S="0"
-    ) as gw:
-        body = chat_body("walk away", sim={"tokens_per_s": 20})
-        async with http.post(gw.base_url + "/api/chat", json=body) as resp:
-            stream_id = resp.headers["X-Stream-Id"]
-            await read_stream(resp, stop_after=2)
-        await asyncio.wait_for(sim.wait_disconnected(1), 10)
-        async with http.get(f"{gw.base_url}/api/streams/{stream_id}/events") as resp:
-            replay = await read_stream(resp)
-    assert replay.events[-1].data["state"] == "cancelled"

@@ -15,6 +15,8 @@ from typing import Any
 
 import uvicorn
 
+STREAMING_PROTOCOL = "tokenrelay.protocol:StreamingHttpToolsProtocol"
+
 
 class _Server(uvicorn.Server):
     """uvicorn.Server that reports startup through an event and leaves signals alone."""
@@ -56,7 +58,7 @@ async def serve_asgi(app: Any, **options: Any) -> tuple[str, Callable[[], Awaita
         "log_config": None,  # never reconfigure logging globally from a test
         "access_log": False,
         "log_level": "warning",
-        "http": "tokenrelay.protocol:StreamingHttpToolsProtocol",  # as `tokenrelay serve`
+        "http": STREAMING_PROTOCOL,  # as `tokenrelay serve`
         "lifespan": "auto",
         "timeout_graceful_shutdown": 2,
     }
