@@ -122,9 +122,7 @@ class BodyDecoder:
                 ):
                     text = _text(payload[len(prefix) : len(payload) - len(suffix)])
                     if text is not None:
-                        if text:
-                            chunks.content_chunks += 1
-                            _emit(text, out, self._kind)
+                        self._add(text, out, self._kind)
                         continue
                 if self._learn:
                     before = chunks.content_chunks
@@ -155,9 +153,7 @@ class BodyDecoder:
                 # One whole event, as a live answer's tokens come: its text alone.
                 text = _text(data[len(head) : len(data) - len(tail)])
                 if text is not None:
-                    if text:
-                        self.chunks.content_chunks += 1
-                        _emit(text, out, self._kind)
+                    self._add(text, out, self._kind)
                     return
         else:
             start = data.find(b"\n\n") + 2
@@ -192,8 +188,7 @@ class BodyDecoder:
                 else:
                     text = _decode_each(texts)
                 if text is not None:  # every event of the run fits
-                    self.chunks.content_chunks += len(texts) - texts.count(b"")
-                    _emit(text, out, self._kind)
+                    self._add(text, out, self._kind, len(texts) - texts.count(b""))
                     if cut < len(seg):
                         self._walk(seg[cut:], out)
                     return
@@ -242,13 +237,22 @@ class BodyDecoder:
             ):
                 if at != pending:
                     self._exact(seg[pending:at], out)
-                if text:
-                    self.chunks.content_chunks += 1
-                    _emit(text, out, kind)
+                self._add(text, out, kind)
                 pending = end + 2
             at = end + 2
         if pending < len(seg):
             self._exact(seg[pending:] if pending else seg, out)
+
+    def _add(self, text: str, out: list[Event], kind: type[TextDelta | ReasoningDelta],
+             count: int = 1) -> None:
+        """The text of ``count`` template events, merged into the previous item of its
+        kind (as the chunk decoder merges); empty text is no event and counts no chunk."""
+        if text:
+            self.chunks.content_chunks += count
+            if out and type(last := out[-1]) is kind:
+                last.text += text  # type: ignore[union-attr]
+            else:
+                out.append(kind(text))
 
     def _learn_from(self, data: bytes) -> None:
         """Try to make ``data`` (a chunk that carried text) the template."""
@@ -270,14 +274,6 @@ class BodyDecoder:
             self._head = b"data: " + prefix
             self._tail = suffix + b"\n\n"
             self._middle = self._tail + self._head
-
-
-def _emit(text: str, out: list[Event], kind: type[TextDelta | ReasoningDelta]) -> None:
-    """Append text of ``kind``, merging with the previous item."""
-    if out and type(last := out[-1]) is kind:
-        last.text += text  # type: ignore[union-attr]
-    elif text:
-        out.append(kind(text))
 
 
 def _template(
