@@ -6,6 +6,7 @@ import asyncio
 import re
 from typing import Any
 
+from support.gateway import running_gateway
 from support.servers import STREAMING_PROTOCOL, running_asgi
 from tokenrelay.protocol import ON_DISCONNECT
 
@@ -89,3 +90,18 @@ async def test_pipelined_requests_are_still_answered_in_order():
         writer.close()
         await writer.wait_closed()
     assert re.findall(rb"\r\n\r\n2\r\n(/[abc])\r\n0\r\n", data) == [b"/a", b"/b", b"/c"]
+
+
+async def test_an_upgrade_request_is_answered_as_plain_uvicorn_answers_it():
+    # A websocket handshake makes no request cycle; the protocol must leave it to uvicorn.
+    upgrade = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    status = {}
+    for http_protocol in (STREAMING_PROTOCOL, "httptools"):
+        async with running_gateway(server={"http": http_protocol}) as gw:
+            reader, writer = await request(int(gw.base_url.rsplit(":", 1)[1]), upgrade)
+            status[http_protocol] = await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+            await writer.wait_closed()
+    assert status[STREAMING_PROTOCOL] == status["httptools"]
+    assert status["httptools"].startswith(b"HTTP/1.1 403")

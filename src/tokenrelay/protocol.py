@@ -75,8 +75,11 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
             _lean(flow._is_writable_event)
 
     def on_headers_complete(self) -> None:
+        before = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
+        if cycle is None or cycle is before:
+            return  # an upgrade (websocket) request: no new request cycle
         _lean(cycle.message_event)
         cycle.scope[ON_DISCONNECT] = Disconnect()  # type: ignore[literal-required]
 
