@@ -114,16 +114,9 @@ class BodyDecoder:
         for event in self.sse.decode(data):
             if event.event == "message" or event.event == "error":
                 payload = event.data
-                if (
-                    prefix
-                    and payload.startswith(prefix)
-                    and payload.endswith(suffix)
-                    and len(payload) >= len(prefix) + len(suffix)
-                ):
-                    text = _text(payload[len(prefix) : len(payload) - len(suffix)])
-                    if text is not None:
-                        self._add(text, out, self._kind)
-                        continue
+                if prefix and (text := _between(payload, prefix, suffix)) is not None:
+                    self._add(text, out, self._kind)
+                    continue
                 if self._learn:
                     before = chunks.content_chunks
                     chunks.feed(payload, out)
@@ -143,18 +136,13 @@ class BodyDecoder:
         end go through the exact parsers."""
         start = 0
         if self.sse.between_events:
-            head, tail = self._head, self._tail
+            # One whole event, as a live answer's tokens come: its text alone.
             if (
                 data.find(b"\n\n") == len(data) - 2
-                and data.startswith(head)
-                and data.endswith(tail)
-                and len(data) >= len(head) + len(tail)
+                and (text := _between(data, self._head, self._tail)) is not None
             ):
-                # One whole event, as a live answer's tokens come: its text alone.
-                text = _text(data[len(head) : len(data) - len(tail)])
-                if text is not None:
-                    self._add(text, out, self._kind)
-                    return
+                self._add(text, out, self._kind)
+                return
         else:
             start = data.find(b"\n\n") + 2
             if start == 1 or start == len(data):
@@ -309,6 +297,13 @@ def _template(
     except UpstreamError:
         return None
     return (prefix, suffix, kind) if not out and probe.content_chunks == 1 else None
+
+
+def _between(data: bytes, head: bytes, tail: bytes) -> str | None:
+    """The text of ``data`` if it is ``head``, a JSON string body and ``tail``; else None."""
+    if len(data) < len(head) + len(tail) or not data.startswith(head) or not data.endswith(tail):
+        return None
+    return _text(data[len(head) : len(data) - len(tail)])
 
 
 def _text(body: bytes) -> str | None:
