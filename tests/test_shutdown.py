@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import pytest
+import uvicorn
 
 from support.client import chat_body, read_stream
 from support.gateway import serve_app
@@ -14,14 +18,32 @@ from support.processes import Launcher
 from tokenrelay.simulator import SimulatorConfig, create_simulator
 
 
+@contextlib.asynccontextmanager
+async def _upstream(kind: str) -> AsyncIterator[dict[str, str]]:
+    """The upstream part of the environment: an external simulator, or none at all."""
+    if kind == "built-in simulator":
+        yield {}  # the default configuration: the simulator runs inside the gateway
+        return
+    async with serve_app(create_simulator(SimulatorConfig()), lifespan="off") as url:
+        yield {"TOKENRELAY_UPSTREAM_URL": url + "/v1"}
+
+
+def test_the_in_loop_server_hook_that_keeps_signals_for_the_gateway_exists():
+    # tokenrelay.server.InLoopServer overrides it so that the built-in simulator's server
+    # leaves SIGTERM to the gateway; a uvicorn that renamed it would break the drain.
+    assert callable(getattr(uvicorn.Server, "capture_signals", None)), (
+        f"uvicorn {uvicorn.__version__} has no Server.capture_signals"
+    )
+
+
+@pytest.mark.parametrize("upstream", ["external simulator", "built-in simulator"])
 async def test_sigterm_drains_then_interrupts_and_stores_the_partial_text(
-    tmp_path: Path, http: aiohttp.ClientSession
+    tmp_path: Path, http: aiohttp.ClientSession, upstream: str
 ):
-    sim = create_simulator(SimulatorConfig())
-    async with serve_app(sim, lifespan="off") as url:
+    async with _upstream(upstream) as upstream_env:
         env = {
             "PATH": "/usr/bin:/bin",
-            "TOKENRELAY_UPSTREAM_URL": url + "/v1",
+            **upstream_env,
             "TOKENRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
             "TOKENRELAY_DRAIN_S": "1",
             "TOKENRELAY_HEARTBEAT_S": "0.2",

@@ -7,10 +7,8 @@ Handlers reach them through ``request.app.state``; nothing is global.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -59,36 +57,14 @@ PAGE_HEADERS = {
 @contextlib.asynccontextmanager
 async def _simulator_server(speed: float) -> AsyncIterator[str]:
     """Run the built-in simulator on a loopback port of this event loop; yield its base URL."""
-    import uvicorn
-
+    from tokenrelay.server import running_in_loop
     from tokenrelay.simulator import SimulatorConfig, create_simulator
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_simulator(SimulatorConfig(speed=speed)),
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        http="httptools",
-    )
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        server.force_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 5)
-        sock.close()
+    simulator = create_simulator(SimulatorConfig(speed=speed))
+    async with running_in_loop(
+        simulator, lifespan="off", http="httptools", force_exit=True
+    ) as url:
+        yield url + "/v1"
 
 
 def _open_store(settings: Settings) -> Any:

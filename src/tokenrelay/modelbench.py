@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -157,34 +156,16 @@ async def _measure(url: str, args: Any) -> list[ModelResult]:
 @contextlib.asynccontextmanager
 async def _local_gateway() -> AsyncIterator[str]:
     """The real app on 127.0.0.1:<free port> in this event loop (lifespan included)."""
-    import uvicorn
-
     from tokenrelay.app import create_app
     from tokenrelay.config import load_settings
+    from tokenrelay.server import running_in_loop
 
     environ = {**os.environ, "TOKENRELAY_DATABASE_URL": "none"}
     app = create_app(load_settings(environ=environ))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            http="httptools", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:  # uvicorn offers no event to await
-            if task.done():
-                task.result()
-                raise RuntimeError("the gateway stopped during start-up")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
-        sock.close()
+    async with running_in_loop(
+        app, lifespan="on", http="httptools", timeout_graceful_shutdown=1
+    ) as url:
+        yield url
 
 
 def _fmt(value: float | None, spec: str) -> str:

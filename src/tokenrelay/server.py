@@ -1,15 +1,24 @@
-"""Running the app under uvicorn with a graceful drain on SIGTERM/SIGINT.
+"""Running ASGI apps under uvicorn: the gateway with a graceful drain, and in-loop servers.
 
-On the signal: the hub stops accepting streams at once (503), running answers get
+On SIGTERM/SIGINT: the hub stops accepting streams at once (503), running answers get
 ``drain_s`` seconds to finish, then the rest end as ``interrupted`` — their subscribers
 still receive that terminal event, because uvicorn waits a little longer than ``drain_s``
 for open connections before it cancels them.
+
+``serve_in_loop`` runs another app (the built-in simulator, ``tokenrelay bench``'s local
+gateway, the tests' servers) on a loopback port of the running event loop. Such a server
+must leave the process's signals alone: uvicorn's ``serve()`` installs its own handlers
+through ``capture_signals()``, and an inner server that did so would take SIGTERM away
+from the gateway, which then never drains.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -52,3 +61,84 @@ def serve(app: Starlette, drain_s: float, **options: Any) -> None:
     """Run ``app`` until SIGTERM/SIGINT, then drain (see module docstring)."""
     config = uvicorn.Config(app, timeout_graceful_shutdown=drain_s + _SLACK_S, **options)
     DrainingServer(config, app, drain_s).run()
+
+
+class InLoopServer(uvicorn.Server):
+    """uvicorn.Server for a task of a running loop: startup as an event, no signal handlers."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            # uvicorn exits the process when the app's lifespan startup fails; inside a
+            # task that would tear through the caller's event loop, so end serve() instead.
+            self.should_exit = True
+            return
+        self.ready.set()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the process's signals belong to the outer server (see module docstring)
+
+
+async def serve_in_loop(
+    app: Any,
+    *,
+    sndbuf: int | None = None,
+    stop_timeout: float = 10.0,
+    force_exit: bool = False,
+    **options: Any,
+) -> tuple[str, Callable[[], Awaitable[None]]]:
+    """Start ``app`` on 127.0.0.1:<free port> in this loop; return its URL and ``stop()``.
+
+    The socket is bound before uvicorn starts, so there is no race for the port.
+    ``options`` go to ``uvicorn.Config``; ``sndbuf`` fixes SO_SNDBUF of accepted
+    connections (inherited from the listening socket). ``stop()`` lets open connections
+    finish for up to ``stop_timeout`` seconds, or not at all with ``force_exit``.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    settings: dict[str, Any] = {"log_level": "warning", "access_log": False}
+    settings.update(options)
+    server = InLoopServer(uvicorn.Config(app, **settings))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    ready = asyncio.create_task(server.ready.wait())
+    await asyncio.wait((task, ready), return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        sock.close()
+        await task  # re-raises a failure other than the app's startup
+        raise RuntimeError("the app failed to start (see the lifespan error logged above)")
+
+    async def stop() -> None:
+        server.should_exit = True
+        server.force_exit = force_exit
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=stop_timeout)
+        except TimeoutError:
+            server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            sock.close()
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@contextlib.asynccontextmanager
+async def running_in_loop(app: Any, **options: Any) -> AsyncIterator[str]:
+    """``async with running_in_loop(app) as base_url:`` (see ``serve_in_loop``)."""
+    url, stop = await serve_in_loop(app, **options)
+    try:
+        yield url
+    finally:
+        await stop()
