@@ -1,0 +1,74 @@
+"""Every private detail of another package that tokenrelay relies on, in one list.
+
+tokenrelay reaches past the public API of uvicorn, Starlette and asyncio in a few places,
+each for speed or memory on the per-stream path (see the module named in ``used_by``).
+A release that renames one of them would break production silently, so
+``tests/test_couplings.py`` checks each entry against the installed versions and fails
+naming the attribute and the version. pyproject.toml caps uvicorn and Starlette at the
+newest minor release tested; to lift a cap, raise it, run that test, and fix what it names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["COUPLINGS", "Coupling"]
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """One private attribute: ``owner`` (``package:Class`` or ``package:Class()`` for an
+    instance attribute that a live object is needed to see) has ``attribute``."""
+
+    package: str
+    owner: str
+    attribute: str
+    used_by: str
+    why: str
+
+
+COUPLINGS: tuple[Coupling, ...] = (
+    Coupling(
+        "asyncio", "asyncio:Event()", "_waiters", "protocol._lean",
+        "an Event's empty waiter deque (~760 bytes) becomes a list",
+    ),
+    Coupling(
+        "asyncio", "asyncio:Future()", "_asyncio_future_blocking",
+        "subscriber._finish_suspended",
+        "a send driven by hand that suspended on a future is finished in the subscriber's task",
+    ),
+    Coupling(
+        "uvicorn", "uvicorn.server:Server", "capture_signals", "server.InLoopServer",
+        "in-loop servers (the built-in simulator) leave SIGTERM to the gateway",
+    ),
+    Coupling(
+        "uvicorn", "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol()", "pipeline",
+        "protocol.StreamingHttpToolsProtocol", "the pipelined-request deque becomes a list",
+    ),
+    Coupling(
+        "uvicorn", "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol()", "flow",
+        "protocol.StreamingHttpToolsProtocol", "its writable event is made lean",
+    ),
+    Coupling(
+        "uvicorn", "uvicorn.protocols.http.flow_control:FlowControl()", "_is_writable_event",
+        "protocol.StreamingHttpToolsProtocol", "an asyncio.Event made lean per connection",
+    ),
+    Coupling(
+        "uvicorn", "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol()", "cycle",
+        "protocol.StreamingHttpToolsProtocol", "the request cycle gets the Disconnect hook",
+    ),
+    Coupling(
+        "uvicorn", "uvicorn.protocols.http.httptools_impl:RequestResponseCycle()",
+        "message_event", "protocol.StreamingHttpToolsProtocol",
+        "an asyncio.Event made lean per request",
+    ),
+    Coupling(
+        "uvicorn", "uvicorn.protocols.http.httptools_impl:RequestResponseCycle()",
+        "disconnected", "protocol.StreamingHttpToolsProtocol",
+        "connection_lost fires the Disconnect callbacks only mid-response",
+    ),
+    Coupling(
+        "starlette", "starlette.applications:Starlette()", "middleware_stack", "app.TokenRelayApp",
+        "Starlette.__call__ is inlined (scope['app'], lazy build_middleware_stack)",
+    ),
+)

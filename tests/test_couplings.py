@@ -1,0 +1,107 @@
+"""Every private detail of uvicorn, Starlette and asyncio listed in tokenrelay.couplings
+still exists in the installed versions; a failure names the attribute and the version."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib
+import inspect
+import socket
+from importlib.metadata import version
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from tokenrelay.couplings import COUPLINGS, Coupling
+
+
+def _installed(package: str) -> str:
+    return "Python's" if package == "asyncio" else f"{package} {version(package)}"
+
+
+async def _live_objects() -> dict[str, Any]:
+    """Real instances for the instance attributes: a protocol in the middle of a request."""
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        entered.set()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    config = uvicorn.Config(app, http="httptools", lifespan="off", log_config=None)
+    config.load()
+    loop = asyncio.get_running_loop()
+    protocol = HttpToolsProtocol(config, ServerState(), {}, loop)
+    ours, theirs = socket.socketpair()
+    await loop.connect_accepted_socket(lambda: protocol, ours)
+    theirs.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(entered.wait(), 10)
+    objects = {
+        "asyncio:Event()": asyncio.Event(),
+        "asyncio:Future()": loop.create_future(),
+        "starlette.applications:Starlette()": Starlette(),
+        "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol()": protocol,
+        "uvicorn.protocols.http.flow_control:FlowControl()": getattr(protocol, "flow", None),
+        "uvicorn.protocols.http.httptools_impl:RequestResponseCycle()": getattr(
+            protocol, "cycle", None
+        ),
+    }
+    release.set()
+    await asyncio.sleep(0)
+    theirs.close()
+    return objects
+
+
+def _owner(coupling: Coupling, live: dict[str, Any]) -> Any:
+    if coupling.owner.endswith("()"):
+        return live[coupling.owner]
+    module, _, name = coupling.owner.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.fixture
+async def live() -> dict[str, Any]:
+    return await _live_objects()
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS, ids=lambda c: f"{c.owner}.{c.attribute}")
+async def test_each_private_attribute_tokenrelay_relies_on_still_exists(
+    coupling: Coupling, live: dict[str, Any]
+):
+    owner = _owner(coupling, live)
+    assert owner is not None and hasattr(owner, coupling.attribute), (
+        f"{_installed(coupling.package)}: {coupling.owner} has no {coupling.attribute!r}, "
+        f"which {coupling.used_by} relies on ({coupling.why}); see tokenrelay/couplings.py"
+    )
+
+
+async def test_the_waiters_that_protocol_makes_lean_are_still_deques(live: dict[str, Any]):
+    # protocol._lean swaps only a deque it recognises; anything else would silently keep
+    # the memory it is there to save.
+    cycle = live["uvicorn.protocols.http.httptools_impl:RequestResponseCycle()"]
+    flow = live["uvicorn.protocols.http.flow_control:FlowControl()"]
+    for event in (cycle.message_event, flow._is_writable_event, asyncio.Event()):
+        assert type(event._waiters) is collections.deque, version("uvicorn")
+
+
+def test_the_inlined_starlette_call_is_still_what_starlette_does():
+    # app.TokenRelayApp.__call__ inlines Starlette.__call__; if Starlette's grows a step,
+    # ours would skip it.
+    body = [
+        line.strip()
+        for line in inspect.getsource(Starlette.__call__).splitlines()[1:]
+        if line.strip()
+    ]
+    assert body == [
+        'scope["app"] = self',
+        "if self.middleware_stack is None:",
+        "self.middleware_stack = self.build_middleware_stack()",
+        "await self.middleware_stack(scope, receive, send)",
+    ], f"starlette {version('starlette')} changed Starlette.__call__"
