@@ -519,6 +519,35 @@ async def test_routes_list_paging(client: tuple[httpx.AsyncClient, SQLStore]) ->
         assert response.status_code == 400, params
 
 
+async def test_search_finds_titles_and_message_text_case_insensitively(store: SQLStore) -> None:
+    trip = await store.ensure_conversation("alice", None, "Trip to Lisbon")
+    code = await store.ensure_conversation("alice", None, "Code review")
+    await store.add_user_message("alice", code, "Why does my Regex fail on 100% of inputs?")
+    await store.add_user_message("alice", trip, "plain text")
+    other = await store.ensure_conversation("bob", None, "lisbon too")
+
+    async def ids(query: str) -> list[str]:
+        return [c["id"] for c in await store.list_conversations("alice", query=query)]
+
+    assert await ids("LISBON") == [trip]  # title, any case; bob's is not alice's
+    assert await ids("regex") == [code]  # message text
+    assert await ids("100%") == [code]  # % is literal, not a wildcard
+    assert await ids("1_0") == []  # so is _
+    assert set(await ids("")) == {trip, code}
+    assert other not in await ids("lisbon")
+
+
+async def test_routes_search_and_its_limit(client: tuple[httpx.AsyncClient, SQLStore]) -> None:
+    http, store = client
+    wanted = await store.ensure_conversation("local", None, "Needle in a haystack")
+    await store.ensure_conversation("local", None, "Other")
+    found = await http.get("/api/conversations", params={"q": "needle"})
+    assert [c["id"] for c in found.json()["conversations"]] == [wanted]
+    too_long = await http.get("/api/conversations", params={"q": "x" * 201})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "invalid_query"
+
+
 async def test_routes_stats(client: tuple[httpx.AsyncClient, SQLStore]) -> None:
     http, store = client
     cid = await store.ensure_conversation("local", None, "t")

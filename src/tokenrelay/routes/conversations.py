@@ -19,6 +19,7 @@ from tokenrelay.validation import read_json_body
 
 LIST_LIMIT_MAX = 200
 TITLE_MAX = 200
+QUERY_MAX = 200
 
 
 def _store(request: Request) -> Store:
@@ -49,7 +50,11 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 async def list_conversations(request: Request) -> Response:
     limit = _int_param(request, "limit", 50, 1, LIST_LIMIT_MAX)
     offset = _int_param(request, "offset", 0, 0, 10**9)
-    found = await _store(request).list_conversations(owner_of(request), limit, offset)
+    query = request.query_params.get("q", "").strip()
+    if len(query) > QUERY_MAX:
+        raise BadRequest(f"q (the search) must be at most {QUERY_MAX} characters",
+                         code="invalid_query")
+    found = await _store(request).list_conversations(owner_of(request), limit, offset, query)
     return JSONResponse({"conversations": found})
 
 

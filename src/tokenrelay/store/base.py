@@ -90,9 +90,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_conversations(
-        self, owner: str, limit: int = 50, offset: int = 0
+        self, owner: str, limit: int = 50, offset: int = 0, query: str = ""
     ) -> list[dict[str, Any]]:
-        """Newest first: id, title, created_at, updated_at."""
+        """Newest first: id, title, created_at, updated_at; with ``query``, only those whose
+        title or any message's text contains it (case-insensitive)."""
 
     @abc.abstractmethod
     async def get_conversation(self, owner: str, conversation_id: str) -> dict[str, Any] | None:

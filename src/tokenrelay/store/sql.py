@@ -55,7 +55,9 @@ from sqlalchemy import (
     case,
     delete,
     event,
+    exists,
     func,
+    or_,
     select,
     update,
 )
@@ -627,13 +629,23 @@ class SQLStore(Store):
     # -- reads ------------------------------------------------------------------------
 
     async def list_conversations(
-        self, owner: str, limit: int = 50, offset: int = 0
+        self, owner: str, limit: int = 50, offset: int = 0, query: str = ""
     ) -> list[dict[str, Any]]:
+        found = select(conversations).where(conversations.c.owner == owner)
+        if query:
+            # Case-insensitive substring of the title or of any message's text; the
+            # query's own % and _ are literal (ILIKE on PostgreSQL, lower() LIKE on SQLite).
+            pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace(
+                "_", "\\_"
+            ) + "%"
+            in_text = exists().where(
+                messages.c.conversation_id == conversations.c.id,
+                messages.c.content.ilike(pattern, escape="\\"),
+            )
+            found = found.where(or_(conversations.c.title.ilike(pattern, escape="\\"), in_text))
         async with self._begin() as conn:
             rows = await conn.execute(
-                select(conversations)
-                .where(conversations.c.owner == owner)
-                .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
+                found.order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
                 .limit(max(0, limit))
                 .offset(max(0, offset))
             )

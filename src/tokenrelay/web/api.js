@@ -92,8 +92,10 @@ export class Api {
     return this.json(`/api/streams/${encodeURIComponent(streamId)}/cancel`, { method: "POST" });
   }
 
-  conversations() {
-    return this.json("/api/conversations");
+  /** The caller's conversations, newest first; `query` searches titles and message text. */
+  conversations(query = "") {
+    const q = query.trim();
+    return this.json(q ? `/api/conversations?q=${encodeURIComponent(q)}` : "/api/conversations");
   }
 
   conversation(id) {

@@ -7,15 +7,19 @@
 // consistent) is kept in sessionStorage, so a reload re-attaches where it left off.
 
 import { Api, ApiError } from "./api.js";
+import { download, fileName, toJSON, toMarkdown } from "./export.js";
 import { LocalHistory, newConversationId, openHistory } from "./history.js";
 import { Renderer } from "./markdown.js";
 import { AnswerRun, isFinal, newAnswer } from "./run.js";
-import { AssistantView, UserView } from "./views.js";
+import { applyTheme, savedTheme, setTheme } from "./theme.js";
+import { AssistantView, UserView, waitingMs } from "./views.js";
 
 const ACTIVE_KEY = "tokenrelay.active"; // sessionStorage: the answer in progress
 const CURRENT_KEY = "tokenrelay.current"; // sessionStorage: the open conversation
 const MODEL_KEY = "tokenrelay.model"; // localStorage: the last model picked
 const SNAPSHOT_EVERY_MS = 150;
+const SEARCH_DELAY_MS = 200; // typing in the search box queries once it pauses
+const ANNOUNCE_WAIT_MS = 10000; // a silence this long is said once to screen readers
 const MOBILE = "(max-width: 820px)";
 
 function titleFrom(text) {
@@ -45,7 +49,8 @@ class App {
       welcome: $("welcome"), form: $("composer"), input: $("input"), send: $("send"),
       stop: $("stop"), simNote: $("sim-note"), announcer: $("announcer"),
       keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"),
-      keyDesc: $("key-desc"),
+      keyDesc: $("key-desc"), jump: $("jump"), exportBtn: $("export"),
+      exportMenu: $("export-menu"), search: $("conv-search"), theme: $("theme"),
     };
     this.api = new Api(() => this.askForKey());
     this.renderer = new Renderer();
@@ -62,6 +67,8 @@ class App {
     this.editing = null;
     this.mobile = window.matchMedia(MOBILE);
     this.ready = false;
+    this.query = ""; // the history search
+    this.searchTimer = null;
   }
 
   async init() {
@@ -162,7 +169,30 @@ class App {
     this.follow = true;
     d.messages.addEventListener("scroll", () => {
       this.follow = this.isNearBottom();
+      this.updateJump();
     }, { passive: true });
+    d.jump.addEventListener("click", () => {
+      this.scrollToBottom();
+      d.input.focus({ preventScroll: true });
+    });
+    d.theme.value = savedTheme();
+    d.theme.addEventListener("change", () => setTheme(d.theme.value));
+    d.search.addEventListener("input", () => {
+      clearTimeout(this.searchTimer);
+      this.searchTimer = setTimeout(() => {
+        this.query = d.search.value;
+        this.refreshList();
+      }, SEARCH_DELAY_MS);
+    });
+    d.search.addEventListener("keydown", (e) => {
+      if (e.key === "Escape" && d.search.value) {
+        e.preventDefault(); // clear the search first; a second Escape closes the drawer
+        d.search.value = "";
+        this.query = "";
+        this.refreshList();
+      }
+    });
+    this.bindExportMenu();
     window.addEventListener("storage", (e) => {
       // Another tab changed this browser's history: keep the sidebar in step.
       if (!this.history.server && e.key && e.key.startsWith("tokenrelay.conv")) this.refreshList();
@@ -170,6 +200,54 @@ class App {
     window.addEventListener("pageshow", (e) => {
       if (e.persisted && this.run) location.reload(); // back from bfcache: the run was closed
     });
+  }
+
+  /** The export button opens a two-item menu (arrow keys move, Escape closes). */
+  bindExportMenu() {
+    const d = this.dom;
+    const items = () => [...d.exportMenu.querySelectorAll("[role=menuitem]")];
+    const open = (focusFirst) => {
+      d.exportMenu.hidden = false;
+      d.exportBtn.setAttribute("aria-expanded", "true");
+      if (focusFirst) items()[0].focus();
+    };
+    const close = (refocus) => {
+      if (d.exportMenu.hidden) return;
+      d.exportMenu.hidden = true;
+      d.exportBtn.setAttribute("aria-expanded", "false");
+      if (refocus) d.exportBtn.focus();
+    };
+    d.exportBtn.addEventListener("click", () => (d.exportMenu.hidden ? open(true) : close(false)));
+    d.exportMenu.addEventListener("click", (e) => {
+      const item = e.target.closest("[role=menuitem]");
+      if (!item) return;
+      close(true);
+      this.exportConversation(item.dataset.format);
+    });
+    d.exportMenu.addEventListener("keydown", (e) => {
+      const list = items();
+      const i = list.indexOf(document.activeElement);
+      if (e.key === "ArrowDown" || e.key === "ArrowUp") {
+        e.preventDefault();
+        list[(i + (e.key === "ArrowDown" ? 1 : list.length - 1)) % list.length].focus();
+      } else if (e.key === "Escape") {
+        e.preventDefault(); // only the menu closes, not the answer in progress
+        close(true);
+      } else if (e.key === "Tab") {
+        close(false);
+      }
+    });
+    document.addEventListener("click", (e) => {
+      if (!e.target.closest(".export")) close(false);
+    });
+  }
+
+  exportConversation(format) {
+    const conv = this.conv;
+    if (!conv || !conv.messages.length) return;
+    if (format === "json") download(fileName(conv, "json"), toJSON(conv), "application/json");
+    else download(fileName(conv, "md"), toMarkdown(conv), "text/markdown");
+    this.announce("Conversation exported.");
   }
 
   /** Ask for an API key. During start-up the returned promise waits for it. */
@@ -199,11 +277,24 @@ class App {
     }
     const models = (data && data.models) || [];
     this.models = new Map(models.map((m) => [m.id, m]));
-    select.replaceChildren(...models.map((m) => {
-      const option = new Option(m.simulated ? `${m.id} (simulated)` : m.id, m.id);
-      if (m.description) option.title = m.description;
-      return option;
-    }));
+    // The closed picker shows just the id (it fits 320 px); simulated models are labelled
+    // by their group in the list, by the chip on each answer and the note under the box.
+    const option = (m) => {
+      const o = new Option(m.id, m.id);
+      o.title = m.description || (m.simulated ? "Simulated model" : "");
+      return o;
+    };
+    const real = models.filter((m) => !m.simulated).map(option);
+    const simulated = models.filter((m) => m.simulated).map(option);
+    const group = (label, options) => {
+      const g = document.createElement("optgroup");
+      g.label = label;
+      g.append(...options);
+      return g;
+    };
+    select.replaceChildren(...(real.length && simulated.length
+      ? [group("Models", real), group("Simulated (no real LLM)", simulated)]
+      : simulated.length ? [group("Simulated (no real LLM)", simulated)] : real));
     let saved = null;
     try {
       saved = localStorage.getItem(MODEL_KEY);
@@ -424,7 +515,10 @@ class App {
     if (view) view.render();
     this.history.save(conv);
     this.refreshList();
+    const hadFocus = document.activeElement === this.dom.stop;
     this.updateComposer();
+    if (hadFocus) this.dom.input.focus({ preventScroll: true }); // Stop is hidden now
+    this.updateJump();
     const said = {
       complete: "Answer complete.",
       cancelled: "Stopped.",
@@ -438,7 +532,12 @@ class App {
     const run = this.run;
     if (!run) return;
     const view = this.views.get(run.msg);
-    if (view) view.schedule(); // countdowns, thinking time, live tokens/s
+    if (view) view.schedule(); // countdowns, thinking time, waiting time, live tokens/s
+    const waited = waitingMs(run.msg);
+    if (waited !== null && waited >= ANNOUNCE_WAIT_MS && run.announcedWait !== run.msg.text_at) {
+      run.announcedWait = run.msg.text_at; // once per silence
+      this.announce("Still waiting for the model.");
+    }
   }
 
   stop() {
@@ -500,6 +599,7 @@ class App {
     conv.messages.splice(i, 1);
     this.views.get(msg)?.el.remove();
     this.ask();
+    this.dom.stop.focus(); // the button pressed is gone with its answer
   }
 
   startEdit(msg) {
@@ -587,6 +687,7 @@ class App {
     d.stop.hidden = !busy;
     d.send.disabled = !this.ready || busy || !d.input.value.trim() || !d.model.value;
     d.model.disabled = !this.ready || busy || this.models.size === 0;
+    d.exportBtn.disabled = !this.conv || !this.conv.messages.length;
     d.input.rows = Math.min(8, Math.max(1, d.input.value.split("\n").length));
     // Only the last user message and the last answer offer Edit / Regenerate.
     const msgs = this.conv ? this.conv.messages : [];
@@ -620,11 +721,22 @@ class App {
     const m = this.dom.messages;
     m.scrollTop = m.scrollHeight;
     this.follow = true;
+    this.dom.jump.hidden = true;
   }
 
   afterViewRender() {
     // Follow the answer while the reader is at the bottom; leave them alone if they scrolled up.
     if (this.follow) this.scrollToBottom();
+    else this.updateJump();
+  }
+
+  /** "Jump to latest" while the reader is scrolled away from the end of the conversation. */
+  updateJump() {
+    const away = !this.follow && !this.isNearBottom();
+    if (this.dom.jump.hidden === away) {
+      if (!away && document.activeElement === this.dom.jump) this.dom.input.focus({ preventScroll: true });
+      this.dom.jump.hidden = !away;
+    }
   }
 
   /** Mobile: the sidebar is a drawer (open/closed). Desktop: it can be collapsed. */
@@ -658,17 +770,20 @@ class App {
 
   async refreshList() {
     let items = [];
+    const query = this.query;
     try {
-      items = await this.history.list();
+      items = await this.history.list(query);
     } catch (err) {
       if (err instanceof ApiError && err.status === 404 && this.history.server) {
         this.history = new LocalHistory();
-        items = await this.history.list();
+        items = await this.history.list(query);
       }
     }
+    if (query !== this.query) return; // a newer search is on its way
     const ul = this.dom.convList;
     const focusedId = document.activeElement?.closest?.("li")?.dataset.id;
     ul.replaceChildren(...items.map((c) => this.convItem(c)));
+    this.dom.convEmpty.textContent = query.trim() ? "No conversations match." : "No conversations yet.";
     this.dom.convEmpty.hidden = items.length > 0;
     this.markCurrent();
     if (focusedId) ul.querySelector(`li[data-id="${CSS.escape(focusedId)}"] .conv-open`)?.focus();
@@ -792,6 +907,9 @@ class App {
 
   async deleteConversation(id) {
     if (this.runConv && this.runConv.id === id && this.run) this.run.stop();
+    // Where focus goes afterwards: the next conversation, else the previous, else New chat.
+    const li = this.dom.convList.querySelector(`li[data-id="${CSS.escape(id)}"]`);
+    const neighbour = (li?.nextElementSibling || li?.previousElementSibling)?.dataset.id;
     try {
       await this.history.remove(id);
     } catch {
@@ -800,9 +918,12 @@ class App {
     }
     if (this.conv && this.conv.id === id) this.show(null);
     await this.refreshList();
+    const next = neighbour && this.dom.convList.querySelector(`li[data-id="${CSS.escape(neighbour)}"] .conv-open`);
+    (next || this.dom.newChat).focus();
     this.announce("Conversation deleted.");
   }
 }
 
+applyTheme(savedTheme());
 const app = new App();
 app.init();

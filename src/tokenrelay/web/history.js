@@ -1,7 +1,7 @@
 // Conversation history: the server's /api/conversations when it exists, else localStorage.
 //
 // Both stores speak one small interface so the sidebar does not care which it has:
-// list(), get(id), save(conv), rename(id, title), remove(id); `server` says whether
+// list(query), get(id), save(conv), rename(id, title), remove(id); `server` says whether
 // /api/chat records messages itself (then conversation_id is sent with each request).
 
 import { ApiError } from "./api.js";
@@ -39,9 +39,17 @@ export class LocalHistory {
     this.server = false;
   }
 
-  async list() {
+  /** Newest first; a `query` keeps those whose title or message text contains it. */
+  async list(query = "") {
     const index = readJSON(INDEX_KEY, []);
-    return index.sort((a, b) => (b.updated_at || 0) - (a.updated_at || 0));
+    index.sort((a, b) => (b.updated_at || 0) - (a.updated_at || 0));
+    const q = query.trim().toLowerCase();
+    if (!q) return index;
+    return index.filter((c) => {
+      if ((c.title || "").toLowerCase().includes(q)) return true;
+      const conv = readJSON(CONV_PREFIX + c.id, null);
+      return Boolean(conv && conv.messages.some((m) => (m.content || "").toLowerCase().includes(q)));
+    });
   }
 
   async get(id) {
@@ -86,8 +94,8 @@ export class ServerHistory {
     this.server = true;
   }
 
-  async list() {
-    const data = await this.api.conversations();
+  async list(query = "") {
+    const data = await this.api.conversations(query);
     return (data && data.conversations) || [];
   }
 

@@ -36,6 +36,8 @@ export function newAnswer(model) {
     usage: null,
     finish_reason: null,
     t0: Date.now(),
+    text_at: null, // when text (content, reasoning or a tool call) last arrived
+    alive_at: null, // when the connection last sent anything (heartbeats included)
     first_token_at: null,
     reasoning_start: null,
     reasoning_end: null,
@@ -210,6 +212,7 @@ export class AnswerRun {
     const controller = this.controller;
     let timer = null;
     const arm = () => {
+      this.msg.alive_at = Date.now(); // a heartbeat: the model is still being waited for
       clearTimeout(timer);
       timer = setTimeout(() => controller && controller.abort(), this.stallMs);
     };
@@ -256,6 +259,7 @@ export class AnswerRun {
           if (msg.reasoning_start !== null && msg.reasoning_end === null) msg.reasoning_end = Date.now();
           msg.content += data.content;
           msg.deltas += 1;
+          msg.text_at = Date.now();
           msg.retry = null;
         }
         break;
@@ -271,11 +275,13 @@ export class AnswerRun {
         if (typeof data.reasoning === "string") {
           if (msg.reasoning_start === null) msg.reasoning_start = Date.now();
           msg.reasoning += data.reasoning;
+          msg.text_at = Date.now();
           msg.retry = null;
         }
         break;
       case "tool_call":
         applyToolCall(msg, data);
+        msg.text_at = Date.now();
         msg.retry = null;
         break;
       case "retry":

@@ -43,6 +43,20 @@ function prettyArgs(text) {
   }
 }
 
+// Silence shorter than this is the normal rhythm of a stream: only the dots show.
+export const WAITING_AFTER_MS = 1000;
+
+/**
+ * How long the answer has been waiting for the model (ms), or null when it is not: no
+ * text for WAITING_AFTER_MS while the stream is live — before the first token, during
+ * hidden reasoning, or a stall mid-answer. A retry countdown speaks for itself instead.
+ */
+export function waitingMs(msg, now = Date.now()) {
+  if (isFinal(msg.state) || msg.retry || msg.stopping || msg.conn === "reconnecting") return null;
+  const since = now - (msg.text_at || msg.t0 || now);
+  return since >= WAITING_AFTER_MS ? since : null;
+}
+
 /** Estimated completion tokens while streaming (about 4 characters a token). */
 function estimateTokens(msg) {
   return Math.max(msg.deltas || 0, Math.round((msg.content.length + msg.reasoning.length) / 4));
@@ -80,6 +94,7 @@ export class AssistantView {
     this.tools = q(".tools");
     this.notice = q(".notice");
     this.typing = q(".typing");
+    this.waiting = q(".waiting");
     this.error = q(".msg-error");
     this.errorText = q(".msg-error-text");
     this.stats = q(".stats");
@@ -133,7 +148,7 @@ export class AssistantView {
     this.renderNotice(live);
 
     this.md.render(msg.content, final);
-    show(this.typing, live && !msg.content && !msg.reasoning && !msg.tool_calls.length && !msg.retry);
+    this.renderWaiting(live);
 
     const err = (msg.state === "error" || msg.state === "interrupted") && msg.error;
     if (err) {
@@ -146,6 +161,22 @@ export class AssistantView {
     show(this.copyBtn, final && Boolean(msg.content));
     show(this.regenBtn, final && this.canRegenerate && !err);
     if (this.afterRender) this.afterRender(this);
+  }
+
+  /** The dots before any text, and "waiting for the model · 12 s" through any long silence. */
+  renderWaiting(live) {
+    const msg = this.msg;
+    const waited = live ? waitingMs(msg) : null;
+    const empty = !msg.content && !msg.reasoning && !msg.tool_calls.length;
+    show(this.typing, live && !msg.retry && (empty || waited !== null));
+    let text = "";
+    if (waited !== null) {
+      text = `waiting for the model · ${Math.floor(waited / 1000)} s`;
+      const beat = msg.alive_at ? Math.round((Date.now() - msg.alive_at) / 1000) : null;
+      this.waiting.title = beat === null ? "" : `The connection is alive (last sign of life ${beat} s ago)`;
+    }
+    setText(this.waiting, text);
+    show(this.waiting, Boolean(text));
   }
 
   renderThinking(live) {
@@ -232,7 +263,9 @@ export class AssistantView {
     let rate = null;
     if (final && typeof st.tokens_per_s === "number") rate = st.tokens_per_s;
     else if (!final && msg.first_token_at && tokens) {
-      const elapsed = (Date.now() - msg.first_token_at) / 1000;
+      // While waiting for the model the speed holds at what it was when text last came.
+      const until = waitingMs(msg) !== null && msg.text_at ? msg.text_at : Date.now();
+      const elapsed = (until - msg.first_token_at) / 1000;
       if (elapsed > 0.25) rate = tokens / elapsed;
     }
     if (rate !== null && rate > 0) items.push(["Tokens per second", "Speed", `${rate.toFixed(1)} tok/s`]);
