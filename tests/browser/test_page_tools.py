@@ -3,13 +3,16 @@ fits 320 px, the theme toggle, history search, export, and where focus lands."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from chatpage import ChatPage
+from chatpage import ChatPage, open_chat, replayed
+from playwright.async_api import Browser
 
 from support.client import chat_body, read_stream
 from support.fault_upstream import FaultUpstream, stall_first, status
@@ -279,3 +282,53 @@ async def test_focus_lands_somewhere_sensible_after_delete_and_regenerate(
         await page.keyboard.press("Enter")
         await page.wait_for_function("() => document.activeElement.id === 'new-chat'")
         chat.watch.assert_clean()
+
+
+async def test_ten_tabs_streaming_at_once_all_get_text_within_a_second_of_the_first_token(
+    browser: Browser, http: aiohttp.ClientSession
+) -> None:
+    # HTTP/1.1 allows six connections per host: if each tab held its own, tabs seven to ten
+    # could not even send their question until earlier answers ended (seconds later).
+    async with running_gateway(TOKENRELAY_SIMULATOR_SPEED="1",
+                               TOKENRELAY_HEARTBEAT_S="1") as gw:
+        first_text: dict[str, float] = {}  # stream id -> when its first text reached the journal
+        journal = gw.app.state.journal
+        append_now = journal.append_now
+
+        def record(stream_id: str, frames: list[bytes]) -> None:
+            if stream_id not in first_text and any(b'data: {"content"' in f for f in frames):
+                first_text[stream_id] = time.time() * 1000
+            append_now(stream_id, frames)
+
+        journal.append_now = record
+        context = await browser.new_context(viewport={"width": 900, "height": 600})
+        try:
+            tabs = await asyncio.gather(*(open_chat(context, gw.base_url) for _ in range(10)))
+            await asyncio.gather(*(t.ask(f"Tab {i} streams at once", model="sim-chat")
+                                   for i, t in enumerate(tabs)))
+            seen = await asyncio.gather(*(t.page.wait_for_function(
+                """() => {
+                    const a = [...document.querySelectorAll('article.msg-assistant')].at(-1);
+                    return a && a.tokenrelay.first_token_at !== null
+                        && [a.tokenrelay.stream_id, a.tokenrelay.first_token_at];
+                }""", timeout=30_000) for t in tabs))
+            first = min(first_text.values())  # the first token of any tab at the gateway
+            late = {}
+            for handle in seen:
+                stream_id, at_page = await handle.json_value()
+                late[stream_id[:8]] = round(at_page - first)
+            assert len(late) == 10
+            assert all(ms <= 1000 for ms in late.values()), f"ms after the first token: {late}"
+            # Closing tabs mid-answer (the worker reconnects for the rest) loses nothing.
+            for tab in tabs[:3]:
+                tab.watch.assert_clean()
+                await tab.page.close()
+            tabs = tabs[3:]
+            answers = await asyncio.gather(*(t.wait_answer() for t in tabs))
+            assert {a["state"] for a in answers} == {"complete"}
+            for tab, answer in zip(tabs, answers, strict=True):  # nothing lost or repeated
+                truth = await replayed(http, gw.base_url, answer["stream_id"])
+                assert answer["content"] == truth.text
+                tab.watch.assert_clean()
+        finally:
+            await context.close()

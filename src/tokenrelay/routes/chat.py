@@ -167,6 +167,7 @@ async def config(request: Request) -> JSONResponse:
             "auth_required": bool(getattr(state, "auth_required", False)),
             "version": __version__,
             "heartbeat_s": state.settings.heartbeat_s,
+            "grace_s": state.settings.grace_s,
             "history": state.store is not None,
         }
     )

@@ -1,4 +1,5 @@
-"""Resume, inspect and stop streams: ``/api/streams/{id}[/events|/cancel]``."""
+"""Resume, inspect and stop streams: ``/api/streams/{id}[/events|/cancel]``, and follow
+several at once over one response: ``/api/events?streams=ID:SEQ,...``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from tokenrelay.hub import Hub
+from tokenrelay.multiplex import MultiplexResponse, parse_streams
 from tokenrelay.routes.common import JSONResponse, owner_of
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import parse_last_event_id
@@ -39,6 +41,13 @@ async def stream_events(request: Request) -> SubscriberResponse:
     return SubscriberResponse(hub, stream_id, after)
 
 
+async def multiplexed_events(request: Request) -> MultiplexResponse:
+    """Several streams, each after its own seq, over one SSE response (the page's tabs)."""
+    positions = parse_streams(request.query_params.get("streams"))
+    request.app.state.metrics.resumed()
+    return MultiplexResponse(request.app.state.hub, owner_of(request), positions)
+
+
 async def cancel(request: Request) -> JSONResponse:
     hub: Hub = request.app.state.hub
     stream_id = request.path_params["stream_id"]
@@ -50,4 +59,5 @@ routes = [
     Route("/api/streams/{stream_id}", stream_info, methods=["GET"]),
     Route("/api/streams/{stream_id}/events", stream_events, methods=["GET"]),
     Route("/api/streams/{stream_id}/cancel", cancel, methods=["POST"]),
+    Route("/api/events", multiplexed_events, methods=["GET"]),
 ]

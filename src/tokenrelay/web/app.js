@@ -11,6 +11,7 @@ import { download, fileName, toJSON, toMarkdown } from "./export.js";
 import { LocalHistory, newConversationId, openHistory } from "./history.js";
 import { Renderer } from "./markdown.js";
 import { AnswerRun, isFinal, newAnswer } from "./run.js";
+import { SharedStreams } from "./shared.js";
 import { applyTheme, savedTheme, setTheme } from "./theme.js";
 import { AssistantView, UserView, waitingMs } from "./views.js";
 
@@ -55,6 +56,7 @@ class App {
     this.api = new Api(() => this.askForKey());
     this.renderer = new Renderer();
     this.history = new LocalHistory();
+    this.shared = SharedStreams.open(); // one connection for every tab's answers
     this.models = new Map();
     this.conv = null; // {id, title, messages, created_at}
     this.run = null; // the AnswerRun in progress (at most one per tab)
@@ -82,6 +84,7 @@ class App {
     if (config) {
       this.dom.version.textContent = config.version ? `v${config.version}` : "";
       if (typeof config.heartbeat_s === "number" && config.heartbeat_s > 0) this.heartbeatS = config.heartbeat_s;
+      if (this.shared && typeof config.grace_s === "number") this.shared.releaseEarly = config.grace_s >= 5;
       if (config.auth_required && !this.api.key) await this.askForKey(true);
     }
     // A gateway that says whether it keeps history spares us probing (and a logged 404).
@@ -475,7 +478,7 @@ class App {
       onChange: () => this.onRunChange(run),
       onStart: (m, conversationId) => this.onRunConversation(run, conversationId),
       onFinish: () => this.onRunFinish(run),
-    }, stallMs);
+    }, stallMs, this.shared);
     this.run = run;
     this.runConv = conv;
     this.updateComposer();

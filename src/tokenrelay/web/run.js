@@ -6,6 +6,10 @@
 // Last-Event-ID = msg.last_seq, with backoff, until a final `done` or `error` arrives.
 // Because msg.content and msg.last_seq always change together, a snapshot of `msg` taken at
 // any moment can resume after a page reload with no duplicated or missing text.
+//
+// With a SharedStreams (shared.js) the run follows its stream through the browser's one
+// shared connection instead, and lets its own connection go once the worker has attached,
+// so ten tabs streaming at once need two connections, not ten.
 
 import { ApiError, randomId } from "./api.js";
 import { readEvents } from "./sse.js";
@@ -72,12 +76,15 @@ export class AnswerRun {
    * @param msg the assistant message (new, or a snapshot to resume)
    * @param hooks {onChange(msg), onStart(msg), onFinish(msg)}
    * @param stallMs abort a connection that sent no byte (not even a heartbeat) this long
+   * @param shared a SharedStreams to follow the stream through, or null
    */
-  constructor(api, msg, hooks, stallMs) {
+  constructor(api, msg, hooks, stallMs, shared = null) {
     this.api = api;
     this.msg = msg;
     this.hooks = hooks;
     this.stallMs = stallMs;
+    this.shared = shared;
+    this.sub = null;
     this.stopRequested = false;
     this.cancelSent = false;
     this.waiter = null;
@@ -159,6 +166,12 @@ export class AnswerRun {
     let lastSuccess = Date.now();
     try {
       while (!this.finished && !this.closed) {
+        if (this.shared && this.msg.stream_id) {
+          const followed = await this.followShared(response);
+          response = null;
+          if (!followed) this.shared = null; // the worker cannot: follow directly from here on
+          continue;
+        }
         if (!response) {
           if (!navigator.onLine) {
             this.setConn("reconnecting");
@@ -205,6 +218,67 @@ export class AnswerRun {
       window.removeEventListener("offline", this.onOffline);
       this.controller = null;
     }
+  }
+
+  /**
+   * Follow the stream through the shared worker until the answer is final (true), or the
+   * worker cannot (false). Until the worker has attached, `response` (the POST's) is read
+   * too; events carry seqs, so whichever delivers one first wins and none is applied twice.
+   */
+  followShared(response) {
+    return new Promise((resolve) => {
+      const own = response ? this.controller : null;
+      let settled = false;
+      let sub = null;
+      // The tab's own network signals: the shared connection goes over the same network.
+      const offline = () => this.setConn("reconnecting");
+      const online = () => this.shared.reconnect();
+      window.addEventListener("offline", offline);
+      window.addEventListener("online", online);
+      const end = (followed) => {
+        if (settled) return;
+        settled = true;
+        window.removeEventListener("offline", offline);
+        window.removeEventListener("online", online);
+        if (sub) sub.close();
+        this.sub = null;
+        resolve(followed);
+      };
+      sub = this.shared.follow(this.msg.stream_id, this.msg.last_seq, this.api.key, this.stallMs, {
+        attached: () => {
+          if (own) own.abort(); // the worker has it: free this tab's connection
+          if (this.msg.conn === "reconnecting") this.setConn("resumed");
+        },
+        event: (m) => {
+          this.apply(m.event);
+          if (this.finished) end(true);
+        },
+        alive: () => {
+          this.msg.alive_at = Date.now();
+        },
+        reconnecting: () => this.setConn("reconnecting"),
+        gone: () => {
+          this.finish("interrupted", {
+            code: "stream_not_found", retryable: true,
+            message: "The server no longer has this answer, so it cannot be resumed.",
+          });
+          end(true);
+        },
+        failed: () => end(false),
+      });
+      this.sub = { close: () => end(true) };
+      if (this.finished || this.closed) return end(true);
+      if (own && this.shared.releaseEarly) {
+        // The server keeps an answer nobody follows for its grace period, far longer than
+        // the worker takes to attach: let this connection go now. Held until the worker
+        // attaches, it could be one of six that the worker's own request waits behind.
+        own.abort();
+      } else if (response) {
+        readEvents(response, (ev) => this.apply(ev), () => {
+          this.msg.alive_at = Date.now();
+        }).then(() => this.finished && end(true), () => {});
+      }
+    });
   }
 
   /** Read one response to its end, feeding events; a silent connection is aborted. */
@@ -346,6 +420,7 @@ export class AnswerRun {
   /** The tab is unloading: drop the connection without touching msg. */
   close() {
     this.closed = true;
+    if (this.sub) this.sub.close();
     this.abortConnection();
   }
 }

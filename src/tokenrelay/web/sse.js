@@ -17,6 +17,7 @@ export class SSEParser {
     this.data = [];
     this.hasData = false;
     this.id = null; // id field of the event being built (null: none seen)
+    this.stream = null; // tokenrelay's multiplex field: the stream an event belongs to
   }
 
   /** Feed decoded text; returns an array of {event, data, id} for complete events. */
@@ -49,7 +50,9 @@ export class SSEParser {
   line(line, out) {
     if (line === "") {
       if (this.hasData) {
-        out.push({ event: this.eventType || "message", data: this.data.join("\n"), id: this.id });
+        const ev = { event: this.eventType || "message", data: this.data.join("\n"), id: this.id };
+        if (this.stream !== null) ev.stream = this.stream;
+        out.push(ev);
       }
       this.reset();
       return;
@@ -70,6 +73,8 @@ export class SSEParser {
       this.eventType = value;
     } else if (field === "id") {
       if (value.indexOf("\0") < 0) this.id = value;
+    } else if (field === "stream") {
+      this.stream = value;
     }
     // "retry" and unknown fields are ignored: reconnection is ours, not EventSource's.
   }
