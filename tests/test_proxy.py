@@ -149,7 +149,9 @@ async def test_tls_through_the_tunnel_checks_the_upstream_name_not_the_proxy(
                                **FAST_RETRY) as gw:
         stream = await chat(gw, http)
     error = stream.events[-1].data["error"]
-    assert "TLS certificate not trusted" in error["message"]
+    assert error["message"].startswith("TLS certificate not trusted (IP address mismatch")
+    assert error["message"].endswith(f"through proxy {proxy.url()}: if it inspects TLS, "
+                                     "trust its CA with SSL_CERT_FILE")
     assert error["retryable"] is False and not stream.named("retry")
     assert tls_upstream.requests == []
 

@@ -152,6 +152,7 @@ async def test_untrusted_tls_certificate_is_not_retried(self_signed, http):
         stream = await ask(http, tls_up.base_url)
     error = error_of(stream)
     assert error["message"].startswith("TLS certificate not trusted (self")
+    assert error["message"].endswith("; trust a private CA with SSL_CERT_FILE")
     assert error["retryable"] is False and not stream.named("retry")
     assert tls_up.requests == []
 

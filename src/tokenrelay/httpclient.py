@@ -565,13 +565,17 @@ class Pool:
             conn.close()
             raise
         except ssl.SSLCertVerificationError as exc:
-            raise ConnectFailed(f"TLS certificate not trusted ({exc.verify_message})",
+            # Behind a proxy, the usual cause is one that inspects TLS with its own CA.
+            hint = ("trust a private CA with SSL_CERT_FILE" if proxy is None else
+                    f"through proxy {proxy.display}: if it inspects TLS, trust its CA with "
+                    "SSL_CERT_FILE")
+            raise ConnectFailed(f"TLS certificate not trusted ({exc.verify_message}); {hint}",
                                 retryable=False) from None
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS handshake failed ({exc.reason or 'ssl error'})") from None
         except OSError as exc:  # socket.gaierror included
             reason = exc.strerror or type(exc).__name__
-            raise ConnectFailed(f"cannot connect to upstream ({reason})") from None
+            raise ConnectFailed(f"cannot connect to {where} ({reason})") from None
         except BaseException:
             conn.close()
             raise

@@ -163,9 +163,11 @@ def status_message(
     """One sentence for an upstream's error answer: what it said (never twice), and for
     the statuses a person must act on, what was asked and what to change."""
     said = _status_words(status)
-    words = message.strip().rstrip(".").lower()
-    if words and words != str(status) and words not in said.lower():
-        said = f"HTTP {status}: {message.strip()}"
+    # "404 page not found" says the status again: keep only what it adds.
+    message = message.strip().removeprefix(str(status)).lstrip(" :-").strip()
+    words = message.rstrip(".").lower()
+    if words and words not in said.lower():
+        said = f"HTTP {status}: {message}"
     if status in _REDIRECTS:
         if not location:
             return f"upstream answered {said} to {method} {url}, without a Location"
