@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urljoin
 
 import orjson
 
@@ -171,10 +172,11 @@ def status_message(
     if status in _REDIRECTS:
         if not location:
             return f"upstream answered {said} to {method} {url}, without a Location"
-        target = location.split("?", 1)[0]
+        location = urljoin(url, location).split("?", 1)[0]  # relative ones too; no query
+        target = location
         for tail in ("/chat/completions", "/models"):
             target = target.removesuffix(tail)
-        return (f"upstream redirects {method} {url} to {location.split('?', 1)[0]} "
+        return (f"upstream redirects {method} {url} to {location} "
                 f"(HTTP {status}, not followed): set base_url to {target}")
     if status == 404:
         hint = ("the base URL may lack /v1 (try base_url = " f"{base_url}/v1)"
