@@ -31,6 +31,8 @@ from tokenrelay.httpclient import (
     Disconnected,
     Origin,
     Pool,
+    Proxy,
+    ProxyRefused,
     Response,
     encode_head,
 )
@@ -210,6 +212,11 @@ async def send(pool: Pool, server: Upstream, body: bytes = BODY,
     return await pool.request(origin, head, body, connect_timeout=connect_timeout)
 
 
+async def send_to(pool: Pool, origin: Origin, body: bytes = BODY) -> Response:
+    head = encode_head("POST", origin, "/chat/completions", {"Content-Type": "application/json"})
+    return await pool.request(origin, head, body, connect_timeout=2.0)
+
+
 async def ask_ok(pool: Pool, server: Upstream) -> None:
     """One request whose body must be b"ok", read to the end and released."""
     resp = await send(pool, server)
@@ -330,9 +337,16 @@ async def test_204_without_length_ends_at_once_and_keeps_the_connection(pool: Po
         assert (server.connections, len(server.requests), pool.connects) == (1, 2, 1)
 
 
+def raw_deflate(data: bytes) -> bytes:
+    """RFC 1951 deflate without the zlib wrapper: what some servers send as "deflate"."""
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
 @pytest.mark.parametrize(
     ("encoding", "compress"),
-    [("gzip", gzip.compress), ("x-gzip", gzip.compress), ("deflate", zlib.compress)],
+    [("gzip", gzip.compress), ("x-gzip", gzip.compress), ("deflate", zlib.compress),
+     ("deflate", raw_deflate)],
 )
 async def test_compressed_body_is_decoded(pool: Pool, encoding: str, compress: Any) -> None:
     plain = b"".join(b"data: {\"token\": %d}\n\n" % i for i in range(500))
@@ -350,6 +364,25 @@ async def test_compressed_body_is_decoded(pool: Pool, encoding: str, compress: A
     async with asyncio.timeout(WAIT), Upstream(handler) as server:
         resp = await send(pool, server)
         assert resp.headers["content-encoding"] == encoding
+        assert await read_body(resp) == plain
+        resp.release()
+
+
+@pytest.mark.parametrize("compress", [zlib.compress, raw_deflate], ids=["zlib", "raw"])
+async def test_deflate_sent_one_byte_per_chunk_is_decoded(pool: Pool, compress: Any) -> None:
+    plain = b"data: {\"token\": 1}\n\n" * 50
+    packed = compress(plain)
+
+    async def handler(request: Request, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for i in range(len(packed)):  # the two header bytes arrive apart
+            writer.write(chunk(packed[i:i + 1]))
+            await writer.drain()
+        writer.write(LAST_CHUNK)
+
+    async with asyncio.timeout(WAIT), Upstream(handler) as server:
+        resp = await send(pool, server)
         assert await read_body(resp) == plain
         resp.release()
 
@@ -810,6 +843,58 @@ async def test_tls_untrusted_certificate_is_connect_failed(
             await send(pool, server)  # the default context does not trust a self-signed cert
         assert server.requests == []
         assert pool.connects == 0
+
+
+# -- proxies (a scripted proxy here; tests/test_proxy.py runs a real one) --------------------
+
+
+@pytest.mark.parametrize(("answer", "retryable"), [
+    (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", False),
+    (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n", True),
+])
+async def test_connect_refused_by_the_proxy_names_it_and_the_status(
+    pool: Pool, answer: bytes, retryable: bool
+) -> None:
+    async with asyncio.timeout(WAIT), Upstream(replying(answer)) as proxy:
+        origin = Origin.parse("https://api.example.com/v1",
+                              f"http://me:secret-pw@127.0.0.1:{proxy.port}")
+        with pytest.raises(ProxyRefused) as info:
+            await pool.request(origin, encode_head("GET", origin, "/models", {}), b"",
+                               connect_timeout=2.0)
+        seen = proxy.requests[0]
+        assert seen.head.startswith(b"CONNECT api.example.com:443 HTTP/1.1\r\n")
+        assert seen.header("Proxy-Authorization") == "Basic bWU6c2VjcmV0LXB3"  # me:secret-pw
+    message = str(info.value)
+    assert message.startswith(f"proxy http://me:***@127.0.0.1:{proxy.port} refused to open "
+                              "a tunnel to api.example.com:443 (HTTP ")
+    assert "secret-pw" not in message
+    assert info.value.retryable is retryable
+    assert pool.connects == 0
+
+
+async def test_plain_http_through_a_proxy_is_absolute_form_on_the_proxy_connection(
+    pool: Pool
+) -> None:
+    async with asyncio.timeout(WAIT), Upstream(replying(sized(b"ok"))) as proxy:
+        origin = Origin.parse("http://api.example.com:8080/v1", f"127.0.0.1:{proxy.port}")
+        for _ in range(2):
+            resp = await send_to(pool, origin)
+            assert await read_body(resp) == b"ok"
+            resp.release()
+        assert [r.head.split(b"\r\n")[0] for r in proxy.requests] == [
+            b"POST http://api.example.com:8080/v1/chat/completions HTTP/1.1"] * 2
+        assert proxy.requests[0].header("Host") == "api.example.com:8080"
+        assert proxy.requests[0].header("Proxy-Authorization") is None
+        assert (proxy.connections, pool.connects) == (1, 1)  # kept alive, keyed by proxy
+
+
+def test_proxy_parse_decodes_credentials_and_hides_the_password() -> None:
+    proxy = Proxy.parse("http://us%20er:p%40ss@proxy.corp:3128")
+    assert (proxy.host, proxy.port, proxy.display) == (
+        "proxy.corp", 3128, "http://us%20er:***@proxy.corp:3128")
+    assert proxy.authorization == "Basic dXMgZXI6cEBzcw=="  # "us er:p@ss"
+    assert "p%40ss" not in repr(proxy) and "dXMg" not in repr(proxy)
+    assert Origin.parse("https://a/v1", "http://p:1") != Origin.parse("https://a/v1")
 
 
 # -- flow control ---------------------------------------------------------------------------

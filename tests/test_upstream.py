@@ -6,7 +6,7 @@ import email.utils
 
 import pytest
 
-from tokenrelay.upstream import _error_message, parse_retry_after
+from tokenrelay.upstream import _error_message, parse_retry_after, status_message
 
 
 @pytest.mark.parametrize(
@@ -42,9 +42,23 @@ def test_retry_after_http_date():
         (b'{"error": "model overloaded"}', "model overloaded"),
         (b'{"detail": "not found"}', "not found"),
         (b"plain text failure", "plain text failure"),
-        (b"", "upstream answered HTTP 502"),
-        (b"[1, 2]", "upstream answered HTTP 502"),
+        (b"", ""),  # nothing said: the caller names the status, once
+        (b"[1, 2]", ""),
     ],
 )
 def test_provider_error_message(body, expected):
     assert _error_message(body, 502) == expected
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("/v1/chat/completions", "set base_url to http://h:1/v1"),
+        ("https://api.example.com/v1/chat/completions?key=sk-x", "set base_url to "
+         "https://api.example.com/v1"),
+    ],
+)
+def test_redirect_message_resolves_a_relative_location_and_drops_the_query(location, expected):
+    message = status_message(308, "", "http://h:1/chat/completions", "POST", "http://h:1",
+                             location)
+    assert message.endswith(expected) and "key=" not in message

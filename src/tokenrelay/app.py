@@ -82,6 +82,16 @@ def _open_idempotency(settings: Settings) -> IdempotencyStore:
     return MemoryIdempotency(retention)
 
 
+def _log_proxies(settings: Settings) -> None:
+    """One line per provider whose route was decided by a proxy setting (password hidden)."""
+    for name, provider in settings.providers.items():
+        if provider.proxy:
+            log.info("provider %r goes through proxy %s (from %s)",
+                     name, provider.proxy_display, provider.proxy_from)
+        elif provider.proxy_from:
+            log.info("provider %r connects directly (%s)", name, provider.proxy_from)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -95,6 +105,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             )
             log.info("no upstream configured: serving the built-in simulator (simulated models)")
         upstream = UpstreamClient(settings, pool, base_urls)
+        _log_proxies(settings)
         journal = open_journal(
             settings.journal_url,
             settings.journal,

@@ -234,3 +234,31 @@ def _error(error: Any) -> UpstreamError:
     text = f"{code} {kind} {message}".lower()
     retryable = str(code) in _RETRYABLE_CODES or any(w in text for w in _RETRYABLE_WORDS)
     return UpstreamError(message, code="upstream_error", retryable=retryable)
+
+
+def completion_events(body: bytes, *, think_tags: bool = False) -> tuple[list[Event], str | None]:
+    """A whole ``chat.completion`` object (what some servers answer to ``stream: true``)
+    as the events its stream would have given, and the model it names. Raises like
+    :meth:`ChunkDecoder.feed` (an ``error`` object becomes the provider's error)."""
+    try:
+        obj = _loads(body)
+    except JSONDecodeError:
+        obj = None
+    if type(obj) is dict and obj.get("error") is not None:
+        raise _error(obj["error"])
+    choices = obj.get("choices") if type(obj) is dict else None
+    if not choices or type(choices) is not list or type(choices[0]) is not dict:
+        raise UpstreamProtocolError("upstream answered JSON that is not a chat completion")
+    choice = choices[0]
+    delta = dict(choice.get("message") or {})
+    calls = delta.get("tool_calls")
+    if type(calls) is list:  # a message's calls have no index; a stream's fragments do
+        delta["tool_calls"] = [{**c, "index": i} if type(c) is dict else c
+                               for i, c in enumerate(calls)]
+    chunk = {"model": obj.get("model"), "usage": obj.get("usage"),
+             "choices": [{"delta": delta, "finish_reason": choice.get("finish_reason")}]}
+    decoder = ChunkDecoder(think_tags=think_tags)
+    out: list[Event] = []
+    decoder.feed(orjson.dumps(chunk), out)
+    decoder.flush(out)
+    return out, decoder.model

@@ -12,6 +12,7 @@ With no upstream configured at all, every model routes to the built-in simulator
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import tomllib
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from tokenrelay.errors import ConfigError
 from tokenrelay.journal.base import JournalLimits
@@ -57,6 +59,15 @@ class Provider:
     timeouts: Timeouts = Timeouts()
     retry: RetryPolicy = RetryPolicy()
     headers: tuple[tuple[str, str], ...] = ()
+    # The HTTP proxy its requests go through (None: direct), resolved once from the
+    # provider's ``proxy`` key or the *_PROXY/NO_PROXY variables; may carry user:pass@.
+    proxy: str | None = field(default=None, repr=False)
+    proxy_from: str = ""  # where that came from, for the start-up log ("HTTPS_PROXY", ...)
+
+    @property
+    def proxy_display(self) -> str:
+        """The proxy URL with its password replaced, fit for logs and error messages."""
+        return redact_proxy(self.proxy) if self.proxy else "direct"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +165,12 @@ class Settings:
     def secrets(self) -> tuple[str, ...]:
         """Every upstream and client key, for redaction."""
         upstream = tuple(p.api_key for p in self.providers.values() if p.api_key)
-        return upstream + tuple(k.key for k in self.api_keys)
+        passwords = [urlsplit(p.proxy).password for p in self.providers.values() if p.proxy]
+        # Short ones are left out: replacing "pw" everywhere would garble every message
+        # (proxy URLs are only ever shown through redact_proxy anyway).
+        proxy = tuple({form for pw in passwords if pw and len(pw) >= 6
+                       for form in (pw, unquote(pw))})
+        return upstream + proxy + tuple(k.key for k in self.api_keys)
 
 
 _ENV_FLOATS = {
@@ -296,10 +312,111 @@ def _parse_providers(raw: Any, env: Mapping[str, str]) -> dict[str, Provider]:
             retry=_overlay(RetryPolicy(), table.get("retry", {}), f"{where}.retry"),
             headers=tuple((str(k), str(v)) for k, v in headers.items()),
         )
-        unknown = set(table) - {"base_url", "api_key_env", "timeouts", "retry", "headers"}
+        if "proxy" in table:  # explicit: overrides the environment; "" means direct
+            if not isinstance(table["proxy"], str):
+                raise ConfigError(f"Config '{where}.proxy' must be a proxy URL string.")
+            providers[name] = replace(
+                providers[name], proxy=_proxy_url(table["proxy"], f"{where}.proxy"),
+                proxy_from=f"{where}.proxy",
+            )
+        unknown = set(table) - {"base_url", "api_key_env", "timeouts", "retry", "headers",
+                                "proxy"}
         if unknown:
             raise ConfigError(f"Config '{where}.{sorted(unknown)[0]}' is not a known setting.")
     return providers
+
+
+def redact_proxy(url: str) -> str:
+    """``url`` with the password of its ``user:pass@`` replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{parts.username}:***@{host}"
+
+
+def _proxy_url(value: str, where: str) -> str | None:
+    """A validated proxy URL (``http://`` assumed without a scheme, as curl does), or None
+    for an empty value."""
+    value = value.strip()
+    if not value:
+        return None
+    if "://" not in value:
+        value = "http://" + value
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    shown = redact_proxy(value)
+    if scheme.startswith("socks"):
+        raise ConfigError(
+            f"Config {where!r} names a SOCKS proxy ({shown}); tokenrelay speaks to HTTP "
+            "proxies only (http:// or https://). Set the provider's proxy = \"\" or list "
+            "its host in NO_PROXY to connect directly."
+        )
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ConfigError(f"Config {where!r} has value {shown!r}. Not an http(s)://host:port "
+                          "proxy URL.")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"Config {where!r} has value {shown!r}. A proxy URL has no path.")
+    return f"{scheme}://{parts.netloc}"
+
+
+def _no_proxy_match(host: str, port: int, no_proxy: str) -> bool:
+    """Whether NO_PROXY (curl's rules) exempts ``host:port``: ``*``, host names matching
+    themselves and their subdomains (a leading ``.`` or ``*.`` is the same), ``host:port``,
+    IP addresses and CIDR ranges."""
+    host = host.lower().rstrip(".")
+    try:
+        ip: Any = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for entry in re.split(r"[,\s]+", no_proxy.strip().lower()):
+        if entry == "*":
+            return True
+        name, entry_port = entry, ""
+        if entry.startswith("["):  # [::1] or [::1]:8080
+            name, _, rest = entry[1:].partition("]")
+            entry_port = rest[1:] if rest.startswith(":") else ""
+        elif entry.count(":") == 1:
+            name, entry_port = entry.split(":")
+        if not name or (entry_port and entry_port != str(port)):
+            continue
+        if ip is not None:
+            try:
+                if ip in ipaddress.ip_network(name, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        name = name.removeprefix("*").lstrip(".").rstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
+def _env_proxy(base_url: str, env: Mapping[str, str]) -> tuple[str | None, str]:
+    """The proxy for ``base_url`` from the environment, and the variable that named it
+    (the lower-case spelling wins, as in curl and httpx); a NO_PROXY match is direct."""
+    parts = urlsplit(base_url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None, ""
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY"):
+        if env.get(name, "").strip():
+            break
+    else:
+        return None, ""
+    no_proxy = env.get("no_proxy", env.get("NO_PROXY", ""))
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return None, ""  # a bad base URL is reported on use
+    if no_proxy and _no_proxy_match(parts.hostname, port, no_proxy):
+        return None, "NO_PROXY"
+    return _proxy_url(env[name], name), name
 
 
 def _parse_models(raw: Any, providers: Mapping[str, Provider]) -> dict[str, ModelRoute]:
@@ -486,6 +603,10 @@ def load_settings(
         providers[SIMULATOR] = Provider(SIMULATOR, "")  # base_url filled in by the app
         models = simulator_models()
 
+    for name, p in providers.items():
+        if not p.proxy_from and p.base_url:  # no proxy key: the environment decides
+            proxy, source = _env_proxy(p.base_url, env)
+            providers[name] = replace(p, proxy=proxy, proxy_from=source)
     # Env tunables apply to every provider (handy for tests and single-upstream setups).
     providers = {
         name: replace(

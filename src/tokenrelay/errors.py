@@ -123,7 +123,8 @@ class UpstreamStatusError(UpstreamError):
         retry_after: float | None = None,
         overloaded: bool = False,
     ) -> None:
-        retryable = status in (408, 409, 425, 429) or status >= 500
+        # 501 Not Implemented is an answer, not an outage: the same request fails again.
+        retryable = status in (408, 409, 425, 429) or (status >= 500 and status != 501)
         code = "upstream_rate_limited" if status == 429 else (
             "upstream_error" if status >= 500 else "upstream_rejected"
         )

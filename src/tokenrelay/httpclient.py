@@ -12,8 +12,15 @@ at once.
 Scope, deliberately small: HTTP/1.1 over TCP or TLS (``ssl.create_default_context()``
 verification), one request at a time per connection, bodies sent whole (a chat request),
 response bodies chunked, sized or delimited by close, gzip/deflate decoded though we ask
-for ``identity``. No proxies, redirects, cookies or HTTP/2: an OpenAI-compatible
-upstream needs none of them.
+for ``identity``. No redirects, cookies or HTTP/2: an OpenAI-compatible upstream needs
+none of them.
+
+Proxies (an :class:`Origin` may name a :class:`Proxy`): an ``https`` origin is reached
+through a ``CONNECT`` tunnel, and TLS is then verified end to end against the origin's
+own name; an ``http`` origin gets absolute-form requests sent to the proxy. Either way
+the proxy may be ``http://`` or ``https://`` (TLS to the proxy too), with ``user:pass@``
+sent as ``Proxy-Authorization: Basic``. The proxy is part of the origin, so of the pool's
+key; closing a response closes the connection to the proxy, and so the tunnel.
 
 Pooling: idle connections are kept per origin (last in, first out) for ``keepalive_s``.
 A pooled connection can be closed by the server just as we send on it; a request on a
@@ -28,12 +35,13 @@ gateway's :class:`~tokenrelay.errors.UpstreamError` classes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -42,6 +50,7 @@ _READ_LIMIT = 1 << 16  # buffered body bytes before the socket stops being read
 # would cost every open stream a dict of strings it never looks at.
 _KEPT_HEADERS = frozenset({
     b"content-type", b"content-encoding", b"retry-after", b"retry-after-ms",
+    b"location",  # named in the error of a redirect, which is not followed
 })
 
 
@@ -50,7 +59,21 @@ class HTTPError(Exception):
 
 
 class ConnectFailed(HTTPError):
-    """No connection to the origin (DNS, refused, unreachable, TLS handshake)."""
+    """No connection to the origin (DNS, refused, unreachable, TLS handshake), or to or
+    through its proxy. ``retryable`` is False where waiting cannot help (a certificate
+    that is not trusted, a proxy that wants other credentials)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class ProxyRefused(ConnectFailed):
+    """The proxy answered ``CONNECT`` with a status other than 2xx (``status``)."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message, retryable=status == 429 or status >= 500)
+        self.status = status
 
 
 class Disconnected(HTTPError):
@@ -66,16 +89,53 @@ class BadResponse(HTTPError):
 
 
 @dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy; ``display`` is its URL without the password (for messages)."""
+
+    scheme: str  # "http", or "https": TLS to the proxy itself
+    host: str
+    port: int
+    display: str
+    authorization: str | None = field(default=None, repr=False)  # "Basic ..."
+
+    @classmethod
+    def parse(cls, url: str) -> Proxy:
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+        shown = f"{scheme}://{parts.netloc.rpartition('@')[2]}"
+        if parts.username is not None:
+            shown = f"{scheme}://{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+        if scheme not in ("http", "https") or not host:
+            raise ValueError(f"not an http(s) proxy URL: {shown}")
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise ValueError(f"bad port in proxy URL: {shown}") from None
+        authorization = None
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        return cls(scheme, host, port, shown, authorization)
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class Origin:
-    """Where requests go: scheme, host and port, and the request-target prefix."""
+    """Where requests go: scheme, host and port, the request-target prefix, and the proxy
+    in between (if any)."""
 
     scheme: str
     host: str
     port: int
     base_path: str  # the URL's path without a trailing slash, e.g. "/v1"
+    proxy: Proxy | None = None
 
     @classmethod
-    def parse(cls, url: str) -> Origin:
+    def parse(cls, url: str, proxy: str | None = None) -> Origin:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -85,7 +145,8 @@ class Origin:
             raise ValueError(f"bad port in URL: {url!r}") from None
         if parts.query or parts.fragment or parts.username:
             raise ValueError(f"an upstream base URL has no query, fragment or user: {url!r}")
-        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+        via = Proxy.parse(proxy) if proxy else None
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"), via)
 
     @property
     def host_header(self) -> str:
@@ -96,13 +157,67 @@ class Origin:
 
 def encode_head(method: str, origin: Origin, path: str, headers: Mapping[str, str]) -> bytes:
     """The request line and header lines (without the final blank line) as bytes,
-    built once per provider. Refuses CR/LF in names and values: header injection."""
-    lines = [f"{method} {origin.base_path}{path} HTTP/1.1", f"Host: {origin.host_header}"]
+    built once per provider. Refuses CR/LF in names and values: header injection.
+
+    Through a proxy, an ``http`` origin's request is in absolute form and carries the
+    proxy's credentials; an ``https`` one goes through a tunnel and carries neither."""
+    target = f"{origin.base_path}{path}"
+    proxy = origin.proxy
+    plain_via_proxy = proxy is not None and origin.scheme == "http"
+    if plain_via_proxy:
+        target = f"http://{origin.host_header}{target}"
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {origin.host_header}"]
+    if plain_via_proxy and proxy is not None and proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
     for name, value in headers.items():
         if any(c in name for c in "\r\n:") or "\r" in value or "\n" in value:
             raise ValueError(f"header {name!r} contains a line break or a colon")
         lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+class _Deflate:
+    """``Content-Encoding: deflate`` as servers send it: zlib-wrapped (RFC 1950, what
+    the name means) or raw (RFC 1951, what some send), told apart by the first two bytes."""
+
+    __slots__ = ("_head", "_obj")
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._obj: Any = None
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._obj is None:
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return b""
+            cmf, flg = data[0], data[1]
+            wrapped = cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0  # a zlib header
+            self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            self._head = b""
+        return self._obj.decompress(data)  # type: ignore[no-any-return]
+
+    def flush(self) -> bytes:
+        return self._obj.flush() if self._obj is not None else b""  # type: ignore[no-any-return]
+
+
+class _ProxyAnswer(asyncio.Protocol):
+    """The proxy's answer to ``CONNECT``: its status line and headers, nothing after."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.head: asyncio.Future[bytes] = loop.create_future()
+        self._buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if not self.head.done() and (end >= 0 or len(self._buffer) > _READ_LIMIT):
+            self.head.set_result(self._buffer[:end] if end >= 0 else b"")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_result(b"")
 
 
 class Response(asyncio.Protocol):
@@ -206,8 +321,10 @@ class Response(asyncio.Protocol):
         parser = self._parser
         self.status = parser.get_status_code()
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
-        if encoding in ("gzip", "x-gzip", "deflate"):
+        if encoding in ("gzip", "x-gzip"):
             self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib header
+        elif encoding == "deflate":
+            self._decoder = _Deflate()
         elif encoding not in ("identity", ""):
             raise BadResponse(f"upstream answered with an unsupported encoding ({encoding})")
         # The parser finds the end of sized and chunked bodies; others run to the close.
@@ -427,29 +544,93 @@ class Pool:
         loop = asyncio.get_running_loop()
         tls = self._tls() if origin.scheme == "https" else None
         conn = Response(loop, self, origin)
+        proxy = origin.proxy
+        # Named in every message: the proxy (password left out) when there is one.
+        where = "upstream" if proxy is None else f"upstream through proxy {proxy.display}"
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(
-                    lambda: conn, origin.host, origin.port,
-                    ssl=tls, server_hostname=origin.host if tls else None,
-                    ssl_handshake_timeout=timeout if tls else None,
-                )
+                if proxy is None:
+                    await loop.create_connection(
+                        lambda: conn, origin.host, origin.port,
+                        ssl=tls, server_hostname=origin.host if tls else None,
+                        ssl_handshake_timeout=timeout if tls else None,
+                    )
+                else:
+                    await self._through_proxy(loop, conn, origin, proxy, tls, timeout)
         except TimeoutError:  # before OSError, its base class
             conn.close()
-            raise ConnectFailed(f"cannot connect to upstream (no connection within "
+            raise ConnectFailed(f"cannot connect to {where} (no connection within "
                                 f"{timeout:g} s)") from None
+        except ConnectFailed:
+            conn.close()
+            raise
         except ssl.SSLCertVerificationError as exc:
-            raise ConnectFailed(f"TLS certificate not trusted ({exc.verify_message})") from None
+            # Behind a proxy, the usual cause is one that inspects TLS with its own CA.
+            hint = ("trust a private CA with SSL_CERT_FILE" if proxy is None else
+                    f"through proxy {proxy.display}: if it inspects TLS, trust its CA with "
+                    "SSL_CERT_FILE")
+            raise ConnectFailed(f"TLS certificate not trusted ({exc.verify_message}); {hint}",
+                                retryable=False) from None
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS handshake failed ({exc.reason or 'ssl error'})") from None
         except OSError as exc:  # socket.gaierror included
             reason = exc.strerror or type(exc).__name__
-            raise ConnectFailed(f"cannot connect to upstream ({reason})") from None
+            raise ConnectFailed(f"cannot connect to {where} ({reason})") from None
         except BaseException:
             conn.close()
             raise
         self.connects += 1
         return conn
+
+    async def _through_proxy(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: Response,
+        origin: Origin,
+        proxy: Proxy,
+        tls: ssl.SSLContext | None,
+        timeout: float,
+    ) -> None:
+        """Connect ``conn`` to ``origin`` through ``proxy``: a ``CONNECT`` tunnel then TLS
+        checked against the origin's name (https), or the proxy connection itself (http)."""
+        answer = _ProxyAnswer(loop)
+        proxy_tls = self._tls() if proxy.scheme == "https" else None
+        try:
+            transport, _ = await loop.create_connection(
+                lambda: answer, proxy.host, proxy.port,
+                ssl=proxy_tls, server_hostname=proxy.host if proxy_tls else None,
+                ssl_handshake_timeout=timeout if proxy_tls else None,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectFailed(f"TLS certificate of proxy {proxy.display} not trusted "
+                                f"({exc.verify_message})", retryable=False) from None
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None)
+            raise ConnectFailed(f"cannot connect to proxy {proxy.display} "
+                                f"({reason or type(exc).__name__})") from None
+        try:
+            if origin.scheme == "http":  # absolute-form requests on the proxy connection
+                transport.set_protocol(conn)
+                conn.connection_made(transport)
+                return
+            authority = f"[{origin.host}]:{origin.port}" if ":" in origin.host \
+                else f"{origin.host}:{origin.port}"
+            lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+            if proxy.authorization:
+                lines.append(f"Proxy-Authorization: {proxy.authorization}")
+            transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            _check_connect_answer(await answer.head, proxy, authority)
+            assert tls is not None
+            tunnel = await loop.start_tls(
+                transport, conn, tls, server_hostname=origin.host,
+                ssl_handshake_timeout=timeout,
+            )
+        except BaseException:
+            transport.close()
+            raise
+        if tunnel is None:  # the loop's way of saying the connection is gone
+            raise ConnectFailed(f"proxy {proxy.display} closed the tunnel to {authority}")
+        conn.connection_made(tunnel)
 
     def _park(self, conn: Response) -> None:
         if self._closed:
@@ -469,3 +650,27 @@ class Pool:
             for conn in list(idle):
                 conn.close()
         self._idle.clear()
+
+
+def _check_connect_answer(head: bytes, proxy: Proxy, authority: str) -> None:
+    """Raise unless ``head`` (status line and headers) opens the tunnel (2xx)."""
+    if not head:
+        raise ConnectFailed(f"proxy {proxy.display} closed the connection instead of "
+                            f"answering CONNECT {authority}")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise ConnectFailed(f"proxy {proxy.display} answered CONNECT with something that "
+                            "is not HTTP", retryable=False)
+    status = int(parts[1])
+    if 200 <= status < 300:
+        return
+    reason = parts[2].strip() if len(parts) > 2 else ""
+    said = f"HTTP {status}{' ' + reason if reason else ''}"
+    if status == 407:
+        hint = ("the user or password in the proxy URL is wrong" if proxy.authorization
+                else "put user:password@ in the proxy URL")
+        raise ProxyRefused(f"proxy {proxy.display} wants authentication ({said}): {hint}",
+                           status=status)
+    raise ProxyRefused(f"proxy {proxy.display} refused to open a tunnel to {authority} "
+                       f"({said})", status=status)

@@ -29,17 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import html
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import urljoin
 
 import orjson
 
 from tokenrelay import timerwheel
 from tokenrelay.bodydecoder import BodyDecoder
+from tokenrelay.chunks import completion_events
 from tokenrelay.config import ModelRoute, Provider, Settings
 from tokenrelay.errors import (
     UpstreamConnectError,
@@ -50,7 +55,7 @@ from tokenrelay.errors import (
     UpstreamTimeout,
     redact,
 )
-from tokenrelay.events import Event, Finish, Usage
+from tokenrelay.events import Event, Finish, ReasoningDelta, TextDelta, Usage
 from tokenrelay.httpclient import (
     BadResponse,
     ConnectFailed,
@@ -64,6 +69,9 @@ from tokenrelay.httpclient import (
 
 _ERROR_BODY_LIMIT = 64 * 1024
 _MODELS_BODY_LIMIT = 4 << 20
+_COMPLETION_BODY_LIMIT = 16 << 20  # a whole JSON answer to a stream request
+_TEXT_LIMIT = 200  # characters of an HTML or text error page kept in a message
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "tokenrelay"
 
 
@@ -106,13 +114,17 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _error_message(body: bytes, status: int) -> str:
-    """The provider's own error message from a JSON or text error body."""
+def _error_message(body: bytes, status: int = 0, content_type: str = "") -> str:
+    """The provider's own error message from a JSON, HTML or text error body, as one
+    short line ("" when the body says nothing)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        text = body.decode("utf-8", "replace").strip()
-        return text[:500] or f"upstream answered HTTP {status}"
+        text = body.decode("utf-8", "replace")
+        if "html" in content_type.lower() or re.match(r"\s*<(!doctype|html|head|body)", text,
+                                                        re.IGNORECASE):
+            text = _html_text(text)
+        return _shorten(text)
     if isinstance(data, dict):
         err = data.get("error", data)
         if isinstance(err, dict):
@@ -121,7 +133,65 @@ def _error_message(body: bytes, status: int) -> str:
                 return msg[:500]
         elif isinstance(err, str) and err:
             return err[:500]
-    return f"upstream answered HTTP {status}"
+    return ""
+
+
+def _html_text(page: str) -> str:
+    """An HTML page's title, or else its first text."""
+    title = re.search(r"<title[^>]*>(.*?)</title>", page, re.IGNORECASE | re.DOTALL)
+    if title and title.group(1).strip():
+        return html.unescape(title.group(1))
+    page = re.sub(r"(?is)<(script|style|head)\b.*?</\1\s*>|<!--.*?-->", " ", page)
+    return html.unescape(re.sub(r"<[^>]*>", " ", page))
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1].rstrip() + "…"
+
+
+def _status_words(status: int) -> str:
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def status_message(
+    status: int, message: str, url: str, method: str, base_url: str,
+    location: str = "", proxy: str = "",
+) -> str:
+    """One sentence for an upstream's error answer: what it said (never twice), and for
+    the statuses a person must act on, what was asked and what to change."""
+    said = _status_words(status)
+    # "404 page not found" says the status again: keep only what it adds.
+    message = message.strip().removeprefix(str(status)).lstrip(" :-").strip()
+    words = message.rstrip(".").lower()
+    if words and words not in said.lower():
+        said = f"HTTP {status}: {message}"
+    if status in _REDIRECTS:
+        if not location:
+            return f"upstream answered {said} to {method} {url}, without a Location"
+        location = urljoin(url, location).split("?", 1)[0]  # relative ones too; no query
+        target = location
+        for tail in ("/chat/completions", "/models"):
+            target = target.removesuffix(tail)
+        return (f"upstream redirects {method} {url} to {location} "
+                f"(HTTP {status}, not followed): set base_url to {target}")
+    if status == 404:
+        hint = ("the base URL may lack /v1 (try base_url = " f"{base_url}/v1)"
+                if not re.search(r"/v\d", base_url) else "check the base URL and the model name")
+        return f"upstream answered {said} for {method} {url}: {hint}"
+    if status == 405:
+        return (f"upstream answered {said} for {method} {url}: is the base URL an "
+                "OpenAI-compatible API?")
+    if status == 407 and proxy:
+        return f"proxy {proxy} wants authentication ({said}): check the user:password in its URL"
+    if status == 401:
+        return f"upstream answered {said}: check the provider's API key"
+    if status == 403:
+        return f"upstream answered {said}: the API key may lack access to this model or endpoint"
+    return f"upstream answered {said}"
 
 
 @contextmanager
@@ -139,8 +209,8 @@ def _map_errors(phase: str, timeouts_for: Callable[[str], float]) -> Iterator[No
         raise UpstreamConnectError(str(exc)) from None  # closed before any answer
     except BadResponse as exc:
         raise UpstreamProtocolError(str(exc)) from None
-    except ConnectFailed as exc:
-        raise UpstreamConnectError(str(exc)) from None
+    except ConnectFailed as exc:  # TLS trust and proxy authentication cannot heal by waiting
+        raise UpstreamConnectError(str(exc), retryable=exc.retryable) from None
     except (HTTPError, OSError) as exc:
         raise UpstreamConnectError(f"upstream connection failed ({type(exc).__name__})") from None
 
@@ -190,7 +260,7 @@ class UpstreamClient:
     def _target(self, provider: Provider, method: str, path: str, accept: str,
                 extra: Mapping[str, str]) -> _ChatTarget:
         try:
-            origin = Origin.parse(self.base_url(provider))
+            origin = Origin.parse(self.base_url(provider), provider.proxy)
             head = encode_head(method, origin, path, {**self._headers(provider, accept), **extra})
         except ValueError as exc:
             # Never echo the header values: one of them carries the key.
@@ -207,6 +277,28 @@ class UpstreamClient:
                               {"Content-Type": "application/json"})
         self._targets[provider.name] = target
         return target
+
+    async def status_error(self, target: _ChatTarget, resp: Response, method: str,
+                           path: str, timeout: float) -> UpstreamStatusError:
+        """The error for a non-200 answer, its body read (bounded) for the provider's words."""
+        body = b""
+        if resp.status not in _REDIRECTS:
+            async with asyncio.timeout(timeout):
+                body = await resp.read_all(_ERROR_BODY_LIMIT)
+        origin = target.origin
+        assert origin is not None
+        base = _base(target)
+        message = status_message(
+            resp.status, _error_message(body, resp.status, resp.headers.get("content-type", "")),
+            base + path, method, base, resp.headers.get("location", ""),
+            origin.proxy.display if origin.proxy is not None else "",
+        )
+        message = self.redact(message)
+        return UpstreamStatusError(
+            resp.status, message,
+            retry_after=parse_retry_after(resp.headers),
+            overloaded="overload" in message.lower(),
+        )
 
     async def _send(self, target: _ChatTarget, body: bytes, connect: float) -> Response:
         if target.origin is None:
@@ -235,9 +327,7 @@ class UpstreamClient:
                 resp = await self._send(target, b"", connect)
                 try:
                     if resp.status != 200:
-                        raise UpstreamStatusError(
-                            resp.status, f"upstream answered HTTP {resp.status}"
-                        )
+                        raise await self.status_error(target, resp, "GET", "/models", connect)
                     raw = await resp.read_all(_MODELS_BODY_LIMIT)
                 finally:
                     resp.release()
@@ -363,6 +453,34 @@ class UpstreamCall:
                                   "include_usage": True}
         return orjson.dumps(body)
 
+    async def _whole_answer(
+        self,
+        route: ModelRoute,
+        resp: Response,
+        watchdog: _Watchdog,
+        sink: Callable[[list[Event]], Awaitable[None]],
+        budget: Callable[[str], float],
+    ) -> None:
+        """A ``chat.completion`` object answered to ``stream: true``: relayed whole, as the
+        events its stream would have carried (text, reasoning, tool calls, finish, usage).
+        The first-token budget covers reading it."""
+        try:
+            body = await resp.read_all(_COMPLETION_BODY_LIMIT)
+        except (HTTPError, OSError) as exc:
+            if watchdog.expired:
+                raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
+            with _map_errors(watchdog.phase, budget):
+                raise exc from None
+        if len(body) >= _COMPLETION_BODY_LIMIT:  # not an answer we can hold
+            raise UpstreamProtocolError("upstream answered a JSON body larger than "
+                                        f"{_COMPLETION_BODY_LIMIT >> 20} MB to a stream request")
+        events, model = completion_events(body, think_tags=route.think_tags)
+        self.upstream_model = model
+        self.content_chunks = sum(1 for e in events if isinstance(e, TextDelta | ReasoningDelta))
+        if events:
+            self.relayed = True
+            await sink(events)
+
     async def _attempt(
         self,
         route: ModelRoute,
@@ -392,15 +510,23 @@ class UpstreamCall:
         try:
             if resp.status != 200:
                 with _map_errors("first_token", budget):
+                    raise await self.client.status_error(
+                        target, resp, "POST", "/chat/completions", timeouts.connect + 5)
+            content_type = resp.headers.get("content-type", "")
+            if _is_json(content_type):
+                await self._whole_answer(route, resp, watchdog, sink, budget)
+                complete = True
+                return
+            if content_type.lower().startswith("text/html"):  # a web page, not an API
+                with _map_errors("first_token", budget):
                     async with asyncio.timeout(timeouts.connect + 5):
-                        body = await resp.read_all(_ERROR_BODY_LIMIT)
-                message = self.client.redact(_error_message(body, resp.status))
-                raise UpstreamStatusError(
-                    resp.status,
-                    f"upstream answered HTTP {resp.status}: {message}",
-                    retry_after=parse_retry_after(resp.headers),
-                    overloaded="overload" in message.lower(),
-                )
+                        page = await resp.read_all(_ERROR_BODY_LIMIT)
+                said = _error_message(page, 200, content_type)
+                raise UpstreamProtocolError(self.client.redact(
+                    f"upstream answered a web page{f' ({said})' if said else ''} instead of "
+                    f"an event stream to POST {_base(target)}/chat/completions: is the base "
+                    "URL an OpenAI-compatible API?"),
+                    retryable=False)
             # The parsers are made when the first bytes come: a stream waiting minutes for
             # a reasoning model's first token holds none of them.
             relay: _Relay | None = None
@@ -461,6 +587,19 @@ class UpstreamCall:
                 # Closing (not releasing) drops the connection, so an upstream cut off
                 # mid-answer (Stop, timeout, error) sees it closed and stops billing.
                 resp.close()
+
+
+def _base(target: _ChatTarget) -> str:
+    """The base URL requests of ``target`` went to (no key: keys travel in headers)."""
+    origin = target.origin
+    assert origin is not None
+    return f"{origin.scheme}://{origin.host_header}{origin.base_path}"
+
+
+def _is_json(content_type: str) -> bool:
+    """A JSON body where a stream was asked for (some servers ignore ``stream``)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or kind.endswith("+json")
 
 
 class _Relay:

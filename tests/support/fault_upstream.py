@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import time
 import uuid
@@ -262,8 +263,11 @@ class FaultUpstream:
     """The scripted upstream server. State lives on the instance; start it in the test's
     own event loop (``async with FaultUpstream() as up``)."""
 
-    def __init__(self, model: str = "fault-model") -> None:
+    def __init__(self, model: str = "fault-model", *, tls: ssl.SSLContext | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.model = model
+        self.tls = tls  # serve HTTPS with this context
+        self.host = host  # the name base_url uses (the socket is on 127.0.0.1 either way)
         self.requests: list[RecordedRequest] = []
         self.closed_by_client = 0
         self.connections = 0  # TCP connections accepted
@@ -286,9 +290,10 @@ class FaultUpstream:
         await self.stop()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        scheme = "https" if self.tls else "http"
+        self.base_url = f"{scheme}://{self.host}:{self.port}/v1"
 
     async def stop(self) -> None:
         if self._server is None:
