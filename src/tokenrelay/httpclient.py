@@ -16,9 +16,12 @@ for ``identity``. No proxies, redirects, cookies or HTTP/2: an OpenAI-compatible
 upstream needs none of them.
 
 Pooling: idle connections are kept per origin (last in, first out) for ``keepalive_s``.
-A pooled connection can be closed by the server just as we send on it; a request on a
-*reused* connection that sees the connection close before any response byte is sent once
-more on a new connection (the server cannot have read it).
+A pooled connection the server has closed (or written to) while it sat idle is dropped
+and replaced before anything is written on it: the event loop saw its EOF, or a poll of
+its socket finds bytes or an EOF the loop has not handled yet. Once a byte of a request
+is written, nothing is ever re-sent here: the server may have read it and started (and
+billed) the answer, so a connection that closes before any response byte raises
+:class:`Disconnected` and the caller's retry policy decides, counting an attempt.
 
 Errors are this module's own (:class:`ConnectFailed`, the connect timeout included,
 :class:`Disconnected`, :class:`BadResponse`); ``upstream.py`` turns them into the
@@ -28,6 +31,7 @@ gateway's :class:`~tokenrelay.errors.UpstreamError` classes.
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import zlib
 from collections.abc import Callable, Mapping
@@ -114,7 +118,7 @@ class Response(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_body_seen", "_decoder", "_done", "_error", "_flushing", "_framed", "_head", "_idle_timer",
+        "_decoder", "_done", "_error", "_flushing", "_framed", "_head", "_idle_timer",
         "_keep_alive", "_loop", "_on_data", "_origin", "_parser", "_paused", "_pieces", "_pool",
         "_pool_slot", "_size", "_until_close", "_waiter", "headers", "status", "transport",
     )
@@ -139,7 +143,6 @@ class Response(asyncio.Protocol):
         self._paused = False
         self._done = False  # the whole body has arrived
         self._error: HTTPError | None = None
-        self._body_seen = False  # any byte of this response arrived
         self._keep_alive = False  # the complete response lets the connection carry another
         self._framed = False  # Content-Length or chunked: the parser sees where it ends
         self._until_close = False  # neither: the body ends with the connection
@@ -158,7 +161,6 @@ class Response(asyncio.Protocol):
             return
         if self._error is not None:  # failed or closed: what still arrives is dropped
             return
-        self._body_seen = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -359,6 +361,26 @@ class Response(asyncio.Protocol):
         return head
 
 
+def _readable(conn: Response) -> bool:
+    """True when an idle connection's socket has something to read: the server closed it
+    or wrote to it (both make it unusable), though the loop has not handled that yet."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return True
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))  # an EOF or a reset reads as POLLIN/POLLHUP too
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
 class Pool:
     """Keep-alive connections per origin; see the module docstring."""
 
@@ -392,24 +414,18 @@ class Pool:
         """Send ``head`` (from :func:`encode_head`) with ``body``; return once the status
         line and headers have arrived. Cancelling it closes the connection it was using."""
         payload = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
-        fresh = False
-        while True:
-            conn = None if fresh else self._take(origin)
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(origin, connect_timeout)
-            head_future = conn._begin(payload)
-            try:
-                await head_future
-            except Disconnected:
-                if reused and not conn._body_seen:
-                    fresh = True  # the server had closed the idle connection: send once
-                    continue  # more, on a new one
-                raise
-            except BaseException:
-                conn.close()
-                raise
-            return conn
+        conn = self._take(origin)
+        if conn is None:
+            conn = await self._connect(origin, connect_timeout)
+        head_future = conn._begin(payload)
+        try:
+            await head_future
+        except BaseException:
+            # Never sent again from here, even on a reused connection closed before any
+            # answer: the server may have read the request (see the module docstring).
+            conn.close()
+            raise
+        return conn
 
     def _take(self, origin: Origin) -> Response | None:
         idle = self._idle.get(origin)
@@ -419,8 +435,12 @@ class Pool:
             if conn._idle_timer is not None:
                 conn._idle_timer.cancel()
                 conn._idle_timer = None
-            if not conn.closed:
-                return conn
+            if conn.closed:
+                continue
+            if _readable(conn):  # an EOF (or stray bytes) the loop has not handled yet
+                conn.close()
+                continue
+            return conn
         return None
 
     async def _connect(self, origin: Origin, timeout: float) -> Response:
