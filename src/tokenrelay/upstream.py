@@ -13,9 +13,11 @@ Policy (DESIGN.md "Upstreams and models"):
   policy. Each wait is announced through ``on_retry`` so subscribers see a ``retry`` event.
   When a model's attempts are spent (or the provider says it is overloaded), the next model
   of the fallback chain is tried. Other 4xx end the call at once.
-* After the first relayed event nothing is ever retried: a drop, a corrupt chunk or a
-  missing ``[DONE]`` raises, and the generation ends the stream with an ``error`` event
-  after the text already relayed.
+* After the first relayed event nothing is ever retried: a drop, a corrupt chunk, an
+  error the provider sends inside the stream, or a body that ends with neither ``[DONE]``
+  nor a ``finish_reason`` raises, and the generation ends the stream with an ``error``
+  event after the text already relayed. Whatever follows ``[DONE]`` (a stray line, a
+  reset, silence) is ignored: the answer is complete.
 * Three budgets: first token (from the request), idle (between reads once streaming) and
   total. A silent upstream raises :class:`UpstreamTimeout`, never hangs.
 
@@ -65,6 +67,7 @@ from tokenrelay.httpclient import (
 _ERROR_BODY_LIMIT = 64 * 1024
 _MODELS_BODY_LIMIT = 4 << 20
 _USER_AGENT = "tokenrelay"
+_AFTER_DONE_S = 1.0  # how long the end of a body may take after [DONE]
 
 
 @dataclass(slots=True)
@@ -414,6 +417,8 @@ class UpstreamCall:
                 except (HTTPError, OSError) as exc:
                     if relay is not None and relay.failure is not None:  # the data callback's
                         raise relay.failure from None
+                    if relay is not None and relay.chunks.done:
+                        break  # after [DONE]: how the rest of the body ends does not matter
                     if watchdog.expired:
                         raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
                     with _map_errors(watchdog.phase, budget):
@@ -433,7 +438,8 @@ class UpstreamCall:
                         continue
                     waiting_first = False
                     watchdog.phase = "idle"
-                    watchdog.rearm(min(loop.time() + timeouts.idle, total_deadline))
+                    # (relay's idle budget: shorter if this read ended with [DONE])
+                    watchdog.rearm(min(loop.time() + relay._idle, total_deadline))
                     self.upstream_model = relay.chunks.model
                     if sink_now is not None:
                         resp.stream(relay.on_data)  # the next reads go straight to sink_now
@@ -449,10 +455,10 @@ class UpstreamCall:
             if tail:
                 self.relayed = True
                 await sink(tail)
-            if watchdog.expired:  # the watchdog closed the response: that was the end
+            if watchdog.expired and not relay.chunks.done:  # the watchdog closed the response
                 raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase))
             relay.chunks.finish()
-            complete = True
+            complete = True  # released to the pool only if the body really ended cleanly
         finally:
             watchdog.cancel()
             if complete:
@@ -497,7 +503,16 @@ class _Relay:
         good text before a corrupt chunk is still relayed."""
         result = self.body.decode(data)
         self._call.content_chunks = self.chunks.content_chunks
+        if self.chunks.done and self._idle > _AFTER_DONE_S:
+            self._after_done()
         return result
+
+    def _after_done(self) -> None:
+        """``[DONE]`` arrived: the answer is complete. The end of the body is still read
+        (so the connection can be reused), but only briefly: a server that stalls or
+        breaks after ``[DONE]`` costs a connection, not the answer or a long wait."""
+        self._idle = _AFTER_DONE_S
+        self._watchdog.rearm(min(self._loop.time() + _AFTER_DONE_S, self._total_deadline))
 
     def tick(self) -> None:
         """A read arrived while streaming: push the idle deadline (a float; the watchdog
