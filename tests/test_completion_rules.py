@@ -65,6 +65,7 @@ class Answer:
     usage: dict[str, Any] | None
     retries: int  # retry announcements (events on /api/chat, comments on /v1 streams)
     stored: tuple[str, str] | None = None  # (state, content) in history (/api/chat only)
+    waits_ms: list[int] | None = None  # the announced waits (/api/chat only)
 
 
 Ask = Callable[[str], Awaitable[Answer]]
@@ -89,7 +90,8 @@ async def rig(http: Any) -> AsyncIterator[tuple[FaultUpstream, Ask]]:
             done = stream.events[-1].event == "done" and end["state"] == "complete"
             return Answer("chat", stream.text, done, None if done else end["error"],
                           end.get("finish_reason"), end["usage"], len(stream.named("retry")),
-                          (message["state"], message["content"]))
+                          (message["state"], message["content"]),
+                          [e.data["wait_ms"] for e in stream.named("retry")])
 
         async def v1_stream() -> Answer:
             body = chat_body("q", "m", stream=True, stream_options={"include_usage": True})
@@ -259,6 +261,11 @@ async def test_after_two_closed_attempts_the_third_one_answers(rig):
     answer = await ask("chat")
     assert_complete(answer)  # the third attempt answered
     assert answer.retries == 2 and len(upstream.requests) == 4
+    # Each attempt waited out the backoff it announced (rounded to the millisecond).
+    assert answer.waits_ms is not None
+    arrived = [r.arrived for r in upstream.requests[1:]]
+    for wait_ms, before, after in zip(answer.waits_ms, arrived[:-1], arrived[1:], strict=True):
+        assert after - before >= wait_ms / 1000 - 0.001
 
 
 @pytest.mark.parametrize("way", WAYS)
