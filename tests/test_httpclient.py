@@ -479,6 +479,28 @@ async def test_reused_connection_closed_after_reading_the_request_is_not_resent(
         assert pool.connects == 1
 
 
+async def test_an_idempotent_request_closed_before_any_answer_is_sent_once_more(
+        pool: Pool) -> None:
+    # A GET (the model list) may be sent again, as HTTP allows: once, on a new connection.
+    async def handler(request: Request, writer: asyncio.StreamWriter) -> None:
+        if request.number in (1, 3):
+            writer.close()
+        else:
+            writer.write(sized(b"ok"))
+
+    async with asyncio.timeout(WAIT), Upstream(handler) as server:
+        await ask_ok(pool, server)
+        origin = server.origin
+        head = encode_head("GET", origin, "/models", {})
+        resp = await pool.request(origin, head, b"", connect_timeout=2, idempotent=True)
+        assert await read_body(resp) == b"ok"
+        resp.close()
+        # On a new connection it is not sent again: one request, one error.
+        with pytest.raises(Disconnected):
+            await pool.request(origin, head, b"", connect_timeout=2, idempotent=True)
+        assert [r.conn for r in server.requests] == [0, 0, 1, 2]
+
+
 async def test_idle_connection_closed_by_the_server_is_replaced_before_writing(
         pool: Pool) -> None:
     closed = asyncio.get_running_loop().create_future()

@@ -361,6 +361,17 @@ class Response(asyncio.Protocol):
         return head
 
 
+async def _send_on(conn: Response, payload: bytes) -> Response:
+    """Write a request on ``conn``; the connection once its response head arrived."""
+    head_future = conn._begin(payload)
+    try:
+        await head_future
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def _readable(conn: Response) -> bool:
     """True when an idle connection's socket has something to read: the server closed it
     or wrote to it (both make it unusable), though the loop has not handled that yet."""
@@ -410,22 +421,27 @@ class Pool:
         body: bytes,
         *,
         connect_timeout: float,
+        idempotent: bool = False,
     ) -> Response:
         """Send ``head`` (from :func:`encode_head`) with ``body``; return once the status
-        line and headers have arrived. Cancelling it closes the connection it was using."""
+        line and headers have arrived. Cancelling it closes the connection it was using.
+
+        A chat request is never sent twice from here, even when a reused connection closes
+        before any answer: the server may have read it (see the module docstring). Only an
+        ``idempotent`` one (a GET of the model list) is then sent once more, on a new
+        connection, as HTTP allows."""
         payload = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
         conn = self._take(origin)
+        if conn is not None and idempotent:
+            try:
+                return await _send_on(conn, payload)
+            except Disconnected as exc:
+                if exc.mid_body:
+                    raise
+                conn = None  # closed before answering: once more, on a new connection
         if conn is None:
             conn = await self._connect(origin, connect_timeout)
-        head_future = conn._begin(payload)
-        try:
-            await head_future
-        except BaseException:
-            # Never sent again from here, even on a reused connection closed before any
-            # answer: the server may have read the request (see the module docstring).
-            conn.close()
-            raise
-        return conn
+        return await _send_on(conn, payload)
 
     def _take(self, origin: Origin) -> Response | None:
         idle = self._idle.get(origin)

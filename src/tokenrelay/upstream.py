@@ -211,12 +211,14 @@ class UpstreamClient:
         self._targets[provider.name] = target
         return target
 
-    async def _send(self, target: _ChatTarget, body: bytes, connect: float) -> Response:
+    async def _send(self, target: _ChatTarget, body: bytes, connect: float,
+                    idempotent: bool = False) -> Response:
         if target.origin is None:
             raise UpstreamConnectError(
                 f"provider {target.provider.name!r}: {target.problem}", retryable=False
             )
-        return await self.pool.request(target.origin, target.head, body, connect_timeout=connect)
+        return await self.pool.request(target.origin, target.head, body, connect_timeout=connect,
+                                       idempotent=idempotent)
 
     def call(
         self,
@@ -235,7 +237,7 @@ class UpstreamClient:
         connect = provider.timeouts.connect
         with _map_errors("connect", lambda _: connect):
             async with asyncio.timeout(connect + 5):
-                resp = await self._send(target, b"", connect)
+                resp = await self._send(target, b"", connect, idempotent=True)  # a GET
                 try:
                     if resp.status != 200:
                         raise UpstreamStatusError(
