@@ -19,9 +19,10 @@ Pooling: idle connections are kept per origin (last in, first out) for ``keepali
 A pooled connection the server has closed (or written to) while it sat idle is dropped
 and replaced before anything is written on it: the event loop saw its EOF, or a poll of
 its socket finds bytes or an EOF the loop has not handled yet. Once a byte of a request
-is written, nothing is ever re-sent here: the server may have read it and started (and
-billed) the answer, so a connection that closes before any response byte raises
-:class:`Disconnected` and the caller's retry policy decides, counting an attempt.
+is written, a chat request is never re-sent here: the server may have read it and started
+(and billed) the answer, so a connection that closes before any response byte raises
+:class:`Disconnected` and the caller's retry policy decides, counting an attempt. (Only an
+idempotent GET, the model list, is sent once more on a new connection, as HTTP allows.)
 
 Errors are this module's own (:class:`ConnectFailed`, the connect timeout included,
 :class:`Disconnected`, :class:`BadResponse`); ``upstream.py`` turns them into the
