@@ -256,6 +256,51 @@ def test_crlf_streams_and_events_with_ids_stay_exact():
     assert_same(body, cut(body, [5, 100, 333]))
 
 
+# --- [DONE] and the errors providers send inside a stream ------------------------------
+
+
+def test_nothing_after_done_counts_even_a_chunk_that_fits_the_template(monkeypatch):
+    decoder = BodyDecoder()
+    decoder.decode(text_events(["a", "b"]))
+    assert decoder._head
+    after = text_events(["late"]) + event(b"{not json") + text_events(["later"])
+    body = text_events(["c"]) + b"data: [DONE]\n\n" + after
+    for reads in ([body], cut(body, [3, 70, 200, 260])):
+        assert_same(text_events(["a", "b"]) + body, [text_events(["a", "b"]), *reads])
+    out, err = decoder.decode(body)
+    assert (out, err) == ([TextDelta("c")], None)
+    assert decoder.chunks.done
+    fed = count_exact_feeds(decoder, monkeypatch)
+    assert decoder.decode(text_events(["more"]) + b"garbage\n\n") == ([], None)
+    assert fed == [chunk({"content": "more"})]  # to the chunk decoder, which ignores it
+
+
+def test_vllm_error_object_ends_the_stream_with_its_message():
+    body = text_events(["Hel", "lo"]) + event(orjson.dumps(
+        {"object": "error", "message": "CUDA out of memory", "type": "InternalServerError",
+         "param": None, "code": 500}))
+    decoder = assert_same(body, [body])
+    out, err = BodyDecoder().decode(body)
+    assert out == [TextDelta("Hello")]
+    assert isinstance(err, UpstreamError) and err.message == "CUDA out of memory"
+    assert not decoder.chunks.done
+
+
+@pytest.mark.parametrize(("extra", "text", "message"), [
+    ({}, "Hello!", 'upstream ended the answer with finish_reason "error"'),
+    # An error object wins over the rest of its chunk (OpenRouter's delta is empty there).
+    ({"error": {"code": 502, "message": "Provider disconnected"}}, "Hello",
+     "Provider disconnected"),
+])
+def test_openrouter_finish_reason_error_ends_the_stream_with_its_message(extra, text, message):
+    body = text_events(["Hel", "lo"]) + event(chunk({"content": "!"}, finish="error", **extra))
+    assert_same(body, [body])
+    out, err = BodyDecoder().decode(body)
+    assert out == [TextDelta(text)]
+    assert isinstance(err, UpstreamError) and err.message == message
+    assert err.code == "upstream_error"
+
+
 # --- generated streams, cut anywhere --------------------------------------------------
 
 _texts = st.text(st.characters(codec="utf-8"), max_size=6) | st.sampled_from(
@@ -267,7 +312,8 @@ def _events(draw: Any) -> bytes:
     kind = draw(st.sampled_from(
         ["text"] * 8 + ["reasoning", "text+finish"] * 2
         + ["role", "finish", "usage", "tool", "done", "id", "event", "comment", "blank",
-           "error", "corrupt", "raw", "multiline", "nospace", "vary"]))
+           "error", "corrupt", "raw", "multiline", "nospace", "vary", "vllm_error",
+           "finish_error", "openrouter_error"]))
     text = draw(_texts)
     if kind == "text":
         return event(chunk({"content": text}))
@@ -297,6 +343,14 @@ def _events(draw: Any) -> bytes:
         return b"event: error\n" + event(orjson.dumps({"error": {"message": "overloaded"}}))
     if kind == "corrupt":
         return event(b"{not json")
+    if kind == "vllm_error":  # vLLM's bare error object, no choices
+        return event(orjson.dumps({"object": "error", "message": text, "type": "BadRequestError",
+                                   "param": None, "code": 400}))
+    if kind == "finish_error":  # OpenRouter's finish_reason "error" without an error object
+        return event(chunk({"content": text}, finish="error"))
+    if kind == "openrouter_error":
+        return event(chunk({"content": ""}, finish="error",
+                           error={"code": 502, "message": "Provider disconnected"}))
     if kind == "raw":  # arbitrary bytes where the text goes
         raw = draw(st.binary(max_size=4))
         return event(chunk({"content": "X"}).replace(b'"X"', b'"' + raw + b'"'))

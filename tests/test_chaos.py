@@ -19,6 +19,7 @@ from support.fault_upstream import (
     huge_chunk,
     in_stream_error,
     no_done,
+    no_finish,
     ok,
     refuse,
     reset_after,
@@ -166,9 +167,19 @@ async def test_bytes_split_one_by_one_lose_nothing(chaos):
     assert stream.text == step.text
 
 
-async def test_missing_done_is_not_success(chaos, http):
+async def test_missing_done_after_a_finish_reason_is_success(chaos, http):
+    # Several servers never send [DONE]: a clean end after the finish is the end (issue 15).
     upstream, ask = chaos
     upstream.script(no_done(TOKENS))
+    stream = await ask()
+    complete(stream)
+    assert stream.text == TEXT
+    assert await stored_text(upstream, stream, http) == ("complete", TEXT)
+
+
+async def test_missing_done_and_finish_reason_is_not_success(chaos, http):
+    upstream, ask = chaos
+    upstream.script(no_finish(TOKENS))
     stream = await ask()
     failed(stream, "upstream_incomplete")
     assert stream.text == TEXT

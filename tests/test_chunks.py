@@ -242,6 +242,47 @@ def test_done_and_finish():
     decoder.finish()
 
 
+def test_a_finish_reason_without_done_is_a_complete_stream():
+    decoder = ChunkDecoder()
+    out = feed_all(decoder, [chunk({"content": "x"}), chunk({}, finish="length"),
+                             chunk(usage={"prompt_tokens": 2, "completion_tokens": 1})])
+    assert out == [TextDelta("x"), Finish("length"), Usage(2, 1, 3)]
+    assert (decoder.done, decoder.finish_reason) == (False, "length")
+    decoder.finish()  # several servers never send [DONE]: not an error
+
+
+def test_everything_after_done_is_ignored():
+    decoder = ChunkDecoder()
+    out = feed_all(decoder, [chunk({"content": "x"}), b"[DONE]", b"{not json",
+                             chunk({"content": "late"}), orjson.dumps({"error": "late"})])
+    assert out == [TextDelta("x")]
+    assert decoder.done and decoder.content_chunks == 1
+    decoder.finish()
+
+
+def test_vllm_error_object_is_an_error_with_its_message():
+    payload = orjson.dumps({"object": "error", "message": "maximum context length exceeded",
+                            "type": "BadRequestError", "param": None, "code": 400})
+    with pytest.raises(UpstreamError) as info:
+        ChunkDecoder().feed(payload, [])
+    assert info.value.message == "maximum context length exceeded"
+    assert (info.value.code, info.value.retryable) == ("upstream_error", False)
+
+
+def test_openrouter_finish_reason_error_is_an_error_after_the_chunk_text():
+    decoder = ChunkDecoder()
+    out: list[Any] = []
+    with pytest.raises(UpstreamError) as info:
+        decoder.feed(chunk({"content": "par"}, finish="error"), out)
+    assert out == [TextDelta("par")]
+    assert info.value.message == 'upstream ended the answer with finish_reason "error"'
+    assert decoder.finish_reason is None
+    error = {"message": "Provider disconnected", "code": "server_error"}
+    with pytest.raises(UpstreamError, match="Provider disconnected"):
+        ChunkDecoder().feed(orjson.dumps({"choices": [
+            {"index": 0, "delta": {}, "finish_reason": "error", "error": error}]}), [])
+
+
 def test_empty_data_is_a_keep_alive():
     decoder = ChunkDecoder()
     assert feed_all(decoder, [b"", b"", chunk({"content": "x"}), b""]) == [TextDelta("x")]

@@ -202,21 +202,18 @@ async def test_killed_instance_ends_followers_elsewhere_as_interrupted(
     cluster: tuple[Instance, Instance], launcher: Launcher, client: aiohttp.ClientSession
 ) -> None:
     _, b = cluster
-    (victim,) = await launcher.start("C")
+    # Checkpoints a minute apart: whatever history keeps can only come from the journal.
+    (victim,) = await launcher.start("C", TOKENRELAY_CHECKPOINT_S="60")
     resp = await start_chat(client, victim.url, tokens=5000, tokens_per_s=50)
     stream_id = resp.headers["x-stream-id"]
     head = await read_stream(resp, stop_after=1)
     conversation_id = head.events[0].data["conversation_id"]
 
     async with client.get(f"{b.url}/api/streams/{stream_id}/events") as follower:
-        seen = await read_stream(follower, stop_after=10)
+        seen = await read_stream(follower, stop_after=30)
         assert seen.text
-        # Wait for a checkpoint with some text, then kill the owner without warning.
-        for _ in range(400):
-            if (await stored_answer(client, b.url, conversation_id))["content"]:
-                break
-            await asyncio.sleep(0.05)
-        await victim.kill()
+        assert (await stored_answer(client, b.url, conversation_id))["content"] == ""
+        await victim.kill()  # kill -9, mid-answer
         rest = await asyncio.wait_for(read_stream(follower), 10 * LEASE_S)
     resp.close()
     assert [t.event for t in rest.terminal] == ["error"]
@@ -225,8 +222,8 @@ async def test_killed_instance_ends_followers_elsewhere_as_interrupted(
     received = seen.text + rest.text
 
     # The partial answer is in the database, marked interrupted by the instance that
-    # ended the stream: a prefix of what was relayed (checkpoints trail by at most
-    # TOKENRELAY_CHECKPOINT_S).
+    # ended the stream, with exactly the text its followers saw (issue 15): rebuilt from
+    # the journal, not left at the dead owner's last checkpoint.
     # (The mark follows the terminal frame, so the follower may see the frame first.)
     for _ in range(200):
         answer = await stored_answer(client, b.url, conversation_id)
@@ -234,8 +231,7 @@ async def test_killed_instance_ends_followers_elsewhere_as_interrupted(
             break
         await asyncio.sleep(0.05)
     assert answer["state"] == "interrupted"
-    assert answer["content"]
-    assert received.startswith(answer["content"])
+    assert received.startswith(seen.text) and answer["content"] == received
 
 
 async def test_workers_share_streams_through_the_journal(

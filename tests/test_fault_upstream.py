@@ -11,12 +11,18 @@ import orjson
 import pytest
 
 from support.fault_upstream import (
+    GARBAGE_LINE,
     FaultUpstream,
+    after_done,
+    close_after_request,
+    close_when_idle,
     corrupt,
     huge_chunk,
     in_stream_error,
     no_done,
+    no_finish,
     ok,
+    openrouter_error,
     refuse,
     reset_after,
     slow,
@@ -24,6 +30,7 @@ from support.fault_upstream import (
     stall_after,
     stall_first,
     status,
+    vllm_error,
 )
 
 TOKENS = ["Hel", "lo", " wör", "ld", " 😀"]
@@ -267,3 +274,75 @@ async def test_wait_requests_resolves_when_the_request_arrives(up: Any) -> None:
     assert not waiter.done()
     await fetch(session, upstream.base_url)
     await asyncio.wait_for(waiter, WAIT)
+
+
+# -- the issue-15 block: completion rules and hidden resends -------------------------------
+
+
+async def test_no_finish_ends_cleanly_without_finish_or_done(up: Any) -> None:
+    upstream, session = up
+    upstream.script(no_finish(TOKENS))
+    code, _, raw = await fetch(session, upstream.base_url)
+    events = events_of(raw)
+    assert code == 200 and text_of(events) == "".join(TOKENS)
+    assert "[DONE]" not in events
+    assert not any(e["choices"][0]["finish_reason"] for e in events if e.get("choices"))
+
+
+@pytest.mark.parametrize("extra", [GARBAGE_LINE, b'data: {"choices":[]}\n\n'])
+async def test_after_done_sends_its_bytes_after_done_then_ends_cleanly(up: Any, extra: bytes
+                                                                       ) -> None:
+    upstream, session = up
+    upstream.script(after_done(TOKENS, extra=extra))
+    code, _, raw = await fetch(session, upstream.base_url)
+    assert code == 200 and raw.endswith(b"data: [DONE]\n\n" + extra)
+    assert text_of(events_of(raw)) == "".join(TOKENS)
+
+
+async def test_after_done_cut_closes_without_the_terminator(up: Any) -> None:
+    upstream, session = up
+    upstream.script(after_done(TOKENS, end="cut"))
+    async with session.post(upstream.base_url + "/chat/completions", json=BODY) as resp:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
+async def test_vllm_error_is_the_bare_error_object_then_done(up: Any) -> None:
+    upstream, session = up
+    upstream.script(vllm_error(TOKENS, 2, message="boom", code=500))
+    code, _, raw = await fetch(session, upstream.base_url)
+    events = events_of(raw)
+    assert code == 200 and text_of(events) == "".join(TOKENS[:2])
+    assert events[-2] == {"object": "error", "message": "boom", "type": "InternalServerError",
+                          "param": None, "code": 500}
+    assert events[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("message", ["Provider disconnected", None])
+async def test_openrouter_error_is_a_finish_reason_error_chunk(up: Any, message: str | None
+                                                               ) -> None:
+    upstream, session = up
+    upstream.script(openrouter_error(TOKENS, 3, message=message))
+    code, _, raw = await fetch(session, upstream.base_url)
+    events = events_of(raw)
+    assert code == 200 and text_of(events) == "".join(TOKENS[:3])
+    last = events[-2]
+    assert last["choices"][0]["finish_reason"] == "error"
+    assert last.get("error") == (None if message is None else {"code": 502, "message": message})
+
+
+async def test_close_after_request_records_the_request_and_answers_nothing(up: Any) -> None:
+    upstream, session = up
+    upstream.script(close_after_request())
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await fetch(session, upstream.base_url)
+    assert len(upstream.requests) == 1 and upstream.requests[0].json == BODY
+
+
+async def test_close_when_idle_answers_then_closes_the_kept_alive_connection(up: Any) -> None:
+    upstream, session = up
+    upstream.script(close_when_idle(TOKENS))
+    code, _, raw = await fetch(session, upstream.base_url)
+    assert code == 200 and text_of(events_of(raw)) == "".join(TOKENS)
+    await asyncio.wait_for(upstream.wait_closed_idle(1), WAIT)
+    assert upstream.closed_idle == 1

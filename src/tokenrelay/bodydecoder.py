@@ -13,7 +13,8 @@ the string). A read of whole events that all fit it is then one ``split`` on the
 between two texts (the end of one event and the start of the next) and one check of
 what is left: the texts, which must be JSON string bodies. Parsing every object would give
 the same result. The SSE and chunk parsers only see what does not fit (the role chunk,
-the finish, usage, ``[DONE]``, a multi-line event, a CR...).
+the finish, usage, ``[DONE]``, a multi-line event, a CR...). Nothing after ``[DONE]``
+counts, not even a chunk that fits the template.
 
 Exactness is the rule, not an approximation:
 
@@ -92,6 +93,11 @@ class BodyDecoder:
                 self._fast(data, out)
         except UpstreamError as exc:
             return out, exc
+        except _Ended:
+            # [DONE]: the rest of this read was not looked at, and no template applies
+            # from now on, so every later event goes to the chunk decoder, which ignores it.
+            self._head = self._prefix = b""
+            self._learn = 0
         return out, None
 
     def _first_events(self, data: bytes, out: list[Event]) -> bytes:
@@ -129,6 +135,8 @@ class BodyDecoder:
                         prefix, suffix = self._prefix, self._suffix
                 else:
                     chunks.feed(payload, out)
+                if chunks.done:
+                    raise _Ended
 
     def _fast(self, data: bytes, out: list[Event]) -> None:
         """Split the read at event boundaries: the whole events in the middle go through
@@ -262,6 +270,10 @@ class BodyDecoder:
             self._head = b"data: " + prefix
             self._tail = suffix + b"\n\n"
             self._middle = self._tail + self._head
+
+
+class _Ended(Exception):
+    """``[DONE]`` was decoded: stop reading the read (what follows it is ignored)."""
 
 
 def _template(

@@ -4,8 +4,10 @@ Providers disagree on the details, and each disagreement has silently dropped te
 some gateway: reasoning arrives as ``reasoning_content`` (DeepSeek, vLLM), ``reasoning``
 (OpenRouter, Ollama, newer vLLM) or ``reasoning_details``; tool-call fragments are keyed
 by ``index`` (only the first carries id and name), and some providers omit the index;
-usage comes in a last chunk with no choices; errors come *inside* a 200 stream; some
-models write their thoughts inline between ``<think>`` tags. :class:`ChunkDecoder` absorbs
+usage comes in a last chunk with no choices; errors come *inside* a 200 stream (OpenAI's
+``{"error": {...}}``, vLLM's bare ``{"object": "error", "message": ...}``, OpenRouter's
+``finish_reason: "error"``); some models write their thoughts inline between ``<think>``
+tags. Whatever follows ``[DONE]`` is ignored. :class:`ChunkDecoder` absorbs
 all of that and emits few objects: consecutive text (or reasoning) deltas are merged into
 the previous item of the output list, so one network read yields a handful of objects.
 
@@ -31,6 +33,8 @@ _MAX_MESSAGE = 500
 # Words of an in-stream error that mean "try again later" rather than "this will not work".
 _RETRYABLE_WORDS = ("overload", "rate limit", "rate_limit", "ratelimit", "capacity", "busy")
 _RETRYABLE_CODES = frozenset({"429", "503", "529"})
+# OpenRouter's finish_reason "error" without an error object: the provider broke off.
+_FINISH_ERROR = 'upstream ended the answer with finish_reason "error"'
 
 
 class ChunkDecoder:
@@ -41,13 +45,15 @@ class ChunkDecoder:
     such a possible start of a tag) is held back until the next chunk or :meth:`flush`.
     """
 
-    __slots__ = ("_held", "_in_think", "_think_tags", "content_chunks", "done", "model")
+    __slots__ = ("_held", "_in_think", "_think_tags", "content_chunks", "done", "finish_reason",
+                 "model")
 
     def __init__(self, *, think_tags: bool = False) -> None:
         self._think_tags = think_tags
         self._in_think = False
         self._held = ""
-        self.done = False
+        self.done = False  # [DONE] seen: what follows is ignored
+        self.finish_reason: str | None = None  # the first finish_reason seen
         self.model: str | None = None
         self.content_chunks = 0  # chunks that carried text or reasoning: a token estimate
 
@@ -60,8 +66,8 @@ class ChunkDecoder:
         Raises :class:`UpstreamProtocolError` for a corrupt chunk and :class:`UpstreamError`
         for an error object the provider sent inside the stream.
         """
-        if not data:
-            return  # a keep-alive
+        if not data or self.done:
+            return  # a keep-alive, or anything after [DONE]
         try:
             obj = _loads(data)
         except JSONDecodeError:
@@ -98,7 +104,16 @@ class ChunkDecoder:
                         self._delta(delta, content, out)
                 reason = choice.get("finish_reason")
                 if reason:
+                    if reason == "error":  # OpenRouter: the provider failed mid-answer
+                        error = choice.get("error")
+                        if error:
+                            raise _error(error)
+                        raise UpstreamError(_FINISH_ERROR, code="upstream_error", retryable=True)
+                    if self.finish_reason is None:
+                        self.finish_reason = str(reason)
                     out.append(Finish(str(reason)))
+            elif obj.get("object") == "error":  # vLLM: the error object itself, no choices
+                raise _error(obj)
             usage = obj.get("usage")
             if usage:
                 out.append(_usage(usage))
@@ -112,8 +127,9 @@ class ChunkDecoder:
             self._emit(held, out)
 
     def finish(self) -> None:
-        """End of the upstream body: a stream without ``[DONE]`` was cut short."""
-        if not self.done:
+        """A clean end of the upstream body: complete after ``[DONE]`` or a
+        ``finish_reason`` (several servers never send ``[DONE]``); cut short otherwise."""
+        if not self.done and self.finish_reason is None:
             raise UpstreamIncomplete("upstream stream ended before [DONE]")
 
     def _delta(self, delta: dict[str, Any], content: Any, out: list[Event]) -> None:

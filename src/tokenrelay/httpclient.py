@@ -23,9 +23,13 @@ sent as ``Proxy-Authorization: Basic``. The proxy is part of the origin, so of t
 key; closing a response closes the connection to the proxy, and so the tunnel.
 
 Pooling: idle connections are kept per origin (last in, first out) for ``keepalive_s``.
-A pooled connection can be closed by the server just as we send on it; a request on a
-*reused* connection that sees the connection close before any response byte is sent once
-more on a new connection (the server cannot have read it).
+A pooled connection the server has closed (or written to) while it sat idle is dropped
+and replaced before anything is written on it: the event loop saw its EOF, or a poll of
+its socket finds bytes or an EOF the loop has not handled yet. Once a byte of a request
+is written, a chat request is never re-sent here: the server may have read it and started
+(and billed) the answer, so a connection that closes before any response byte raises
+:class:`Disconnected` and the caller's retry policy decides, counting an attempt. (Only an
+idempotent GET, the model list, is sent once more on a new connection, as HTTP allows.)
 
 Errors are this module's own (:class:`ConnectFailed`, the connect timeout included,
 :class:`Disconnected`, :class:`BadResponse`); ``upstream.py`` turns them into the
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import select
 import ssl
 import zlib
 from collections.abc import Callable, Mapping
@@ -229,7 +234,7 @@ class Response(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_body_seen", "_decoder", "_done", "_error", "_flushing", "_framed", "_head", "_idle_timer",
+        "_decoder", "_done", "_error", "_flushing", "_framed", "_head", "_idle_timer",
         "_keep_alive", "_loop", "_on_data", "_origin", "_parser", "_paused", "_pieces", "_pool",
         "_pool_slot", "_size", "_until_close", "_waiter", "headers", "status", "transport",
     )
@@ -254,7 +259,6 @@ class Response(asyncio.Protocol):
         self._paused = False
         self._done = False  # the whole body has arrived
         self._error: HTTPError | None = None
-        self._body_seen = False  # any byte of this response arrived
         self._keep_alive = False  # the complete response lets the connection carry another
         self._framed = False  # Content-Length or chunked: the parser sees where it ends
         self._until_close = False  # neither: the body ends with the connection
@@ -273,7 +277,6 @@ class Response(asyncio.Protocol):
             return
         if self._error is not None:  # failed or closed: what still arrives is dropped
             return
-        self._body_seen = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -476,6 +479,37 @@ class Response(asyncio.Protocol):
         return head
 
 
+async def _send_on(conn: Response, payload: bytes) -> Response:
+    """Write a request on ``conn``; the connection once its response head arrived."""
+    head_future = conn._begin(payload)
+    try:
+        await head_future
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _readable(conn: Response) -> bool:
+    """True when an idle connection's socket has something to read: the server closed it
+    or wrote to it (both make it unusable), though the loop has not handled that yet."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return True
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))  # an EOF or a reset reads as POLLIN/POLLHUP too
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
 class Pool:
     """Keep-alive connections per origin; see the module docstring."""
 
@@ -505,28 +539,27 @@ class Pool:
         body: bytes,
         *,
         connect_timeout: float,
+        idempotent: bool = False,
     ) -> Response:
         """Send ``head`` (from :func:`encode_head`) with ``body``; return once the status
-        line and headers have arrived. Cancelling it closes the connection it was using."""
+        line and headers have arrived. Cancelling it closes the connection it was using.
+
+        A chat request is never sent twice from here, even when a reused connection closes
+        before any answer: the server may have read it (see the module docstring). Only an
+        ``idempotent`` one (a GET of the model list) is then sent once more, on a new
+        connection, as HTTP allows."""
         payload = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
-        fresh = False
-        while True:
-            conn = None if fresh else self._take(origin)
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(origin, connect_timeout)
-            head_future = conn._begin(payload)
+        conn = self._take(origin)
+        if conn is not None and idempotent:
             try:
-                await head_future
-            except Disconnected:
-                if reused and not conn._body_seen:
-                    fresh = True  # the server had closed the idle connection: send once
-                    continue  # more, on a new one
-                raise
-            except BaseException:
-                conn.close()
-                raise
-            return conn
+                return await _send_on(conn, payload)
+            except Disconnected as exc:
+                if exc.mid_body:
+                    raise
+                conn = None  # closed before answering: once more, on a new connection
+        if conn is None:
+            conn = await self._connect(origin, connect_timeout)
+        return await _send_on(conn, payload)
 
     def _take(self, origin: Origin) -> Response | None:
         idle = self._idle.get(origin)
@@ -536,8 +569,12 @@ class Pool:
             if conn._idle_timer is not None:
                 conn._idle_timer.cancel()
                 conn._idle_timer = None
-            if not conn.closed:
-                return conn
+            if conn.closed:
+                continue
+            if _readable(conn):  # an EOF (or stray bytes) the loop has not handled yet
+                conn.close()
+                continue
+            return conn
         return None
 
     async def _connect(self, origin: Origin, timeout: float) -> Response:

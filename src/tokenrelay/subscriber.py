@@ -22,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+
 from tokenrelay import events as ev
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.hub import Hub
@@ -389,5 +391,30 @@ async def _end_interrupted(hub: Hub, stream_id: str) -> None:
     if await hub.journal.finish(stream_id, frame, ev.INTERRUPTED):
         message_id = info.meta.get("message_id")
         if hub.store is not None and isinstance(message_id, str):
+            # The journal holds every relayed event (the owner's last checkpoint may be a
+            # second behind): keep exactly what the followers saw.
+            text: tuple[str, str] | tuple[()] = ()
+            try:
+                text = await _relayed_text(hub, stream_id)
+            except Exception as exc:
+                log.warning("cannot read the text of stream %s back (%s)", stream_id[:8],
+                            type(exc).__name__)
             with contextlib.suppress(Exception):  # the start-up sweep catches it otherwise
-                await hub.store.mark_interrupted(message_id)
+                await hub.store.mark_interrupted(message_id, *text)
+
+
+async def _relayed_text(hub: Hub, stream_id: str) -> tuple[str, str]:
+    """The content and reasoning of a finished stream, rebuilt from its journal frames."""
+    content: list[str] = []
+    reasoning: list[str] = []
+    after = 0
+    while True:
+        result = await hub.journal.read(stream_id, after, timeout=0)
+        for raw in result.frames:
+            after, name, data = ev.parse_frame(raw)
+            if name is None:  # only text deltas are unnamed
+                content.append(orjson.loads(data)["content"])
+            elif name == ev.REASONING:
+                reasoning.append(orjson.loads(data)["reasoning"])
+        if result.finished or not result.frames:
+            return "".join(content), "".join(reasoning)

@@ -13,9 +13,11 @@ Policy (DESIGN.md "Upstreams and models"):
   policy. Each wait is announced through ``on_retry`` so subscribers see a ``retry`` event.
   When a model's attempts are spent (or the provider says it is overloaded), the next model
   of the fallback chain is tried. Other 4xx end the call at once.
-* After the first relayed event nothing is ever retried: a drop, a corrupt chunk or a
-  missing ``[DONE]`` raises, and the generation ends the stream with an ``error`` event
-  after the text already relayed.
+* After the first relayed event nothing is ever retried: a drop, a corrupt chunk, an
+  error the provider sends inside the stream, or a body that ends with neither ``[DONE]``
+  nor a ``finish_reason`` raises, and the generation ends the stream with an ``error``
+  event after the text already relayed. Whatever follows ``[DONE]`` (a stray line, a
+  reset, silence) is ignored: the answer is complete.
 * Three budgets: first token (from the request), idle (between reads once streaming) and
   total. A silent upstream raises :class:`UpstreamTimeout`, never hangs.
 
@@ -73,6 +75,7 @@ _COMPLETION_BODY_LIMIT = 16 << 20  # a whole JSON answer to a stream request
 _TEXT_LIMIT = 200  # characters of an HTML or text error page kept in a message
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "tokenrelay"
+_AFTER_DONE_S = 1.0  # how long the end of a body may take after [DONE]
 
 
 @dataclass(slots=True)
@@ -300,12 +303,14 @@ class UpstreamClient:
             overloaded="overload" in message.lower(),
         )
 
-    async def _send(self, target: _ChatTarget, body: bytes, connect: float) -> Response:
+    async def _send(self, target: _ChatTarget, body: bytes, connect: float,
+                    idempotent: bool = False) -> Response:
         if target.origin is None:
             raise UpstreamConnectError(
                 f"provider {target.provider.name!r}: {target.problem}", retryable=False
             )
-        return await self.pool.request(target.origin, target.head, body, connect_timeout=connect)
+        return await self.pool.request(target.origin, target.head, body, connect_timeout=connect,
+                                       idempotent=idempotent)
 
     def call(
         self,
@@ -324,7 +329,7 @@ class UpstreamClient:
         connect = provider.timeouts.connect
         with _map_errors("connect", lambda _: connect):
             async with asyncio.timeout(connect + 5):
-                resp = await self._send(target, b"", connect)
+                resp = await self._send(target, b"", connect, idempotent=True)  # a GET
                 try:
                     if resp.status != 200:
                         raise await self.status_error(target, resp, "GET", "/models", connect)
@@ -540,6 +545,8 @@ class UpstreamCall:
                 except (HTTPError, OSError) as exc:
                     if relay is not None and relay.failure is not None:  # the data callback's
                         raise relay.failure from None
+                    if relay is not None and relay.chunks.done:
+                        break  # after [DONE]: how the rest of the body ends does not matter
                     if watchdog.expired:
                         raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase)) from None
                     with _map_errors(watchdog.phase, budget):
@@ -559,7 +566,8 @@ class UpstreamCall:
                         continue
                     waiting_first = False
                     watchdog.phase = "idle"
-                    watchdog.rearm(min(loop.time() + timeouts.idle, total_deadline))
+                    # (relay's idle budget: shorter if this read ended with [DONE])
+                    watchdog.rearm(min(loop.time() + relay._idle, total_deadline))
                     self.upstream_model = relay.chunks.model
                     if sink_now is not None:
                         resp.stream(relay.on_data)  # the next reads go straight to sink_now
@@ -575,10 +583,10 @@ class UpstreamCall:
             if tail:
                 self.relayed = True
                 await sink(tail)
-            if watchdog.expired:  # the watchdog closed the response: that was the end
+            if watchdog.expired and not relay.chunks.done:  # the watchdog closed the response
                 raise UpstreamTimeout(watchdog.phase, budget(watchdog.phase))
             relay.chunks.finish()
-            complete = True
+            complete = True  # released to the pool only if the body really ended cleanly
         finally:
             watchdog.cancel()
             if complete:
@@ -636,7 +644,16 @@ class _Relay:
         good text before a corrupt chunk is still relayed."""
         result = self.body.decode(data)
         self._call.content_chunks = self.chunks.content_chunks
+        if self.chunks.done and self._idle > _AFTER_DONE_S:
+            self._after_done()
         return result
+
+    def _after_done(self) -> None:
+        """``[DONE]`` arrived: the answer is complete. The end of the body is still read
+        (so the connection can be reused), but only briefly: a server that stalls or
+        breaks after ``[DONE]`` costs a connection, not the answer or a long wait."""
+        self._idle = _AFTER_DONE_S
+        self._watchdog.rearm(min(self._loop.time() + _AFTER_DONE_S, self._total_deadline))
 
     def tick(self) -> None:
         """A read arrived while streaming: push the idle deadline (a float; the watchdog

@@ -312,6 +312,36 @@ async def test_start_interrupts_own_and_stale_streams(db_url: str) -> None:
     await other.aclose()
 
 
+async def test_mark_interrupted_with_the_relayed_text_replaces_the_checkpoint(
+        store: SQLStore) -> None:
+    cid = await store.ensure_conversation("local", None, "t")
+    await store.begin_assistant("local", cid, "dead", "s1", "m")
+    await store.checkpoint("dead", "a second", "old thought")
+    assert await store.mark_interrupted("dead", "a second behind the journal", "thought")
+    message = await store.get_message("local", "dead")
+    assert message is not None and message["state"] == "interrupted"
+    assert (message["content"], message["reasoning"]) == ("a second behind the journal",
+                                                          "thought")
+    # Marked first by an orphan sweep: the journal's text still wins, the state stays.
+    await store.begin_assistant("local", cid, "swept", "s2", "m")
+    await store.checkpoint("swept", "part", "")
+    assert await store.interrupt_orphans(0) == 1
+    assert not await store.mark_interrupted("swept", "part and more", "")
+    message = await store.get_message("local", "swept")
+    assert message is not None
+    assert (message["state"], message["content"]) == ("interrupted", "part and more")
+    # Without text, the checkpoint is kept; a finished message is never touched.
+    await store.begin_assistant("local", cid, "kept", "s3", "m")
+    await store.checkpoint("kept", "checkpointed", "")
+    assert await store.mark_interrupted("kept")
+    message = await store.get_message("local", "kept")
+    assert message is not None and message["content"] == "checkpointed"
+    await store.finish_assistant("kept", AssistantResult(state="complete", content="whole"))
+    await store.mark_interrupted("kept", "other", "")
+    message = await store.get_message("local", "kept")
+    assert message is not None and (message["state"], message["content"]) == ("complete", "whole")
+
+
 async def finished(
     store: SQLStore, cid: str, model: str, state: str, ttft: float | None, tps: float | None
 ) -> None:

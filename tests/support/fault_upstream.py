@@ -270,6 +270,7 @@ class FaultUpstream:
         self.host = host  # the name base_url uses (the socket is on 127.0.0.1 either way)
         self.requests: list[RecordedRequest] = []
         self.closed_by_client = 0
+        self.closed_idle = 0  # connections closed while idle by close_when_idle steps
         self.connections = 0  # TCP connections accepted
         self.base_url = ""
         self.port = 0
@@ -323,8 +324,11 @@ class FaultUpstream:
 
     # ---- internals
 
+    async def wait_closed_idle(self, n: int) -> None:
+        await self._wait("closed_idle", n)
+
     def _count(self, name: str) -> int:
-        return len(self.requests) if name == "requests" else self.closed_by_client
+        return len(self.requests) if name == "requests" else int(getattr(self, name))
 
     async def _wait(self, name: str, n: int) -> None:
         if self._count(name) >= n:
@@ -424,6 +428,8 @@ class FaultUpstream:
     ) -> bool:
         """Write the answer for one request; return whether the connection stays open."""
         kind = step.kind
+        if kind in _COMPLETION_KINDS:  # the issue-15 block at the end of this module
+            return await _respond_completion(self, conn, request, step, in_body)
         if kind == "refuse":
             conn.close(hard=step.hard)
             return False
@@ -496,6 +502,15 @@ class _Events:
     def content(self, token: str) -> bytes:
         return self._chunk({"content": token})
 
+    def error_chunk(self, extra: dict[str, Any]) -> bytes:
+        """OpenRouter's failure chunk: an empty delta, finish_reason "error", ``extra``."""
+        return b"data: " + orjson.dumps({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "provider": "fault",
+            "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+            **extra,
+        }) + b"\n\n"
+
     def full(self, step: Step, done: bool = True) -> list[bytes]:
         """Role, reasoning, tokens, finish, usage and [DONE], one event per item."""
         out = [self.role()]
@@ -542,3 +557,120 @@ async def _write_plain(
              f"content-type: {ctype}", f"content-length: {len(data)}"]
     lines += [f"{name}: {value}" for name, value in headers]
     await conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+
+
+# ---- Completion rules and hidden resends (issue 15) --------------------------------------
+# Kept apart from the modes above so that other blocks can be added beside it.
+
+GARBAGE_LINE = b"data: this is not JSON\n\n"  # a data line the JSON parser rejects
+__all__ += [
+    "GARBAGE_LINE",
+    "after_done",
+    "close_after_request",
+    "close_when_idle",
+    "no_finish",
+    "openrouter_error",
+    "vllm_error",
+]
+_COMPLETION_KINDS = frozenset({
+    "no_finish", "after_done", "vllm_error", "openrouter_error", "close_after_request",
+    "close_when_idle",
+})
+
+
+def no_finish(tokens: Iterable[str]) -> Step:
+    """Role and tokens, then a clean end of body with neither a finish_reason nor
+    ``[DONE]``: a cut answer even though HTTP says nothing went wrong."""
+    return Step("no_finish", tuple(tokens))
+
+
+def after_done(tokens: Iterable[str], extra: bytes = GARBAGE_LINE, end: str = "clean") -> Step:
+    """A normal stream and ``[DONE]``, then ``extra`` bytes, then ``end``: ``"clean"``
+    (the chunked terminator), ``"cut"`` (the connection closed without it) or
+    ``"stall"`` (silence until the client leaves)."""
+    if end not in ("clean", "cut", "stall"):
+        raise ValueError(f"after_done: end must be clean, cut or stall, not {end!r}")
+    return Step("after_done", tuple(tokens), body=extra, message=end)
+
+
+def vllm_error(tokens: Iterable[str], n: int, message: str = "CUDA out of memory",
+               code: int = 500) -> Step:
+    """``n`` tokens, then vLLM's in-stream error (the bare error object, no choices:
+    ``{"object": "error", "message", "type", "param", "code"}``), ``[DONE]`` (vLLM
+    sends it after its error) and a clean end of body."""
+    return Step("vllm_error", tuple(tokens), n=n, message=message, code=str(code))
+
+
+def openrouter_error(tokens: Iterable[str], n: int,
+                     message: str | None = "Provider disconnected unexpectedly") -> Step:
+    """``n`` tokens, then OpenRouter's mid-stream failure: a chunk with
+    ``finish_reason: "error"`` and, unless ``message`` is None, a top-level error object
+    (code 502); then ``[DONE]`` and a clean end of body."""
+    return Step("openrouter_error", tuple(tokens), n=n, message=message or "",
+                hard=message is None)
+
+
+def close_after_request() -> Step:
+    """Read the request (it reached the provider), then close the connection with a FIN
+    and no response byte: what a kept-alive connection that the server drops just as
+    the next request arrives looks like to the client."""
+    return Step("close_after_request")
+
+
+def close_when_idle(tokens: Iterable[str]) -> Step:
+    """A normal keep-alive stream; once it is written the server closes the connection
+    while it sits idle (a server's keep-alive timeout). ``closed_idle`` counts these."""
+    return Step("close_when_idle", tuple(tokens))
+
+
+async def _respond_completion(
+    upstream: FaultUpstream, conn: _Conn, request: RecordedRequest, step: Step,
+    in_body: list[bool],
+) -> bool:
+    """The answers of this block's steps; returns whether the connection stays open."""
+    kind = step.kind
+    if kind == "close_after_request":
+        conn.close(hard=False)
+        return False
+    ev = upstream._events(request)
+    await conn.write(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+        b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    in_body[0] = True
+    if kind in ("vllm_error", "openrouter_error", "no_finish"):
+        await conn.chunk(ev.role())
+        for tok in step.tokens if kind == "no_finish" else step.tokens[: step.n]:
+            await conn.chunk(ev.content(tok))
+        if kind == "vllm_error":
+            code: Any = int(step.code) if step.code.isdigit() else step.code
+            await conn.chunk(b"data: " + orjson.dumps(
+                {"object": "error", "message": step.message, "type": "InternalServerError",
+                 "param": None, "code": code}) + b"\n\n")
+        elif kind == "openrouter_error":
+            extra = {} if step.hard else {"error": {"code": 502, "message": step.message}}
+            await conn.chunk(ev.error_chunk(extra))
+        if kind != "no_finish":
+            await conn.chunk(b"data: [DONE]\n\n")
+        await conn.write(b"0\r\n\r\n")
+        return True
+    for event in ev.full(step):
+        await conn.chunk(event)
+    if kind == "close_when_idle":
+        await conn.write(b"0\r\n\r\n")
+        await conn.pause(0)  # let the client read the end first
+        conn.close(hard=False)
+        with contextlib.suppress(ConnectionError, OSError):
+            await conn.writer.wait_closed()
+        upstream.closed_idle += 1
+        upstream._notify()
+        return False
+    if step.body:
+        await conn.chunk(step.body)
+    if step.message == "cut":
+        conn.close(hard=False)
+        return False
+    if step.message == "stall":
+        await conn.pause(None)
+    await conn.write(b"0\r\n\r\n")
+    return True

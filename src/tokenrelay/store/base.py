@@ -78,10 +78,14 @@ class Store(abc.ABC):
         """Record the final state of an assistant message."""
 
     @abc.abstractmethod
-    async def mark_interrupted(self, message_id: str) -> bool:
+    async def mark_interrupted(
+        self, message_id: str, content: str | None = None, reasoning: str | None = None
+    ) -> bool:
         """Mark a message still ``streaming`` as ``interrupted``, keeping its text.
 
-        For a reader that finds the instance generating the message dead (cluster).
+        For a reader that finds the instance generating the message dead (cluster). With
+        ``content`` (and ``reasoning``), the text relayed as the journal kept it replaces
+        the last checkpoint, also if an orphan sweep marked the message first.
         """
 
     @abc.abstractmethod

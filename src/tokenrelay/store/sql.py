@@ -446,10 +446,19 @@ class SQLStore(Store):
             )
         return int(result.rowcount or 0)
 
-    async def mark_interrupted(self, message_id: str) -> bool:
-        """Mark one message ``interrupted`` if it is still ``streaming`` (text kept)."""
+    async def mark_interrupted(
+        self, message_id: str, content: str | None = None, reasoning: str | None = None
+    ) -> bool:
+        """Mark one message ``interrupted`` if it is still ``streaming`` (text kept, or
+        replaced by ``content`` and ``reasoning``: see :meth:`Store.mark_interrupted`)."""
         async with self._begin() as conn:
             result = await conn.execute(self._interrupt_stmt().where(messages.c.id == message_id))
+            if content is not None:
+                await conn.execute(
+                    update(messages)
+                    .where(messages.c.id == message_id, messages.c.state == "interrupted")
+                    .values(content=content, reasoning=reasoning or "")
+                )
         return bool(result.rowcount)
 
     # -- writes -----------------------------------------------------------------------
