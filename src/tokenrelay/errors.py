@@ -45,6 +45,7 @@ class TokenRelayError(Exception):
     code = "internal_error"
     status = 500
     retryable = False
+    param: str | None = None  # the request field at fault, where known (OpenAI's ``param``)
 
     def __init__(self, message: str = "", *, code: str | None = None) -> None:
         super().__init__(message or self.__class__.__doc__ or self.code)
@@ -68,9 +69,13 @@ class BadRequest(TokenRelayError):
     code = "invalid_request"
     status = 400
 
-    def __init__(self, message: str, *, code: str | None = None, status: int = 400) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, status: int = 400,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.status = status
+        self.param = param
 
 
 class UpstreamError(TokenRelayError):
@@ -122,6 +127,7 @@ class UpstreamStatusError(UpstreamError):
         *,
         retry_after: float | None = None,
         overloaded: bool = False,
+        param: str | None = None,
     ) -> None:
         retryable = status in (408, 409, 425, 429) or status >= 500
         code = "upstream_rate_limited" if status == 429 else (
@@ -130,6 +136,7 @@ class UpstreamStatusError(UpstreamError):
         super().__init__(message, code=code, retryable=retryable, retry_after=retry_after)
         self.upstream_status = status
         self.overloaded = overloaded or status in (429, 503, 529)
+        self.param = param  # the provider's own ``param``, relayed on /v1
 
 
 class UpstreamProtocolError(UpstreamError):
@@ -196,3 +203,51 @@ class RateLimited(TokenRelayError):
 
     def to_dict(self) -> dict[str, object]:
         return {**super().to_dict(), "limit": self.limit, "retry_after": self.retry_after}
+
+
+# -- OpenAI's error shape, for every answer under /v1 ------------------------------------
+
+OPENAI_PREFIX = "/v1"
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether a request path is part of the OpenAI API (its errors take OpenAI's shape)."""
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def openai_error_type(status: int) -> str:
+    """OpenAI's ``error.type`` for an HTTP status."""
+    found = _OPENAI_TYPES.get(status)
+    if found is not None:
+        return found
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def openai_error_body(
+    message: str, code: str, status: int, param: str | None = None
+) -> dict[str, object]:
+    """``{"error": {"message", "type", "param", "code"}}``: tokenrelay's own code stays in
+    ``code``, so a client can tell ``rate_limited`` (ours) from ``upstream_rate_limited``."""
+    return {"error": {"message": message, "type": openai_error_type(status), "param": param,
+                      "code": code}}
+
+
+def openai_error(exc: TokenRelayError, status: int | None = None) -> dict[str, object]:
+    """``exc`` as OpenAI's error body; ``status`` when the answer's differs from ``exc``'s.
+    Data an error adds to tokenrelay's shape (a rate limit's ``limit`` and ``retry_after``)
+    is kept beside OpenAI's four keys."""
+    body = openai_error_body(exc.message, exc.code, status or exc.status, exc.param)
+    extra = {k: v for k, v in exc.to_dict().items() if k not in _OURS}
+    if extra:
+        body["error"].update(extra)  # type: ignore[attr-defined]
+    return body
+
+
+_OURS = frozenset({"code", "message", "retryable"})

@@ -124,6 +124,17 @@ def _error_message(body: bytes, status: int) -> str:
     return f"upstream answered HTTP {status}"
 
 
+def _error_param(body: bytes) -> str | None:
+    """The provider's ``error.param`` (the field it rejected), if its error body names one."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    err = data.get("error") if isinstance(data, dict) else None
+    param = err.get("param") if isinstance(err, dict) else None
+    return param[:200] if isinstance(param, str) and param else None
+
+
 @contextmanager
 def _map_errors(phase: str, timeouts_for: Callable[[str], float]) -> Iterator[None]:
     """Translate HTTP client and asyncio failures into UpstreamError subclasses."""
@@ -220,8 +231,9 @@ class UpstreamClient:
         route: ModelRoute,
         body: dict[str, Any],
         on_retry: Callable[[RetryNotice], Awaitable[None]] | None = None,
+        on_accept: Callable[[ModelRoute], None] | None = None,
     ) -> UpstreamCall:
-        return UpstreamCall(self, route, body, on_retry)
+        return UpstreamCall(self, route, body, on_retry, on_accept)
 
     def redact(self, text: str) -> str:
         return redact(text, self._secrets)
@@ -258,11 +270,14 @@ class UpstreamCall:
         route: ModelRoute,
         body: dict[str, Any],
         on_retry: Callable[[RetryNotice], Awaitable[None]] | None,
+        on_accept: Callable[[ModelRoute], None] | None = None,
     ) -> None:
         self.client = client
         self.route = route
         self.body = body
         self.on_retry = on_retry
+        # Told (with the route) when an attempt's response is 200: the request is accepted.
+        self.on_accept = on_accept
         self.route_used: ModelRoute = route
         self.upstream_model: str | None = None  # what the provider says it ran
         self.attempts = 0
@@ -400,7 +415,10 @@ class UpstreamCall:
                     f"upstream answered HTTP {resp.status}: {message}",
                     retry_after=parse_retry_after(resp.headers),
                     overloaded="overload" in message.lower(),
+                    param=_error_param(body),
                 )
+            if self.on_accept is not None:
+                self.on_accept(route)
             # The parsers are made when the first bytes come: a stream waiting minutes for
             # a reasoning model's first token holds none of them.
             relay: _Relay | None = None
