@@ -47,6 +47,8 @@ class Generation:
         "_dirty",
         "_finishing",
         "_relaying",
+        "accepted",
+        "answered",
         "body",
         "cancel_reason",
         "checkpoint_s",
@@ -126,6 +128,10 @@ class Generation:
         self._dirty = False
         self.error: TokenRelayError | None = None
         self.finished = _Flag()
+        # The upstream answered 200 (``accepted``), or the generation ended first: when
+        # ``answered`` is set, /v1 knows which HTTP status a streaming call gets.
+        self.accepted = False
+        self.answered = _Flag()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -168,7 +174,8 @@ class Generation:
             if self.cancel_reason is None:
                 # Inline rather than a method: one coroutine frame less under every open
                 # stream (bench/memory_probe.py).
-                call = self.upstream.call(self.route, self.body, on_retry=self._on_retry)
+                call = self.upstream.call(self.route, self.body, on_retry=self._on_retry,
+                                          on_accept=self._on_accept)
                 self._relaying = True
                 try:
                     try:
@@ -278,6 +285,11 @@ class Generation:
             "arguments": item.arguments,
         }
         return ev.frame(seq, ev.TOOL_CALL, ev.dumps(payload))
+
+    def _on_accept(self, route: ModelRoute) -> None:
+        self.model_used = route.name  # after a fallback: the model that answers
+        self.accepted = True
+        self.answered.set()
 
     async def _on_retry(self, notice: RetryNotice) -> None:
         self.seq += 1
@@ -397,6 +409,7 @@ class Generation:
         except Exception:
             log.exception("cannot write the end of stream %s", self.stream_id[:8])
         self.finished.set()
+        self.answered.set()
         if self.observer is not None:
             self.observer.finished(self, error)
         if self.on_finish is not None:
