@@ -34,10 +34,10 @@ import orjson
 
 __all__ = [
     "FaultUpstream",
-    "hang",
     "RecordedRequest",
     "Step",
     "corrupt",
+    "hang",
     "huge_chunk",
     "in_stream_error",
     "no_done",
