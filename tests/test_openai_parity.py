@@ -24,6 +24,7 @@ from support.fault_upstream import (
     status,
 )
 from support.gateway import Gateway, running_gateway
+from support.servers import STREAMING_PROTOCOL
 from tokenrelay.simulator import build_text
 
 MESSAGES = [{"role": "user", "content": "What is SSE?"}]
@@ -288,15 +289,26 @@ async def test_once_accepted_heartbeats_carry_the_stream_while_the_model_thinks(
         assert seen.count(b"data:") == 1 and b'"content":""' in seen  # the role chunk only
 
 
+@pytest.mark.parametrize("http_protocol", [STREAMING_PROTOCOL, "httptools"])
+@pytest.mark.parametrize("stream", [True, False])
 async def test_a_client_leaving_before_the_verdict_cancels_the_upstream(
-    fault_gateway, upstream
+    upstream, http_protocol, stream
 ):
+    # Under our protocol the disconnect arrives by callback; under plain httptools the
+    # route's own task waiting in receive() notices it.
     upstream.script(hang())  # no headers at all
-    client = sdk(fault_gateway, timeout=0.5)
-    with pytest.raises(openai.APITimeoutError):
-        await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-    await asyncio.wait_for(upstream.wait_client_closed(1), 10)
-    await client.close()
+    async with running_gateway(
+        TOKENRELAY_UPSTREAM_URL=upstream.base_url, TOKENRELAY_DATABASE_URL="none",
+        server={"http": http_protocol},
+    ) as gw:
+        client = sdk(gw, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            await client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
+        await asyncio.wait_for(upstream.wait_client_closed(1), 10)
+        await client.close()
+        for gen in list(gw.hub.generations.values()):
+            await asyncio.wait_for(gen.finished.wait(), 10)
+        assert not gw.hub.generations  # ended, its limiter lease freed
 
 
 async def test_an_error_after_the_200_is_in_band_in_openai_shape(fault_gateway, upstream):

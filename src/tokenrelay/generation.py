@@ -457,6 +457,13 @@ class _Flag:
     async def wait(self) -> None:
         if self._set:
             return
+        await asyncio.shield(self.future())  # a cancelled waiter must not cancel the flag
+
+    def future(self) -> asyncio.Future[None]:
+        """The future ``set`` resolves (to wait with callbacks instead of a task); never
+        cancel it."""
         if self._fut is None:
             self._fut = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._fut)  # a cancelled waiter must not cancel the flag
+            if self._set:
+                self._fut.set_result(None)
+        return self._fut

@@ -35,6 +35,7 @@ from tokenrelay.errors import (
 )
 from tokenrelay.generation import CANCEL_ABANDONED, Generation
 from tokenrelay.hub import Hub
+from tokenrelay.protocol import ON_DISCONNECT, Disconnect
 from tokenrelay.routes.common import Endpoint, JSONResponse, error_response, owner_of
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import read_json_body, validate_chat
@@ -143,28 +144,51 @@ async def chat_completions(request: Request) -> Any:
     created = int(gen.created)
     if chat.stream:
         # No status line before the upstream's verdict (see the module docstring).
-        if not await _until(request, hub, gen, gen.answered):
+        if not await _until(request, gen, gen.answered):
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
         if not gen.accepted:
             return _failure(gen)
         transform = chunk_transform(completion_id, created, gen.model_used, chat.include_usage)
         return SubscriberResponse(hub, gen.stream_id, 0, transform=transform)
-    if not await _until(request, hub, gen, gen.finished):
+    if not await _until(request, gen, gen.finished):
         return JSONResponse({}, status_code=499)
     return _completion(gen, completion_id, created)
 
 
-async def _until(request: Request, hub: Hub, gen: Generation, flag: Any) -> bool:
-    """Wait for ``flag``; False (and the answer cancelled) if the client leaves first."""
-    waiter = asyncio.ensure_future(flag.wait())
-    gone = asyncio.ensure_future(_disconnected(request))
+async def _until(request: Request, gen: Generation, flag: Any) -> bool:
+    """Wait for ``flag``; False (and the answer cancelled) if the client leaves first.
+
+    One future woken by callbacks: the flag's, and our protocol's disconnect callback
+    (a task waits in ``receive()`` only under another server)."""
+    if flag.is_set():
+        return True
+    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(*_: object) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    answered = flag.future()
+    answered.add_done_callback(wake)
+    hook: Disconnect | None = request.scope.get(ON_DISCONNECT)
+    listening = None
+    if hook is None:
+        listening = asyncio.ensure_future(_disconnected(request))
+        listening.add_done_callback(wake)
+    elif hook.gone:
+        wake()
+    else:
+        hook.callbacks.append(wake)
     try:
-        await asyncio.wait((waiter, gone), return_when=asyncio.FIRST_COMPLETED)
+        await woken
     finally:
-        for task in (waiter, gone):
-            task.cancel()
+        answered.remove_done_callback(wake)
+        if listening is not None:
+            listening.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await listening
+        elif wake in hook.callbacks:  # type: ignore[union-attr]
+            hook.callbacks.remove(wake)  # type: ignore[union-attr]
     if flag.is_set():
         return True
     # Nobody subscribed yet, so no grace timer runs: cancel here (SDKs do not resume).
