@@ -44,11 +44,11 @@ class Generation:
 
     # Slots: a generation lives as long as its answer, thousands at a time when idle.
     __slots__ = (
+        "_answered",
         "_dirty",
         "_finishing",
         "_relaying",
         "accepted",
-        "answered",
         "body",
         "cancel_reason",
         "checkpoint_s",
@@ -128,10 +128,8 @@ class Generation:
         self._dirty = False
         self.error: TokenRelayError | None = None
         self.finished = _Flag()
-        # The upstream answered 200 (``accepted``), or the generation ended first: when
-        # ``answered`` is set, /v1 knows which HTTP status a streaming call gets.
-        self.accepted = False
-        self.answered = _Flag()
+        self.accepted = False  # an upstream answered 200 (see ``answered``)
+        self._answered: _Flag | None = None  # made only for a reader that waits for it
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -286,10 +284,20 @@ class Generation:
         }
         return ev.frame(seq, ev.TOOL_CALL, ev.dumps(payload))
 
+    def answered(self) -> _Flag:
+        """Set once an upstream accepted the request (``accepted``) or the answer ended
+        without one: then /v1 knows which HTTP status a streaming call gets."""
+        if self._answered is None:
+            self._answered = _Flag()
+            if self.accepted or self.finished.is_set():
+                self._answered.set()
+        return self._answered
+
     def _on_accept(self, route: ModelRoute) -> None:
         self.model_used = route.name  # after a fallback: the model that answers
         self.accepted = True
-        self.answered.set()
+        if self._answered is not None:
+            self._answered.set()
 
     async def _on_retry(self, notice: RetryNotice) -> None:
         self.seq += 1
@@ -409,7 +417,8 @@ class Generation:
         except Exception:
             log.exception("cannot write the end of stream %s", self.stream_id[:8])
         self.finished.set()
-        self.answered.set()
+        if self._answered is not None:
+            self._answered.set()
         if self.observer is not None:
             self.observer.finished(self, error)
         if self.on_finish is not None:

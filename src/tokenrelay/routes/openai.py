@@ -144,7 +144,7 @@ async def chat_completions(request: Request) -> Any:
     created = int(gen.created)
     if chat.stream:
         # No status line before the upstream's verdict (see the module docstring).
-        if not await _until(request, gen, gen.answered):
+        if not await _until(request, gen, gen.answered()):
             return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
         if not gen.accepted:
             return _failure(gen)
