@@ -1,13 +1,13 @@
 """The exception tree of tokenrelay, translated once at each boundary.
 
 ```
-TokenRelayError (.code, .status, .retryable)
+TokenRelayError (.code, .status, .retryable, .param)
   ConfigError
   BadRequest (.status 400/404/413/422)          -> 4xx JSON error
   UpstreamError (.retryable, .retry_after)       -> retry, fallback or final `error` event
     UpstreamConnectError                          connect refused / reset before a response
     UpstreamTimeout (.phase)                      connect, first_token, idle or total budget spent
-    UpstreamStatusError (.status)                 non-2xx answer (429, 5xx, 4xx)
+    UpstreamStatusError (.status, .param)         non-2xx answer (429, 5xx, 4xx)
     UpstreamProtocolError                         a corrupt or malformed chunk
     UpstreamIncomplete                            the stream ended without [DONE]
   StreamError
@@ -19,9 +19,12 @@ TokenRelayError (.code, .status, .retryable)
 ```
 
 Every error carries a machine-readable ``code`` (documented in the README) and whether
-retrying the same request can help. Messages never contain upstream API keys: the upstream
-module builds them from status codes and the provider's own error text, and
-:func:`redact` scrubs anything that looks like a bearer token.
+retrying the same request can help. Under ``/v1`` the same errors take OpenAI's shape
+(:func:`openai_error`: ``type`` from the status, ``param`` the field at fault).
+
+Messages never contain upstream API keys: the upstream module builds them from status
+codes and the provider's own error text, and :func:`redact` scrubs anything that looks
+like a bearer token.
 """
 
 from __future__ import annotations
