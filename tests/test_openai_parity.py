@@ -419,3 +419,20 @@ async def test_simulator_text_is_unchanged_through_the_sdk(table_gateway):
         build_text("sim-chat", MESSAGES, max_tokens=5))
     assert result.model == "sim-chat"
     await client.close()
+
+
+async def test_the_providers_param_and_message_are_redacted_of_keys(upstream):
+    secret = "sk-upstream-secret-0123456789"
+    upstream.script(status(400, {"error": {"message": f"key {secret} may not use top_k",
+                                           "type": "invalid_request_error", "param": secret}}))
+    async with running_gateway(
+        TOKENRELAY_UPSTREAM_URL=upstream.base_url, TOKENRELAY_UPSTREAM_API_KEY=secret,
+        TOKENRELAY_DATABASE_URL="none",
+    ) as gw:
+        client = sdk(gw)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+        await client.close()
+    assert upstream.requests[0].headers["authorization"] == f"Bearer {secret}"
+    assert secret not in str(info.value.body) and secret not in info.value.message
+    assert info.value.param == "[redacted]"

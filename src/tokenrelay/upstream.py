@@ -124,15 +124,16 @@ def _error_message(body: bytes, status: int) -> str:
     return f"upstream answered HTTP {status}"
 
 
-def _error_param(body: bytes) -> str | None:
-    """The provider's ``error.param`` (the field it rejected), if its error body names one."""
+def _error_param(body: bytes, redact: Callable[[str], str]) -> str | None:
+    """The provider's ``error.param`` (the field it rejected), if its error body names one;
+    upstream text, so redacted like its message."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
     err = data.get("error") if isinstance(data, dict) else None
     param = err.get("param") if isinstance(err, dict) else None
-    return param[:200] if isinstance(param, str) and param else None
+    return redact(param[:200]) if isinstance(param, str) and param else None
 
 
 @contextmanager
@@ -415,7 +416,7 @@ class UpstreamCall:
                     f"upstream answered HTTP {resp.status}: {message}",
                     retry_after=parse_retry_after(resp.headers),
                     overloaded="overload" in message.lower(),
-                    param=_error_param(body),
+                    param=_error_param(body, self.client.redact),
                 )
             if self.on_accept is not None:
                 self.on_accept(route)
