@@ -4,9 +4,43 @@ terminal event still gets it. Chromium's own EventSource: tests/browser/test_eve
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
 import aiohttp
+import pytest
+import redis.asyncio as aioredis
 
 from support.client import chat_body, read_stream
+from support.gateway import Gateway
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def journal_env(request) -> AsyncIterator[dict[str, str]]:
+    """Gateway env for each journal backend; the Redis prefix is private and cleaned up."""
+    if request.param == "memory":
+        yield {}
+        return
+    prefix = f"tokenrelay-test-{uuid.uuid4().hex[:12]}:"
+    yield {"TOKENRELAY_REDIS_URL": REDIS_URL, "TOKENRELAY_REDIS_PREFIX": prefix}
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def gateway(
+    gateway_factory: Callable[..., Any], journal_env: dict[str, str]
+) -> AsyncIterator[Gateway]:
+    async with gateway_factory(**journal_env) as gw:
+        yield gw
 
 
 async def _finished_stream(http: aiohttp.ClientSession, base_url: str) -> tuple[str, int]:
