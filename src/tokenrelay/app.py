@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Match, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
 from tokenrelay.config import SIMULATOR, Settings, load_settings
-from tokenrelay.errors import BadRequest, TokenRelayError
+from tokenrelay.errors import BadRequest, TokenRelayError, openai_error_body
 from tokenrelay.httpclient import Pool
 from tokenrelay.hub import Hub
 from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
@@ -33,7 +33,7 @@ from tokenrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tokenrelay.metrics import Metrics
 from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
 from tokenrelay.routes import chat, openai, streams
-from tokenrelay.routes.common import JSONResponse, error_response
+from tokenrelay.routes.common import JSONResponse, error_response, speaks_openai
 from tokenrelay.subscriber import DEFERRED, Deferred
 from tokenrelay.upstream import UpstreamClient
 
@@ -140,22 +140,23 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 async def _handle_ours(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TokenRelayError)
-    return error_response(exc)
+    return error_response(exc, openai=speaks_openai(request))
 
 
 async def _handle_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     code = codes.get(exc.status_code, "http_error")
-    return error_response(BadRequest(str(exc.detail), code=code, status=exc.status_code))
+    return error_response(BadRequest(str(exc.detail), code=code, status=exc.status_code),
+                          openai=speaks_openai(request))
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse(
-        {"error": {"code": "internal_error", "message": "internal error", "retryable": True}},
-        status_code=500,
-    )
+    body = openai_error_body("internal error", "internal_error", 500) if speaks_openai(
+        request) else {"error": {"code": "internal_error", "message": "internal error",
+                                 "retryable": True}}
+    return JSONResponse(body, status_code=500)
 
 
 async def index(request: Request) -> Response:

@@ -1,13 +1,13 @@
 """The exception tree of tokenrelay, translated once at each boundary.
 
 ```
-TokenRelayError (.code, .status, .retryable)
+TokenRelayError (.code, .status, .retryable, .param)
   ConfigError
   BadRequest (.status 400/404/413/422)          -> 4xx JSON error
   UpstreamError (.retryable, .retry_after)       -> retry, fallback or final `error` event
     UpstreamConnectError                          connect refused / reset before a response
     UpstreamTimeout (.phase)                      connect, first_token, idle or total budget spent
-    UpstreamStatusError (.status)                 non-2xx answer (429, 5xx, 4xx)
+    UpstreamStatusError (.status, .param)         non-2xx answer (429, 5xx, 4xx)
     UpstreamProtocolError                         a corrupt or malformed chunk
     UpstreamIncomplete                            the stream ended without [DONE]
   StreamError
@@ -19,9 +19,12 @@ TokenRelayError (.code, .status, .retryable)
 ```
 
 Every error carries a machine-readable ``code`` (documented in the README) and whether
-retrying the same request can help. Messages never contain upstream API keys: the upstream
-module builds them from status codes and the provider's own error text, and
-:func:`redact` scrubs anything that looks like a bearer token.
+retrying the same request can help. Under ``/v1`` the same errors take OpenAI's shape
+(:func:`openai_error`: ``type`` from the status, ``param`` the field at fault).
+
+Messages never contain upstream API keys: the upstream module builds them from status
+codes and the provider's own error text, and :func:`redact` scrubs anything that looks
+like a bearer token.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class TokenRelayError(Exception):
     code = "internal_error"
     status = 500
     retryable = False
+    param: str | None = None  # the request field at fault, where known (OpenAI's ``param``)
 
     def __init__(self, message: str = "", *, code: str | None = None) -> None:
         super().__init__(message or self.__class__.__doc__ or self.code)
@@ -68,9 +72,13 @@ class BadRequest(TokenRelayError):
     code = "invalid_request"
     status = 400
 
-    def __init__(self, message: str, *, code: str | None = None, status: int = 400) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, status: int = 400,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.status = status
+        self.param = param
 
 
 class UpstreamError(TokenRelayError):
@@ -122,6 +130,7 @@ class UpstreamStatusError(UpstreamError):
         *,
         retry_after: float | None = None,
         overloaded: bool = False,
+        param: str | None = None,
     ) -> None:
         # 501 Not Implemented is an answer, not an outage: the same request fails again.
         retryable = status in (408, 409, 425, 429) or (status >= 500 and status != 501)
@@ -131,6 +140,7 @@ class UpstreamStatusError(UpstreamError):
         super().__init__(message, code=code, retryable=retryable, retry_after=retry_after)
         self.upstream_status = status
         self.overloaded = overloaded or status in (429, 503, 529)
+        self.param = param  # the provider's own ``param``, relayed on /v1
 
 
 class UpstreamProtocolError(UpstreamError):
@@ -197,3 +207,51 @@ class RateLimited(TokenRelayError):
 
     def to_dict(self) -> dict[str, object]:
         return {**super().to_dict(), "limit": self.limit, "retry_after": self.retry_after}
+
+
+# -- OpenAI's error shape, for every answer under /v1 ------------------------------------
+
+OPENAI_PREFIX = "/v1"
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether a request path is part of the OpenAI API (its errors take OpenAI's shape)."""
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def openai_error_type(status: int) -> str:
+    """OpenAI's ``error.type`` for an HTTP status."""
+    found = _OPENAI_TYPES.get(status)
+    if found is not None:
+        return found
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def openai_error_body(
+    message: str, code: str, status: int, param: str | None = None
+) -> dict[str, object]:
+    """``{"error": {"message", "type", "param", "code"}}``: tokenrelay's own code stays in
+    ``code``, so a client can tell ``rate_limited`` (ours) from ``upstream_rate_limited``."""
+    return {"error": {"message": message, "type": openai_error_type(status), "param": param,
+                      "code": code}}
+
+
+def openai_error(exc: TokenRelayError, status: int | None = None) -> dict[str, object]:
+    """``exc`` as OpenAI's error body; ``status`` when the answer's differs from ``exc``'s.
+    Data an error adds to tokenrelay's shape (a rate limit's ``limit`` and ``retry_after``)
+    is kept beside OpenAI's four keys."""
+    body = openai_error_body(exc.message, exc.code, status or exc.status, exc.param)
+    extra = {k: v for k, v in exc.to_dict().items() if k not in _OURS}
+    if extra:
+        body["error"].update(extra)  # type: ignore[attr-defined]
+    return body
+
+
+_OURS = frozenset({"code", "message", "retryable"})

@@ -44,9 +44,11 @@ class Generation:
 
     # Slots: a generation lives as long as its answer, thousands at a time when idle.
     __slots__ = (
+        "_answered",
         "_dirty",
         "_finishing",
         "_relaying",
+        "accepted",
         "body",
         "cancel_reason",
         "checkpoint_s",
@@ -126,6 +128,8 @@ class Generation:
         self._dirty = False
         self.error: TokenRelayError | None = None
         self.finished = _Flag()
+        self.accepted = False  # an upstream answered 200 (see ``answered``)
+        self._answered: _Flag | None = None  # made only for a reader that waits for it
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -168,7 +172,8 @@ class Generation:
             if self.cancel_reason is None:
                 # Inline rather than a method: one coroutine frame less under every open
                 # stream (bench/memory_probe.py).
-                call = self.upstream.call(self.route, self.body, on_retry=self._on_retry)
+                call = self.upstream.call(self.route, self.body, on_retry=self._on_retry,
+                                          on_accept=self._on_accept)
                 self._relaying = True
                 try:
                     try:
@@ -278,6 +283,21 @@ class Generation:
             "arguments": item.arguments,
         }
         return ev.frame(seq, ev.TOOL_CALL, ev.dumps(payload))
+
+    def answered(self) -> _Flag:
+        """Set once an upstream accepted the request (``accepted``) or the answer ended
+        without one: then /v1 knows which HTTP status a streaming call gets."""
+        if self._answered is None:
+            self._answered = _Flag()
+            if self.accepted or self.finished.is_set():
+                self._answered.set()
+        return self._answered
+
+    def _on_accept(self, route: ModelRoute) -> None:
+        self.model_used = route.name  # after a fallback: the model that answers
+        self.accepted = True
+        if self._answered is not None:
+            self._answered.set()
 
     async def _on_retry(self, notice: RetryNotice) -> None:
         self.seq += 1
@@ -397,6 +417,8 @@ class Generation:
         except Exception:
             log.exception("cannot write the end of stream %s", self.stream_id[:8])
         self.finished.set()
+        if self._answered is not None:
+            self._answered.set()
         if self.observer is not None:
             self.observer.finished(self, error)
         if self.on_finish is not None:
@@ -444,6 +466,13 @@ class _Flag:
     async def wait(self) -> None:
         if self._set:
             return
+        await asyncio.shield(self.future())  # a cancelled waiter must not cancel the flag
+
+    def future(self) -> asyncio.Future[None]:
+        """The future ``set`` resolves (to wait with callbacks instead of a task); never
+        cancel it."""
         if self._fut is None:
             self._fut = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._fut)  # a cancelled waiter must not cancel the flag
+            if self._set:
+                self._fut.set_result(None)
+        return self._fut

@@ -25,6 +25,7 @@ from urllib.parse import quote
 import orjson
 
 from tokenrelay.config import ApiKey
+from tokenrelay.errors import is_openai_path, openai_error_body
 from tokenrelay.subscriber import DEFERRED
 
 log = logging.getLogger("tokenrelay.access")
@@ -110,13 +111,17 @@ async def _unauthorized(scope: Scope, send: Any, *, invalid: bool) -> None:
         "an API key is required: send 'Authorization: Bearer <key>'"
     )
     challenge = b'Bearer realm="tokenrelay"' + (b', error="invalid_token"' if invalid else b"")
-    await _json_error(send, 401, "unauthorized", message, [(b"www-authenticate", challenge)])
+    await _json_error(send, 401, "unauthorized", message, [(b"www-authenticate", challenge)],
+                      openai=is_openai_path(route_path(scope)))
 
 
 async def _json_error(
-    send: Any, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]]
+    send: Any, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]],
+    *, openai: bool = False,
 ) -> None:
-    body = orjson.dumps({"error": {"code": code, "message": message, "retryable": False}})
+    """An error answered by a middleware: under ``/v1`` in OpenAI's shape, as routes do."""
+    body = orjson.dumps(openai_error_body(message, code, status) if openai else
+                        {"error": {"code": code, "message": message, "retryable": False}})
     await send({
         "type": "http.response.start",
         "status": status,
@@ -165,7 +170,8 @@ class AccessLogMiddleware:
             await _json_error(send, 431, "headers_too_large",
                               f"request headers larger than {self.max_header_bytes} bytes",
                               [_NOSNIFF, (b"x-request-id", request_id.encode()),
-                               (b"connection", b"close")])
+                               (b"connection", b"close")],
+                              openai=is_openai_path(route_path(scope)))
             return
         state = scope.setdefault("state", {})
         state["request_id"] = request_id

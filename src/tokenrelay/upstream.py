@@ -197,6 +197,18 @@ def status_message(
     return f"upstream answered {said}"
 
 
+def _error_param(body: bytes, redact: Callable[[str], str]) -> str | None:
+    """The provider's ``error.param`` (the field it rejected), if its error body names one;
+    upstream text, so redacted like its message."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    err = data.get("error") if isinstance(data, dict) else None
+    param = err.get("param") if isinstance(err, dict) else None
+    return redact(param[:200]) if isinstance(param, str) and param else None
+
+
 @contextmanager
 def _map_errors(phase: str, timeouts_for: Callable[[str], float]) -> Iterator[None]:
     """Translate HTTP client and asyncio failures into UpstreamError subclasses."""
@@ -301,6 +313,7 @@ class UpstreamClient:
             resp.status, message,
             retry_after=parse_retry_after(resp.headers),
             overloaded="overload" in message.lower(),
+            param=_error_param(body, self.redact),
         )
 
     async def _send(self, target: _ChatTarget, body: bytes, connect: float,
@@ -317,8 +330,9 @@ class UpstreamClient:
         route: ModelRoute,
         body: dict[str, Any],
         on_retry: Callable[[RetryNotice], Awaitable[None]] | None = None,
+        on_accept: Callable[[ModelRoute], None] | None = None,
     ) -> UpstreamCall:
-        return UpstreamCall(self, route, body, on_retry)
+        return UpstreamCall(self, route, body, on_retry, on_accept)
 
     def redact(self, text: str) -> str:
         return redact(text, self._secrets)
@@ -353,11 +367,14 @@ class UpstreamCall:
         route: ModelRoute,
         body: dict[str, Any],
         on_retry: Callable[[RetryNotice], Awaitable[None]] | None,
+        on_accept: Callable[[ModelRoute], None] | None = None,
     ) -> None:
         self.client = client
         self.route = route
         self.body = body
         self.on_retry = on_retry
+        # Told (with the route) when an attempt's response is 200: the request is accepted.
+        self.on_accept = on_accept
         self.route_used: ModelRoute = route
         self.upstream_model: str | None = None  # what the provider says it ran
         self.attempts = 0
@@ -519,6 +536,8 @@ class UpstreamCall:
                         target, resp, "POST", "/chat/completions", timeouts.connect + 5)
             content_type = resp.headers.get("content-type", "")
             if _is_json(content_type):
+                if self.on_accept is not None:
+                    self.on_accept(route)
                 await self._whole_answer(route, resp, watchdog, sink, budget)
                 complete = True
                 return
@@ -532,6 +551,8 @@ class UpstreamCall:
                     f"an event stream to POST {_base(target)}/chat/completions: is the base "
                     "URL an OpenAI-compatible API?"),
                     retryable=False)
+            if self.on_accept is not None:
+                self.on_accept(route)
             # The parsers are made when the first bytes come: a stream waiting minutes for
             # a reasoning model's first token holds none of them.
             relay: _Relay | None = None

@@ -2,6 +2,13 @@
 
 Shared by ``POST /api/chat`` and ``POST /v1/chat/completions``. Pure functions, no I/O
 except :func:`read_json_body`, which reads a request body with a size cap and a deadline.
+
+Fields tokenrelay acts on (``messages``, ``model``, ``stream``, ``stream_options``, ``n``,
+``max_tokens``/``max_completion_tokens``, ``tools``) are checked; the OpenAI sampling
+fields of :data:`PASSTHROUGH` are type-checked and forwarded; any other field (``top_k``,
+``store``, ``service_tier``, vLLM's ``min_p``, ...) is forwarded to the upstream unchanged,
+as OpenAI-compatible clients expect: a provider that does not know it answers with its
+own error, which is relayed.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ PASSTHROUGH: dict[str, tuple[type, ...]] = {
     "sim": (dict,),  # per-request knobs of the built-in simulator
 }
 _OWN_FIELDS = frozenset({"messages", "model", "stream", "stream_options", "n"})
+_NOT_FORWARDED = frozenset(PASSTHROUGH) | _OWN_FIELDS
 
 
 @dataclass(slots=True)
@@ -137,21 +145,23 @@ def _content_ok(content: Any) -> tuple[bool, int]:
 def validate_messages(messages: Any, limits: Limits) -> list[dict[str, Any]]:
     if not isinstance(messages, list):
         raise BadRequest("'messages' must be a list of {role, content} objects",
-                         code="invalid_messages")
+                         code="invalid_messages", param="messages")
     if not messages:
-        raise BadRequest("'messages' must not be empty", code="invalid_messages")
+        raise BadRequest("'messages' must not be empty", code="invalid_messages",
+                         param="messages")
     if len(messages) > limits.max_messages:
         raise BadRequest(f"too many messages (at most {limits.max_messages})",
-                         code="too_many_messages")
+                         code="too_many_messages", param="messages")
     clean: list[dict[str, Any]] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise BadRequest(f"messages[{i}] must be an object", code="invalid_messages")
+            raise BadRequest(f"messages[{i}] must be an object", code="invalid_messages",
+                             param=f"messages.[{i}]")
         role = msg.get("role")
         if not isinstance(role, str) or role not in ROLES:  # a list is unhashable
             raise BadRequest(
                 f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}",
-                code="invalid_messages",
+                code="invalid_messages", param=f"messages.[{i}].role",
             )
         content = msg.get("content")
         if content is None and (role == "assistant" and msg.get("tool_calls")):
@@ -160,36 +170,34 @@ def validate_messages(messages: Any, limits: Limits) -> list[dict[str, Any]]:
         if not ok:
             raise BadRequest(
                 f"messages[{i}].content must be a string or a list of content parts",
-                code="invalid_messages",
+                code="invalid_messages", param=f"messages.[{i}].content",
             )
         if length > limits.max_message_chars:
             raise BadRequest(
                 f"messages[{i}].content is longer than {limits.max_message_chars} characters",
-                code="message_too_long",
+                code="message_too_long", param=f"messages.[{i}].content",
             )
         if isinstance(content, str) and "\x00" in content:
             raise BadRequest(f"messages[{i}].content contains a NUL character",
-                             code="invalid_messages")
-        item: dict[str, Any] = {"role": role, "content": content}
+                             code="invalid_messages", param=f"messages.[{i}].content")
         for key in ("name", "tool_call_id"):
-            if key in msg:
-                if not isinstance(msg[key], str):
-                    raise BadRequest(f"messages[{i}].{key} must be a string",
-                                     code="invalid_messages")
-                item[key] = msg[key]
-        if "tool_calls" in msg:
-            if not isinstance(msg["tool_calls"], list):
-                raise BadRequest(f"messages[{i}].tool_calls must be a list",
-                                 code="invalid_messages")
-            item["tool_calls"] = msg["tool_calls"]
-        clean.append(item)
+            if key in msg and not isinstance(msg[key], str):
+                raise BadRequest(f"messages[{i}].{key} must be a string",
+                                 code="invalid_messages", param=f"messages.[{i}].{key}")
+        if "tool_calls" in msg and not isinstance(msg["tool_calls"], list):
+            raise BadRequest(f"messages[{i}].tool_calls must be a list",
+                             code="invalid_messages", param=f"messages.[{i}].tool_calls")
+        # Other keys of a message (``reasoning_content``, ``refusal``, ...) go upstream
+        # unchanged, as the body's own unknown fields do.
+        clean.append({**msg, "role": role, "content": content})
     return clean
 
 
 @functools.cache
-def _allowed_fields(extra_fields: frozenset[str]) -> frozenset[str]:
-    """The fields a chat body may have (one set per route, built once)."""
-    return frozenset(PASSTHROUGH) | _OWN_FIELDS | extra_fields
+def _handled_fields(extra_fields: frozenset[str]) -> frozenset[str]:
+    """The fields checked here or by the route (one set per route, built once); any
+    other field is forwarded as it is."""
+    return _NOT_FORWARDED | extra_fields
 
 
 def validate_chat(
@@ -202,50 +210,57 @@ def validate_chat(
     """Check a chat request body; raises BadRequest naming the first problem."""
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_request")
-    allowed = _allowed_fields(extra_fields)
-    if not allowed.issuperset(data):
-        unknown = sorted(k for k in data if k not in allowed)
-        raise BadRequest(f"unknown field {unknown[0]!r}", code="unknown_field")
     messages = validate_messages(data.get("messages"), settings.limits)
     model = data.get("model", settings.default_model)
     if model is None or model == "":
         model = settings.default_model
     if not isinstance(model, str) or not model or len(model) > 200:
         raise BadRequest("'model' must be a model name (see GET /api/models)",
-                         code="invalid_model")
+                         code="invalid_model", param="model")
     route = settings.route(model)
     if route is None:
         raise BadRequest(f"unknown model {model!r} (see GET /api/models)",
-                         code="model_not_found", status=404)
+                         code="model_not_found", status=404, param="model")
     params: dict[str, Any] = {}
     for key, types in PASSTHROUGH.items():
         if key not in data or data[key] is None:
             continue
         value = data[key]
-        if isinstance(value, bool) and bool not in types:
-            raise BadRequest(f"'{key}' has the wrong type", code="invalid_parameter")
-        if not isinstance(value, types):
-            raise BadRequest(f"'{key}' has the wrong type", code="invalid_parameter")
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise BadRequest(f"'{key}' has the wrong type", code="invalid_parameter",
+                             param=key)
         params[key] = value
+    handled = _handled_fields(extra_fields)
+    if not handled.issuperset(data):
+        for key, value in data.items():  # unchanged, null included
+            if key not in handled:
+                params[key] = value
     cap = settings.limits.max_tokens_cap
     for key in ("max_tokens", "max_completion_tokens"):
         if key in params and not 1 <= params[key] <= cap:
-            raise BadRequest(f"'{key}' must be between 1 and {cap}", code="invalid_parameter")
-    n = data.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise BadRequest("only n=1 is supported", code="invalid_parameter")
+            raise BadRequest(f"'{key}' must be between 1 and {cap}", code="invalid_parameter",
+                             param=key)
+    n = data.get("n")
+    if n is not None and (n != 1 or isinstance(n, bool)):
+        # Each answer relays one choice; n > 1 would need one relay per choice index.
+        raise BadRequest("only n=1 is supported (send n requests for n answers)",
+                         code="invalid_parameter", param="n")
     stream = data.get("stream", default_stream)
+    if stream is None:
+        stream = default_stream
     if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean", code="invalid_parameter")
+        raise BadRequest("'stream' must be a boolean", code="invalid_parameter",
+                         param="stream")
     options = data.get("stream_options") or {}
     if not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object", code="invalid_parameter")
+        raise BadRequest("'stream_options' must be an object", code="invalid_parameter",
+                         param="stream_options")
     conversation_id = data.get("conversation_id")
     if conversation_id is not None and (
         not isinstance(conversation_id, str) or not 1 <= len(conversation_id) <= 100
     ):
         raise BadRequest("'conversation_id' must be a conversation id string",
-                         code="invalid_parameter")
+                         code="invalid_parameter", param="conversation_id")
     return ChatRequest(
         route=route,
         messages=messages,

@@ -38,6 +38,7 @@ __all__ = [
     "RecordedRequest",
     "Step",
     "corrupt",
+    "hang",
     "huge_chunk",
     "in_stream_error",
     "no_done",
@@ -108,6 +109,12 @@ def refuse(reset: bool = True) -> Step:
     """Read the request, then close the TCP connection without any response.
     ``reset=True`` sends an RST ("connection reset by peer"), else a plain FIN."""
     return Step("refuse", hard=reset)
+
+
+def hang() -> Step:
+    """Read the request, then answer nothing (not even headers) until the client leaves;
+    its leaving counts in ``closed_by_client``."""
+    return Step("hang")
 
 
 def reset_after(tokens: Iterable[str], n: int, hard: bool = False) -> Step:
@@ -436,6 +443,9 @@ class FaultUpstream:
         if kind == "status":
             await _write_plain(conn, step.status, step.body, step.headers)
             return True
+        if kind == "hang":
+            in_body[0] = True  # count the client's leaving, as for a stalled body
+            await conn.pause(None)
         ev = self._events(request)
         if kind == "ok" and isinstance(request.json, dict) and request.json.get("stream") is False:
             await _write_plain(conn, 200, ev.completion(step), ())

@@ -9,7 +9,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenrelay.errors import TokenRelayError
+from tokenrelay.errors import TokenRelayError, is_openai_path, openai_error
 
 LOCAL_OWNER = "local"
 
@@ -60,9 +60,24 @@ class JSONResponse(Response):
         return orjson.dumps(content)
 
 
-def error_response(exc: TokenRelayError) -> JSONResponse:
+def error_response(
+    exc: TokenRelayError, *, openai: bool = False, status: int | None = None
+) -> JSONResponse:
+    """``exc`` as a JSON error: tokenrelay's documented shape, or with ``openai`` OpenAI's
+    (``errors.openai_error``); ``status`` when the answer's differs from ``exc``'s."""
+    status = status or exc.status
     headers = {}
     retry_after = getattr(exc, "retry_after", None)
-    if exc.status in (429, 503) and retry_after is not None:
+    if status in (429, 503) and retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+    body = openai_error(exc, status) if openai else {"error": exc.to_dict()}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def speaks_openai(request: Request) -> bool:
+    """Whether the request is under ``/v1`` (answers, errors included, in OpenAI's shape)."""
+    path: str = request.scope["path"]
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return is_openai_path(path)

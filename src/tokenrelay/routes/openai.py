@@ -1,9 +1,16 @@
-"""The OpenAI API itself: ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models``.
+"""The OpenAI API itself: ``POST /v1/chat/completions`` (streaming and not),
+``GET /v1/models`` and ``GET /v1/models/{id}``.
 
 Official SDKs can use ``http://host:port/v1`` as their ``base_url``. Answers run through the
 same hub and journal as the browser protocol; journal frames are re-encoded as
 ``chat.completion.chunk`` objects. SDK clients do not resume, so a disconnect cancels the
 upstream at once (no grace period).
+
+The HTTP status of a streaming call waits for the upstream's verdict (retries and
+fallbacks first): a request no route accepted is a real 4xx/5xx in OpenAI's error shape,
+which SDKs raise as ``BadRequestError`` and so on; once a route answered 200, the SSE
+response starts and heartbeats carry it while the model thinks. ``model`` in chunks and
+bodies is the model that answered (after a fallback, the fallback).
 """
 
 from __future__ import annotations
@@ -19,25 +26,45 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from tokenrelay import events as ev
-from tokenrelay.errors import TokenRelayError
+from tokenrelay.config import ModelRoute
+from tokenrelay.errors import (
+    BadRequest,
+    ServiceUnavailable,
+    UpstreamError,
+    openai_error_body,
+)
+from tokenrelay.generation import CANCEL_ABANDONED, Generation
 from tokenrelay.hub import Hub
-from tokenrelay.routes.common import Endpoint, JSONResponse, owner_of
+from tokenrelay.protocol import ON_DISCONNECT, Disconnect
+from tokenrelay.routes.common import Endpoint, JSONResponse, error_response, owner_of
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import read_json_body, validate_chat
 
-_CLIENT_ERRORS = frozenset({400, 404, 413, 422})
+# Upstream refusals relayed with their own status: the request is the client's to fix (or,
+# for 429, to retry later). Any other upstream failure (its key, its health) is ours: 502.
+_CLIENT_ERRORS = frozenset({400, 404, 413, 422, 429})
 
 
 def chunk_transform(
     completion_id: str, created: int, model: str, include_usage: bool
 ) -> Callable[[list[bytes]], bytes]:
-    """Re-encode our journal frames as OpenAI streaming chunks."""
-    base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-            "model": model}
-    # Every chunk is ``{**base, "choices": [{"index": 0, "delta": ..., "finish_reason":
-    # ...}]}``; its bytes are the same as encoding that dict, with the part that never
-    # changes encoded once per stream instead of once per token.
-    head = b"data: " + ev.dumps(base)[:-1] + b',"choices":[{"index":0,"delta":'
+    """Re-encode our journal frames as OpenAI streaming chunks.
+
+    ``model`` is the model that accepted the request; a ``retry`` frame that falls back
+    (after acceptance, rare) switches it, so every chunk names the model that answered."""
+    base: dict[str, Any] = {}
+    head = b""
+
+    def use_model(name: str) -> None:
+        nonlocal base, head
+        base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": name}
+        # Every chunk is ``{**base, "choices": [{"index": 0, "delta": ..., "finish_reason":
+        # ...}]}``; its bytes are the same as encoding that dict, with the part that never
+        # changes encoded once per model instead of once per token.
+        head = b"data: " + ev.dumps(base)[:-1] + b',"choices":[{"index":0,"delta":'
+
+    use_model(model)
     open_tail = b',"finish_reason":null}]}\n\n'
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -66,9 +93,13 @@ def chunk_transform(
                     call["function"]["name"] = payload["name"]
                 out.append(chunk({"tool_calls": [call]}))
             elif name == ev.RETRY:
+                if payload.get("next_model") and payload["next_model"] != base["model"]:
+                    use_model(payload["next_model"])
                 out.append(b": retry in %d ms (%s)\n\n" % (payload["wait_ms"],
                                                           payload["reason"].encode()))
             elif name == ev.DONE:
+                if payload.get("model") and payload["model"] != base["model"]:
+                    use_model(payload["model"])
                 reason = payload.get("finish_reason") or "stop"
                 out.append(chunk({}, reason))
                 if include_usage:
@@ -83,10 +114,10 @@ def chunk_transform(
                     out.append(b"data: " + ev.dumps(body) + b"\n\n")
                 out.append(b"data: [DONE]\n\n")
             elif name == ev.ERROR:
+                # After the 200: in-band, as OpenAI does (the SDKs raise an APIError).
                 error = payload["error"]
-                out.append(b"data: " + ev.dumps({"error": {
-                    "message": error["message"], "type": "upstream_error",
-                    "code": error["code"]}}) + b"\n\n")
+                out.append(b"data: " + ev.dumps(openai_error_body(
+                    error["message"], error["code"], 502)) + b"\n\n")
         return b"".join(out)
 
     return transform
@@ -112,21 +143,57 @@ async def chat_completions(request: Request) -> Any:
     completion_id = "chatcmpl-" + gen.stream_id
     created = int(gen.created)
     if chat.stream:
-        transform = chunk_transform(completion_id, created, chat.route.name, chat.include_usage)
+        # No status line before the upstream's verdict (see the module docstring).
+        if not await _until(request, gen, gen.answered()):
+            return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+        if not gen.accepted:
+            return _failure(gen)
+        transform = chunk_transform(completion_id, created, gen.model_used, chat.include_usage)
         return SubscriberResponse(hub, gen.stream_id, 0, transform=transform)
-    async with hub.subscribed(gen.stream_id):
-        waiter = asyncio.ensure_future(gen.finished.wait())
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait((waiter, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (waiter, gone):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-    if not gen.finished.is_set():
-        return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
-    return _completion(gen, completion_id, created, chat.route.name)
+    if not await _until(request, gen, gen.finished):
+        return JSONResponse({}, status_code=499)
+    return _completion(gen, completion_id, created)
+
+
+async def _until(request: Request, gen: Generation, flag: Any) -> bool:
+    """Wait for ``flag``; False (and the answer cancelled) if the client leaves first.
+
+    One future woken by callbacks: the flag's, and our protocol's disconnect callback
+    (a task waits in ``receive()`` only under another server)."""
+    if flag.is_set():
+        return True
+    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(*_: object) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    answered = flag.future()
+    answered.add_done_callback(wake)
+    hook: Disconnect | None = request.scope.get(ON_DISCONNECT)
+    listening = None
+    if hook is None:
+        listening = asyncio.ensure_future(_disconnected(request))
+        listening.add_done_callback(wake)
+    elif hook.gone:
+        wake()
+    else:
+        hook.callbacks.append(wake)
+    try:
+        await woken
+    finally:
+        answered.remove_done_callback(wake)
+        if listening is not None:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+        elif wake in hook.callbacks:  # type: ignore[union-attr]
+            hook.callbacks.remove(wake)  # type: ignore[union-attr]
+    if flag.is_set():
+        return True
+    # Nobody subscribed yet, so no grace timer runs: cancel here (SDKs do not resume).
+    gen.cancel(CANCEL_ABANDONED)
+    return False
 
 
 async def _disconnected(request: Request) -> None:
@@ -136,16 +203,23 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def _completion(gen: Any, completion_id: str, created: int, model: str) -> JSONResponse:
+def _failure(gen: Generation) -> JSONResponse:
+    """A failed answer as an OpenAI error with the matching HTTP status."""
+    error = gen.error
+    if error is None:  # interrupted: the server is shutting down
+        error = ServiceUnavailable("the server shut down before the answer was complete")
+    status = error.status if error.status >= 400 else 502
+    # The upstream refused the request itself (bad parameter, unknown model, throttled):
+    # answered with its status, as OpenAI would; its key or health is ours (502).
+    upstream_status = getattr(error, "upstream_status", None)
+    if isinstance(error, UpstreamError) and upstream_status in _CLIENT_ERRORS:
+        status = upstream_status
+    return error_response(error, openai=True, status=status)
+
+
+def _completion(gen: Generation, completion_id: str, created: int) -> JSONResponse:
     if gen.state not in (ev.COMPLETE, ev.CANCELLED):
-        error = gen.error or TokenRelayError("the answer failed")
-        status = error.status if error.status >= 400 else 502
-        # The upstream refused the request itself (bad parameter, unknown model): the
-        # client's to fix, so a 4xx as OpenAI would answer; its key or health is ours (502).
-        if getattr(error, "upstream_status", None) in _CLIENT_ERRORS:
-            status = error.upstream_status  # type: ignore[attr-defined]
-        return JSONResponse({"error": {**error.to_dict(), "type": "upstream_error"}},
-                            status_code=status)
+        return _failure(gen)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(gen.text)}
     if gen.reasoning:
         message["reasoning_content"] = "".join(gen.reasoning)
@@ -163,7 +237,7 @@ def _completion(gen: Any, completion_id: str, created: int, model: str) -> JSONR
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
-            "model": model,
+            "model": gen.model_used,
             "choices": [{"index": 0, "message": message,
                          "finish_reason": gen.finish_reason or "stop"}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -172,20 +246,42 @@ def _completion(gen: Any, completion_id: str, created: int, model: str) -> JSONR
     )
 
 
+def _model_object(route: ModelRoute, created: int) -> dict[str, Any]:
+    return {"id": route.name, "object": "model", "created": created,
+            "owned_by": "tokenrelay-simulator" if route.simulated else route.provider,
+            "simulated": route.simulated}
+
+
 async def list_models(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     now = int(time.time())
     data = [
-        {"id": r.name, "object": "model", "created": now,
-         "owned_by": "tokenrelay-simulator" if r.simulated else r.provider,
-         "simulated": r.simulated}
+        _model_object(r, now)
         for r in settings.models.values()
         if settings.route(r.name) is not None  # allowed_models
     ]
     return JSONResponse({"object": "list", "data": data})
 
 
+async def retrieve_model(request: Request) -> JSONResponse:
+    """``GET /v1/models/{id}``: a configured model, or (passthrough) one the upstream lists."""
+    settings = request.app.state.settings
+    model_id: str = request.path_params["model_id"]
+    route = settings.route(model_id)
+    if route is not None and model_id not in settings.models:
+        # A passthrough upstream takes any name; only one it lists is a model.
+        provider = settings.providers[route.provider]
+        listed = await request.app.state.upstream.list_models(provider)
+        if not any(m["id"] == model_id for m in listed):
+            route = None
+    if route is None:
+        raise BadRequest(f"the model {model_id!r} does not exist", code="model_not_found",
+                         status=404, param="model")
+    return JSONResponse(_model_object(route, int(time.time())))
+
+
 routes = [
     Route("/v1/chat/completions", Endpoint(chat_completions), methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
 ]

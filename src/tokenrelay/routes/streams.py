@@ -4,6 +4,7 @@ several at once over one response: ``/api/events?streams=ID:SEQ,...``."""
 from __future__ import annotations
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenrelay.hub import Hub
@@ -29,14 +30,21 @@ async def stream_info(request: Request) -> JSONResponse:
     )
 
 
-async def stream_events(request: Request) -> SubscriberResponse:
-    """Replay after Last-Event-ID (header, or ?last_event_id= for fetch clients), then tail."""
+async def stream_events(request: Request) -> Response | SubscriberResponse:
+    """Replay after Last-Event-ID (header, or ?last_event_id= for fetch clients), then tail.
+
+    A finished stream with nothing after Last-Event-ID answers 204 No Content: the
+    EventSource spec's signal to stop reconnecting (a 200 with no events would make a
+    browser reconnect every few seconds until the stream expires). A client that missed
+    the terminal event still gets it."""
     hub: Hub = request.app.state.hub
     stream_id = request.path_params["stream_id"]
     after = parse_last_event_id(
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
-    await hub.info(stream_id, owner_of(request))
+    info = await hub.info(stream_id, owner_of(request))
+    if info.finished and after >= info.last_seq:
+        return Response(status_code=204, headers={"Cache-Control": "no-store"})
     request.app.state.metrics.resumed()
     return SubscriberResponse(hub, stream_id, after)
 
