@@ -28,6 +28,8 @@ gateway's :class:`~tokenrelay.errors.UpstreamError` classes.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 import zlib
 from collections.abc import Callable, Mapping
@@ -443,7 +445,9 @@ class Pool:
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS handshake failed ({exc.reason or 'ssl error'})") from None
         except OSError as exc:  # socket.gaierror included
-            reason = exc.strerror or type(exc).__name__
+            # asyncio's strerror is "Connect call failed (...)": the errno says why.
+            plain = exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror)
+            reason = (os.strerror(exc.errno) if plain else exc.strerror) or type(exc).__name__
             raise ConnectFailed(f"cannot connect to upstream ({reason})") from None
         except BaseException:
             conn.close()
