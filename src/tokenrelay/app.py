@@ -145,10 +145,28 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.hub = hub
         app.state.idempotency = idempotency
         app.state.limiter = limiter
+        # Reachability of each provider, one log line each; readiness does not wait.
+        probe = asyncio.get_running_loop().create_task(_announce_providers(upstream))
         try:
             yield
         finally:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
             await hub.shutdown()
+
+
+async def _announce_providers(upstream: UpstreamClient) -> None:
+    """Log one line per provider: reachable (and how many models), or why not."""
+    from tokenrelay.diagnose import describe_probe, probe_models, safe_url
+
+    async def one(provider: Any) -> None:
+        url = safe_url(upstream.base_url(provider))
+        result = await probe_models(upstream, provider, timeout=5.0)
+        line = describe_probe(provider, url, result)
+        (log.info if result.problem is None else log.warning)("%s", line)
+
+    await asyncio.gather(*(one(p) for p in upstream.settings.providers.values()))
 
 
 async def _handle_ours(request: Request, exc: Exception) -> Response:

@@ -11,7 +11,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from tokenrelay import __version__
-from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError, UpstreamError
+from tokenrelay.diagnose import probe_models, safe_url
+from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError
 from tokenrelay.hub import Hub, new_id
 from tokenrelay.idempotency import check_key, fingerprint
 from tokenrelay.routes.common import Endpoint, JSONResponse, header, owner_of
@@ -146,18 +147,30 @@ async def models(request: Request) -> JSONResponse:
         for route in settings.models.values()
         if settings.route(route.name) is not None  # allowed_models
     ]
+    body: dict[str, Any] = {}
     if settings.passthrough_provider is not None:
+        # Any model name goes to this provider: the page lets the user type one.
+        body["any_model"] = settings.allowed_models is None
         provider = settings.providers[settings.passthrough_provider]
+        upstream = request.app.state.upstream
         known = {item["id"] for item in items}
-        try:
-            for model in await request.app.state.upstream.list_models(provider):
-                if model["id"] not in known and settings.route(model["id"]) is not None:
-                    items.append({"id": model["id"], "simulated": False, "description": "",
-                                  "fallbacks": []})
-        except UpstreamError as exc:
-            log.warning("cannot list upstream models: %s", exc.code)
+        probe = await probe_models(upstream, provider)
+        for model in probe.models:
+            if model["id"] not in known and settings.route(model["id"]) is not None:
+                items.append({"id": model["id"], "simulated": False, "description": "",
+                              "fallbacks": []})
+                known.add(model["id"])
+        if probe.problem is not None:
+            log.warning("cannot list the models of provider %r: %s (%s)", provider.name,
+                        probe.problem.message, probe.problem.code)
+            body["problem"] = {**probe.problem.to_dict(), "provider": provider.name,
+                               "url": safe_url(upstream.base_url(provider))}
+        if settings.default_model and settings.default_model not in known:
+            items.insert(0, {"id": settings.default_model, "simulated": False,
+                             "description": "The configured default model",
+                             "fallbacks": []})
     default = settings.default_model or (items[0]["id"] if items else None)
-    return JSONResponse({"models": items, "default": default})
+    return JSONResponse({"models": items, "default": default, **body})
 
 
 async def config(request: Request) -> JSONResponse:
