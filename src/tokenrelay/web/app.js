@@ -15,6 +15,7 @@ import { AssistantView, UserView } from "./views.js";
 const ACTIVE_KEY = "tokenrelay.active"; // sessionStorage: the answer in progress
 const CURRENT_KEY = "tokenrelay.current"; // sessionStorage: the open conversation
 const MODEL_KEY = "tokenrelay.model"; // localStorage: the last model picked
+const OTHER = "\u0000other"; // the picker's "Other model…" entry: a name typed by the user
 const SNAPSHOT_EVERY_MS = 150;
 const MOBILE = "(max-width: 820px)";
 
@@ -45,12 +46,15 @@ class App {
       welcome: $("welcome"), form: $("composer"), input: $("input"), send: $("send"),
       stop: $("stop"), simNote: $("sim-note"), announcer: $("announcer"),
       keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"),
-      keyDesc: $("key-desc"),
+      keyDesc: $("key-desc"), modelName: $("model-name"), banner: $("upstream-banner"),
+      bannerTitle: $("upstream-banner-title"), bannerText: $("upstream-banner-text"),
+      bannerHint: $("upstream-banner-hint"), bannerRetry: $("upstream-retry"),
     };
     this.api = new Api(() => this.askForKey());
     this.renderer = new Renderer();
     this.history = new LocalHistory();
     this.models = new Map();
+    this.anyModel = false; // the gateway passes any model name to its upstream
     this.conv = null; // {id, title, messages, created_at}
     this.run = null; // the AnswerRun in progress (at most one per tab)
     this.runConv = null; // the conversation that run belongs to
@@ -116,6 +120,13 @@ class App {
         // ignore
       }
       this.updateSimNote();
+      this.updateModelName();
+      if (d.model.value === OTHER) d.modelName.focus();
+    });
+    d.modelName.addEventListener("input", () => this.updateComposer());
+    d.bannerRetry.addEventListener("click", async () => {
+      await this.loadModels();
+      this.updateComposer();
     });
     for (const b of document.querySelectorAll(".suggestion")) {
       b.addEventListener("click", () => {
@@ -199,19 +210,48 @@ class App {
     }
     const models = (data && data.models) || [];
     this.models = new Map(models.map((m) => [m.id, m]));
-    select.replaceChildren(...models.map((m) => {
+    this.anyModel = Boolean(data && data.any_model);
+    const options = models.map((m) => {
       const option = new Option(m.simulated ? `${m.id} (simulated)` : m.id, m.id);
       if (m.description) option.title = m.description;
       return option;
-    }));
+    });
+    if (this.anyModel) options.push(new Option("Other model…", OTHER));
+    select.replaceChildren(...options);
     let saved = null;
     try {
       saved = localStorage.getItem(MODEL_KEY);
     } catch {
       // ignore
     }
-    select.value = saved && this.models.has(saved) ? saved : data.default || (models[0] && models[0].id) || "";
+    const fallback = this.anyModel ? OTHER : "";
+    select.value = saved && this.models.has(saved) ? saved : data.default || (models[0] && models[0].id) || fallback;
+    this.showProblem(data && data.problem);
+    this.updateModelName();
     this.updateSimNote(); // the picker is enabled once init() is done (see updateComposer)
+  }
+
+  /** The banner: why the upstream's model list is missing, and what to do about it. */
+  showProblem(problem) {
+    const d = this.dom;
+    d.banner.hidden = !problem;
+    if (!problem) return;
+    const offer = this.models.size
+      ? "You can still send with the default model, or pick “Other model…” and type a name."
+      : "You can still send: type a model name next to “Model”.";
+    d.bannerTitle.textContent = `The model list of “${problem.provider}” could not be fetched`;
+    d.bannerText.textContent = problem.message;
+    d.bannerHint.textContent = `${problem.hint} ${this.anyModel ? offer : ""}`.trim();
+  }
+
+  updateModelName() {
+    this.dom.modelName.hidden = this.dom.model.value !== OTHER;
+  }
+
+  /** The model to ask: the picked one, or the name typed after "Other model…". */
+  currentModel() {
+    const picked = this.dom.model.value;
+    return picked === OTHER ? this.dom.modelName.value.trim() : picked;
   }
 
   updateSimNote() {
@@ -341,7 +381,7 @@ class App {
   send() {
     const text = this.dom.input.value;
     if (!this.ready || !text.trim() || this.run) return;
-    const model = this.dom.model.value;
+    const model = this.currentModel();
     if (!model) return;
     this.dom.input.value = "";
     if (!this.conv) {
@@ -367,7 +407,7 @@ class App {
     const history = conv.messages
       .filter((m) => m.role === "user" || (m.role === "assistant" && m.content))
       .map((m) => ({ role: m.role, content: m.content }));
-    const model = this.dom.model.value;
+    const model = this.currentModel();
     const msg = newAnswer(model);
     conv.messages.push(msg);
     this.append(msg);
@@ -585,8 +625,9 @@ class App {
     const busy = Boolean(this.run);
     d.send.hidden = busy;
     d.stop.hidden = !busy;
-    d.send.disabled = !this.ready || busy || !d.input.value.trim() || !d.model.value;
-    d.model.disabled = !this.ready || busy || this.models.size === 0;
+    d.send.disabled = !this.ready || busy || !d.input.value.trim() || !this.currentModel();
+    d.model.disabled = !this.ready || busy || (this.models.size === 0 && !this.anyModel);
+    d.modelName.disabled = !this.ready || busy;
     d.input.rows = Math.min(8, Math.max(1, d.input.value.split("\n").length));
     // Only the last user message and the last answer offer Edit / Regenerate.
     const msgs = this.conv ? this.conv.messages : [];
