@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from tokenrelay import __version__
 from tokenrelay.diagnose import probe_models, safe_url
-from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError
+from tokenrelay.errors import BadRequest, ServiceUnavailable, StreamNotFound, TokenRelayError
 from tokenrelay.hub import Hub, new_id
 from tokenrelay.idempotency import check_key, fingerprint
 from tokenrelay.routes.common import Endpoint, JSONResponse, header, owner_of
@@ -78,6 +78,7 @@ async def chat(request: Request) -> Any:
     state = request.app.state
     settings = state.settings
     hub: Hub = state.hub
+    record = _history_wanted(request)
     data = await read_json_body(request, settings.limits)
     chat_request = validate_chat(data, settings, extra_fields=_EXTRA_FIELDS)
     stream_id = new_id()
@@ -94,14 +95,15 @@ async def chat(request: Request) -> Any:
                 await lease.finish()
                 return await _attach_existing(request, hub, earlier)
         message_id = new_id("m-")
-        conversation_id = await record_request(request, chat_request, message_id)
+        conversation_id = (await record_request(request, chat_request, message_id) if record
+                           else chat_request.conversation_id)
         gen = await hub.start(
             owner=owner,
             route=chat_request.route,
             body=chat_request.upstream_body(),
             conversation_id=conversation_id,
             message_id=message_id,
-            record=True,
+            record=record,
             stream_id=stream_id,
             lease=lease,
         )
@@ -113,6 +115,21 @@ async def chat(request: Request) -> Any:
         # Only id-shaped values reach a header: never user text that could split it.
         headers.append((b"x-conversation-id", conversation_id.encode()))
     return SubscriberResponse(hub, gen.stream_id, 0, headers=headers)
+
+
+HISTORY_HEADER = b"x-tokenrelay-history"
+
+
+def _history_wanted(request: Request) -> bool:
+    """``X-TokenRelay-History: off`` (sent by ``tokenrelay bench`` and ``chat
+    --no-history``): the answer streams as usual but is not stored, so tools leave the
+    page's history and ``/api/stats`` alone."""
+    value = header(request, HISTORY_HEADER)
+    if value is None or value.strip().lower() == "on":
+        return True
+    if value.strip().lower() == "off":
+        return False
+    raise BadRequest("X-TokenRelay-History must be 'on' or 'off'", code="invalid_header")
 
 
 async def _attach_existing(request: Request, hub: Hub, stream_id: str) -> SubscriberResponse:
