@@ -132,11 +132,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import asyncio
+    import os
 
-    from tokenrelay.terminal import chat_once
+    from tokenrelay.terminal import run_chat
 
-    return asyncio.run(chat_once(args.url, args.model, " ".join(args.prompt), args.api_key))
+    prompt = " ".join(args.prompt) if args.prompt else None
+    api_key = args.api_key or os.environ.get("TOKENRELAY_API_KEY") or None
+    return run_chat(args.url, args.model, prompt, api_key, history=not args.no_history)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -196,9 +198,11 @@ async def _doctor(settings: Any, providers: dict[str, Any], model: str | None,
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import asyncio
+    import os
 
     from tokenrelay.modelbench import run_model_bench
 
+    args.api_key = args.api_key or os.environ.get("TOKENRELAY_API_KEY") or None
     return asyncio.run(run_model_bench(args))
 
 
