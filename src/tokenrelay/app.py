@@ -145,14 +145,17 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.hub = hub
         app.state.idempotency = idempotency
         app.state.limiter = limiter
-        # Reachability of each provider, one log line each; readiness does not wait.
-        probe = asyncio.get_running_loop().create_task(_announce_providers(upstream))
+        # `tokenrelay serve`: one log line per provider, reachable or why not. In the
+        # background: readiness does not wait for a slow upstream.
+        probe = (asyncio.get_running_loop().create_task(_announce_providers(upstream))
+                 if app.state.announce_providers else None)
         try:
             yield
         finally:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+            if probe is not None:
+                probe.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probe
             await hub.shutdown()
 
 
@@ -166,7 +169,17 @@ async def _announce_providers(upstream: UpstreamClient) -> None:
         line = describe_probe(provider, url, result)
         (log.info if result.problem is None else log.warning)("%s", line)
 
-    await asyncio.gather(*(one(p) for p in upstream.settings.providers.values()))
+    await asyncio.gather(*(one(p) for p in upstream.settings.providers.values()
+                           if upstream.base_url(p)))
+
+
+async def announce_providers(settings: Settings) -> None:
+    """The start-up lines without an app (``serve --workers N`` prints them once)."""
+    pool = Pool(keepalive_s=1.0)
+    try:
+        await _announce_providers(UpstreamClient(settings, pool))
+    finally:
+        await pool.aclose()
 
 
 async def _handle_ours(request: Request, exc: Exception) -> Response:
@@ -310,5 +323,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.auth_required = bool(settings.api_keys)
+    app.state.announce_providers = False  # `tokenrelay serve` turns it on
     app.state.metrics = Metrics()
     return app

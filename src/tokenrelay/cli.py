@@ -83,6 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.config:
             os.environ["TOKENRELAY_CONFIG"] = os.path.abspath(args.config)
         asyncio.run(_migrate(settings))
+        from tokenrelay.app import announce_providers
+
+        asyncio.run(announce_providers(settings))  # once, not per worker
         uvicorn.run("tokenrelay.app:create_app", factory=True, workers=args.workers,
                     timeout_graceful_shutdown=settings.drain_s, **kwargs)
     else:
@@ -96,7 +99,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         from tokenrelay.server import serve
 
-        serve(create_app(settings), settings.drain_s, **kwargs)
+        app = create_app(settings)
+        app.state.announce_providers = True
+        serve(app, settings.drain_s, **kwargs)
     return 0
 
 
