@@ -129,6 +129,20 @@ def test_interactive_turn_model_switch_ctrl_c_cancels_on_the_gateway_and_ctrl_d_
     assert full.startswith(messages[3]["content"])
 
 
+def test_one_shot_ctrl_c_stops_the_answer_on_the_gateway_and_exits_130(
+    gateway: str, tmp_path: Path
+) -> None:
+    child = spawn(tmp_path, "--url", gateway, "--model", "sim-chat", "one shot to stop")
+    child.expect("##")
+    child.sendintr()
+    child.expect(r"\[cancelled · sim-chat")
+    status, transcript = finish(child)
+    assert status == 130
+    assert "Traceback" not in transcript
+    [found] = [c for c in conversations(gateway) if c["title"] == "one shot to stop"]
+    assert found["messages"][-1]["state"] == "cancelled"
+
+
 def test_ctrl_c_at_the_prompt_twice_quits_cleanly(gateway: str, tmp_path: Path) -> None:
     child = spawn(tmp_path, "--url", gateway)
     child.expect("sim-chat> ")

@@ -405,6 +405,12 @@ def run_chat(url: str, model: str | None, prompt: str | None, api_key: str | Non
             printer.end()
             print(f"tokenrelay chat: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C outside an answer (say, while connecting)
+            print(file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `tokenrelay chat ... | head`: the reader left
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         finally:
             runner.run(client.close())
 
