@@ -194,7 +194,7 @@ async def test_doctor_on_a_working_upstream_reports_every_check_and_exits_0() ->
     for part in ("model sim-chat", "TTFT", "tokens/s", "[DONE] yes", "usage yes",
                  "finish_reason length"):
         assert part in detail
-    assert out.rstrip().endswith("all 1 providers usable")
+    assert out.rstrip().endswith("the provider is usable")
 
 
 async def test_doctor_on_a_closed_port_fails_with_one_actionable_line() -> None:
@@ -206,7 +206,7 @@ async def test_doctor_on_a_closed_port_fails_with_one_actionable_line() -> None:
     assert table["models"][0] == "-" and table["completion"][0] == "-"
     assert "connection refused by 127.0.0.1" in out
     assert "  -> Nothing listens there" in out
-    assert "1 of 1 providers failing: url" in out
+    assert "1 of 1 provider failing: url" in out
 
 
 async def test_doctor_on_a_plain_web_server_fails_models_and_completion(tmp_path: Path) -> None:

@@ -486,6 +486,10 @@ def render(reports: list[Report]) -> str:
         lines.append(f"{name}: {p.message}\n  -> {p.hint}")
     failed = [r.provider for r in reports if r.failed]
     lines.append("")
-    lines.append(f"{len(failed)} of {len(reports)} providers failing: {', '.join(failed)}"
-                 if failed else f"all {len(reports)} providers usable")
+    count = len(reports)
+    if failed:
+        lines.append(f"{len(failed)} of {count} provider{'s' * (count > 1)} failing: "
+                     + ", ".join(failed))
+    else:
+        lines.append("the provider is usable" if count == 1 else f"all {count} providers usable")
     return redact("\n".join(lines))
