@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from support.client import chat_body, read_stream
+from support.fault_upstream import FaultUpstream, stall_first, status
 from support.gateway import running_gateway
 from support.processes import TOKENRELAY, free_port
 from support.servers import running_asgi
@@ -309,3 +310,71 @@ async def test_serve_says_a_working_provider_is_reachable() -> None:
             proc.terminate()
             await proc.wait()
     assert f"provider 'upstream' ({upstream}/v1): reachable, 8 models (sim-chat".encode() in line
+
+
+# ------------------------------------------------------------------ the probe itself
+
+
+async def probe(base_url: str, timeout: float = 5.0, api_key: str | None = None) -> Any:
+    from tokenrelay.config import Provider, load_settings
+    from tokenrelay.diagnose import probe_models
+    from tokenrelay.httpclient import Pool
+    from tokenrelay.upstream import UpstreamClient
+
+    env = {"TOKENRELAY_UPSTREAM_URL": base_url, "TOKENRELAY_DATABASE_URL": "none"}
+    if api_key:
+        env["TOKENRELAY_UPSTREAM_API_KEY"] = api_key
+    settings = load_settings(environ=env)
+    pool = Pool()
+    try:
+        provider: Provider = settings.providers["upstream"]
+        return await probe_models(UpstreamClient(settings, pool), provider, timeout)
+    finally:
+        await pool.aclose()
+
+
+async def test_a_refused_key_is_named_with_the_variable_to_set_and_never_shown() -> None:
+    async with FaultUpstream() as upstream:
+        upstream.script(status(401, body={"error": {"message": f"bad key {SECRET}"}}))
+        result = await probe(upstream.base_url, api_key=SECRET)
+    assert result.problem.code == "unauthorized"
+    assert "HTTP 401" in result.problem.message
+    assert "TOKENRELAY_UPSTREAM_API_KEY" in result.problem.hint
+    assert SECRET not in result.problem.message + result.problem.hint
+
+
+async def test_a_json_404_without_v1_suggests_the_v1_url() -> None:
+    async with FaultUpstream() as upstream:
+        base = upstream.base_url.removesuffix("/v1")
+        upstream.script(status(404))
+        result = await probe(base)
+    assert result.problem.code == "not_found"
+    assert result.problem.message == f"GET {base}/models: HTTP 404"
+    assert f"try {base}/v1 in TOKENRELAY_UPSTREAM_URL" in result.problem.hint
+
+
+async def test_a_server_that_never_answers_is_a_timeout_within_the_budget() -> None:
+    async with FaultUpstream() as upstream:
+        upstream.script(stall_first())
+        result = await probe(upstream.base_url, timeout=0.5)
+    assert result.problem.code == "timeout"
+    assert result.problem.message == f"GET {upstream.base_url}/models: no answer within 0.5 s"
+    assert result.elapsed_s < TIMEOUT
+
+
+async def test_a_200_that_is_not_a_model_list_is_named() -> None:
+    async with FaultUpstream() as upstream:
+        upstream.script(status(200, body="<html><title>Welcome to nginx!</title></html>",
+                               headers={"Content-Type": "text/html"}))
+        result = await probe(upstream.base_url)
+    assert result.problem.code == "html_page"
+    assert 'an HTML page ("Welcome to nginx!")' in result.problem.message
+
+
+def test_urls_are_shown_without_user_info_or_query() -> None:
+    from tokenrelay.diagnose import safe_url
+
+    assert safe_url("https://user:pw@host.example:8443/v1?key=abc#x") == \
+        "https://host.example:8443/v1"
+    assert safe_url("http://[::1]:9000/v1") == "http://[::1]:9000/v1"
+    assert safe_url("not a url") == "(an invalid URL)"
