@@ -340,3 +340,18 @@ def test_the_cli_module_runs_without_a_terminal_too() -> None:
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0
     assert "--no-history" in done.stdout
+
+
+def test_a_gateway_that_goes_away_mid_session_is_one_line_and_the_prompt_stays(
+    tmp_path: Path,
+) -> None:
+    with serve(tmp_path) as url:
+        child = spawn(tmp_path, "--url", url)
+        child.expect("sim-chat> ")
+    child.sendline("are you there?")
+    child.expect("tokenrelay chat: cannot reach the gateway at")
+    child.expect("sim-chat> ")
+    child.sendeof()
+    status, transcript = finish(child)
+    assert status == 0
+    assert "Traceback" not in transcript

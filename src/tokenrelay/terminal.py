@@ -13,7 +13,7 @@ mid-answer is resumed with ``Last-Event-ID`` (the gateway replays what was misse
 once). Text goes to stdout as it arrives; reasoning and tool calls too, labelled (reasoning
 dimmed on a colour terminal, unless ``NO_COLOR`` is set); retries, the final line and errors
 go to stderr. A gateway that cannot be reached, or refuses the key, is one line on stderr
-and exit status 1 — never a traceback.
+and exit status 1 — never a traceback (mid-session: the line, and the prompt stays).
 """
 
 from __future__ import annotations
@@ -462,7 +462,11 @@ def _interactive(runner: asyncio.Runner, client: GatewayClient, model: str | Non
             if not session.model:
                 printer.note("no model: choose one with /model NAME")
                 continue
-            runner.run(session.turn(line))
+            try:
+                runner.run(session.turn(line))
+            except GatewayUnusable as exc:  # it went away mid-session: say so, stay here
+                printer.note(f"tokenrelay chat: {exc}")
+                continue
             interrupted = session.stopped
     finally:
         _save_history(readline)
