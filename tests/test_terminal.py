@@ -355,3 +355,24 @@ def test_a_gateway_that_goes_away_mid_session_is_one_line_and_the_prompt_stays(
     status, transcript = finish(child)
     assert status == 0
     assert "Traceback" not in transcript
+
+
+def test_the_printer_labels_reasoning_and_interleaved_tool_calls() -> None:
+    import io
+
+    from tokenrelay.terminal import Printer
+
+    out, err = io.StringIO(), io.StringIO()
+    printer = Printer(out, err, color=False)
+    printer.reasoning("think ")
+    printer.reasoning("more")
+    printer.text("Hello")
+    printer.tool_call({"index": 0, "name": "a", "arguments": '{"x"'})
+    printer.tool_call({"index": 1, "name": "b", "arguments": '{"y"'})
+    printer.tool_call({"index": 0, "name": None, "arguments": ":1}"})
+    printer.end()
+    assert out.getvalue() == ('[reasoning] think more\n\nHello\n\n[tool call a] {"x"\n'
+                              '[tool call b] {"y"\n[tool call a] :1}\n')
+    colored = io.StringIO()
+    Printer(colored, err, color=True).reasoning("hm")
+    assert colored.getvalue() == "\x1b[2m[reasoning] \x1b[0m\x1b[2mhm\x1b[0m"

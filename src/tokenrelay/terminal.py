@@ -75,6 +75,7 @@ class Printer:
         self.color = color
         self.section = ""  # what the last write was: "", text, reasoning, tool
         self.tool_index: int | None = None
+        self.tool_names: dict[Any, str] = {}  # per tool-call index (only the first has it)
         self.column = 0  # characters written since the last newline on stdout
         # Both on one terminal: a status line must not start in the middle of the text.
         # Otherwise stdout stays exactly the answer (for scripts).
@@ -111,9 +112,13 @@ class Printer:
 
     def tool_call(self, payload: dict[str, Any]) -> None:
         index = payload.get("index")
+        if payload.get("name"):
+            self.tool_names[index] = str(payload["name"])
         if self.section != "tool" or index != self.tool_index:
-            self.section = ""
-            self._enter("tool", f"[tool call {payload.get('name') or ''}] ")
+            # Fragments of parallel calls may interleave: each switch gets its own line.
+            if self.section == "tool":
+                self.section = ""
+            self._enter("tool", f"[tool call {self.tool_names.get(index, '')}] ")
             self.tool_index = index
         self._write(str(payload.get("arguments") or ""))
 
@@ -129,6 +134,7 @@ class Printer:
             self._write("\n")
         self.section = ""
         self.tool_index = None
+        self.tool_names = {}
 
 
 class GatewayClient:
