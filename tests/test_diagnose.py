@@ -378,3 +378,15 @@ def test_urls_are_shown_without_user_info_or_query() -> None:
         "https://host.example:8443/v1"
     assert safe_url("http://[::1]:9000/v1") == "http://[::1]:9000/v1"
     assert safe_url("not a url") == "(an invalid URL)"
+
+
+async def test_a_redirect_is_named_and_not_followed() -> None:
+    async with FaultUpstream() as upstream:
+        upstream.script(status(301, body="",
+                               headers={"Location": "https://elsewhere.example/v1/models"}))
+        result = await probe(upstream.base_url)
+    assert result.problem.code == "redirect"
+    where = f"GET {upstream.base_url}/models"
+    assert result.problem.message.startswith(f"{where}: HTTP 301 (a redirect")
+    assert "does not follow redirects" in result.problem.hint
+    assert len(upstream.requests) == 1

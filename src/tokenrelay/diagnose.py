@@ -9,7 +9,8 @@ sees is what a chat request would see: same TLS settings, same proxies, same hea
 
 Codes: ``bad_url``, ``dns_failed``, ``connect_refused``, ``connect_timeout``,
 ``unreachable``, ``proxy_failed``, ``tls_untrusted``, ``tls_failed``, ``timeout``,
-``disconnected``, ``unauthorized``, ``not_found``, ``http_error`` (another status),
+``disconnected``, ``not_http``, ``unauthorized``, ``not_found``, ``redirect``,
+``rate_limited``, ``http_error`` (another status),
 ``html_page``, ``not_json``, ``no_model`` and, for the completion, the gateway's own
 upstream error codes (``upstream_incomplete``, ...). Messages and hints never contain a
 key: URLs are shown without user info or query, and everything passes :func:`redact`.
@@ -149,7 +150,7 @@ def _body_summary(body: bytes, content_type: str) -> tuple[bool, str]:
 
 
 def _status_problem(status: int, body: bytes, content_type: str, where: str,
-                    provider: Provider, base_url: str) -> Problem:
+                    provider: Provider, base_url: str, location: str = "") -> Problem:
     html, what = _body_summary(body, content_type)
     var = url_setting(provider)
     answer = f"HTTP {status}" + (f", {what}" if html else "")
@@ -172,6 +173,11 @@ def _status_problem(status: int, body: bytes, content_type: str, where: str,
             hint = ("This server does not list its models: type a model name in the page, or "
                     "set TOKENRELAY_DEFAULT_MODEL.")
         return Problem("html_page" if html else "not_found", f"{where}: {answer}", hint)
+    if 300 <= status < 400:
+        target = f" to {safe_url(location)}" if location else ""
+        return Problem("redirect", f"{where}: HTTP {status} (a redirect{target})",
+                       f"tokenrelay does not follow redirects: put the address it redirects "
+                       f"to in {var}.")
     if status == 501:
         return Problem("http_error", f"{where}: {answer}",
                        f"This server does not implement the OpenAI API: check {var}.")
@@ -217,6 +223,7 @@ async def _fetch_models(client: UpstreamClient, provider: Provider, probe: Model
                 probe.tls = ssl_object.version() if ssl_object is not None else ""
                 body = await resp.read_all(_BODY_LIMIT)
                 status, content_type = resp.status, resp.headers.get("content-type", "")
+                location = resp.headers.get("location", "")  # kept once redirects are named
             finally:
                 resp.close()
     except TimeoutError:
@@ -237,7 +244,7 @@ async def _fetch_models(client: UpstreamClient, provider: Provider, probe: Model
         return Problem("not_http", f"{where}: {exc}",
                        f"This is not an HTTP server answering: check {var}.")
     if status != 200:
-        return _status_problem(status, body, content_type, where, provider, base)
+        return _status_problem(status, body, content_type, where, provider, base, location)
     html, what = _body_summary(body, content_type)
     try:
         data = orjson.loads(body)
