@@ -69,6 +69,10 @@ async def test_a_plain_web_server_lets_the_user_type_a_model_name(
         assert not await chat.page.is_enabled("#send")  # no model yet
         await chat.page.fill("#model-name", "gpt-4o-mini")
         assert await chat.page.is_enabled("#send")
+        await chat.page.reload()  # the typed name is remembered
+        await chat.ready()
+        assert await chat.page.input_value("#model-name") == "gpt-4o-mini"
+        assert await chat.page.is_visible("#model-name")
         chat.watch.assert_clean()
 
 

@@ -16,6 +16,7 @@ const ACTIVE_KEY = "tokenrelay.active"; // sessionStorage: the answer in progres
 const CURRENT_KEY = "tokenrelay.current"; // sessionStorage: the open conversation
 const MODEL_KEY = "tokenrelay.model"; // localStorage: the last model picked
 const OTHER = "\u0000other"; // the picker's "Other model…" entry: a name typed by the user
+const MODEL_NAME_KEY = "tokenrelay.model-name"; // localStorage: the last name typed there
 const SNAPSHOT_EVERY_MS = 150;
 const MOBILE = "(max-width: 820px)";
 
@@ -123,7 +124,14 @@ class App {
       this.updateModelName();
       if (d.model.value === OTHER) d.modelName.focus();
     });
-    d.modelName.addEventListener("input", () => this.updateComposer());
+    d.modelName.addEventListener("input", () => {
+      try {
+        localStorage.setItem(MODEL_NAME_KEY, d.modelName.value.trim());
+      } catch {
+        // ignore
+      }
+      this.updateComposer();
+    });
     d.bannerRetry.addEventListener("click", async () => {
       await this.loadModels();
       this.updateComposer();
@@ -225,7 +233,15 @@ class App {
       // ignore
     }
     const fallback = this.anyModel ? OTHER : "";
-    select.value = saved && this.models.has(saved) ? saved : data.default || (models[0] && models[0].id) || fallback;
+    const keep = saved && (this.models.has(saved) || (saved === OTHER && this.anyModel));
+    select.value = keep ? saved : data.default || (models[0] && models[0].id) || fallback;
+    if (this.anyModel && !this.dom.modelName.value) {
+      try {
+        this.dom.modelName.value = localStorage.getItem(MODEL_NAME_KEY) || "";
+      } catch {
+        // ignore
+      }
+    }
     this.showProblem(data && data.problem);
     this.updateModelName();
     this.updateSimNote(); // the picker is enabled once init() is done (see updateComposer)
