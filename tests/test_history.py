@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from pathlib import Path
+
 from support.client import read_stream
 
 
@@ -57,3 +61,49 @@ async def test_history_disabled_is_a_clear_404(gateway_factory, http):
             assert (await resp.json())["error"]["code"] == "history_disabled"
         async with http.get(gw.base_url + "/api/config") as resp:
             assert (await resp.json())["history"] is False
+
+
+async def _listing(http, gateway):
+    async with http.get(gateway.base_url + "/api/conversations") as resp:
+        conversations = (await resp.json())["conversations"]
+    async with http.get(gateway.base_url + "/api/stats") as resp:
+        stats = (await resp.json())["models"]
+    return conversations, stats
+
+
+async def test_history_off_streams_the_answer_but_stores_nothing_issue_14(gateway, http):
+    """Tools (tokenrelay bench, chat --no-history) leave the page's history and stats alone."""
+    await ask(http, gateway, [{"role": "user", "content": "kept"}])
+    before = await _listing(http, gateway)
+    body = {"model": "sim-fast", "messages": [{"role": "user", "content": "not kept"}],
+            "sim": {"tokens": 5}}
+    async with http.post(gateway.base_url + "/api/chat", json=body,
+                         headers={"X-TokenRelay-History": "off"}) as resp:
+        assert resp.status == 200
+        assert "X-Conversation-Id" not in resp.headers
+        stream = await read_stream(resp)
+    assert stream.events[-1].data["state"] == "complete" and stream.text
+    assert await _listing(http, gateway) == before
+    assert "sim-fast" not in {m["model"] for m in before[1]}
+
+
+async def test_a_bad_history_header_is_refused_before_anything_is_stored(gateway, http):
+    before = await _listing(http, gateway)
+    body = {"model": "sim-chat", "messages": [{"role": "user", "content": "x"}]}
+    async with http.post(gateway.base_url + "/api/chat", json=body,
+                         headers={"X-TokenRelay-History": "maybe"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "invalid_header"
+    assert await _listing(http, gateway) == before
+
+
+async def test_tokenrelay_bench_leaves_no_history(gateway, http, tmp_path):
+    tokenrelay = Path(sys.executable).with_name("tokenrelay")
+    proc = await asyncio.create_subprocess_exec(
+        str(tokenrelay), "bench", "--url", gateway.base_url, "--model", "sim-fast",
+        "--requests", "2", "--max-tokens", "10", "--out", str(tmp_path / "chart.svg"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=tmp_path)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert (tmp_path / "chart.svg").exists()
+    assert await _listing(http, gateway) == ([], [])

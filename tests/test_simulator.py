@@ -428,3 +428,61 @@ async def test_non_streaming_disconnect_is_detected(sim: Any) -> None:
         await request
     await asyncio.wait_for(app.wait_disconnected(1), WAIT)
     assert app.stats.completed == 0 and app.stats.active == 0
+
+
+async def test_stop_string_ends_the_text_before_it_with_finish_stop(sim: Any) -> None:
+    _, url, session = sim
+    full = "".join(build_text("sim-chat", MESSAGES, 4))
+    stop = full[40:46]
+    for value in (stop, [stop]):
+        events = await stream(session, url, seed=4, stop=value)
+        text = content_of(events)
+        assert text == full[: full.find(stop)]
+        assert len(text) <= 40
+        assert stop not in text
+        assert events[-2]["choices"][0]["finish_reason"] == "stop"
+        assert events[-1] == "[DONE]"
+
+
+async def test_stop_sequence_spanning_two_chunks_is_never_emitted(sim: Any) -> None:
+    _, url, session = sim
+    full = build_text("sim-chat", MESSAGES, 5)
+    # The last character of token 10 and the first of token 11: split across two chunks.
+    at = sum(map(len, full[:10])) - 1
+    stop = "".join(full)[at : at + 2]
+    events = await stream(session, url, seed=5, stop=["never-in-the-text", stop])
+    text = content_of(events)
+    expected = "".join(full)[: "".join(full).find(stop)]
+    assert text == expected
+    assert stop not in text
+
+
+async def test_the_earliest_of_several_stops_wins_and_non_streaming_honours_it(sim: Any) -> None:
+    _, url, session = sim
+    full = "".join(build_text("sim-chat", MESSAGES, 6))
+    late, early = full[120:125], full[30:34]
+    body = {"model": "sim-chat", "messages": MESSAGES, "seed": 6, "stop": [late, early]}
+    status, _, raw = await post(session, url, body)
+    assert status == 200
+    choice = orjson.loads(raw)["choices"][0]
+    assert choice["message"]["content"] == full[: full.find(early)]
+    assert choice["finish_reason"] == "stop"
+
+
+async def test_a_stop_beyond_max_tokens_leaves_finish_length(sim: Any) -> None:
+    _, url, session = sim
+    full = build_text("sim-chat", MESSAGES, 3)
+    stop = "".join(full[20:])[:5]  # only after the first 9 tokens
+    assert stop not in "".join(full[:9])
+    events = await stream(session, url, seed=3, max_tokens=9, stop=stop)
+    assert content_chunks(events) == full[:9]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [""], "", [1], {"x": 1}])
+async def test_bad_stop_values_are_refused_with_400(sim: Any, stop: Any) -> None:
+    _, url, session = sim
+    body = {"model": "sim-chat", "messages": MESSAGES, "stream": True, "stop": stop}
+    status, _, raw = await post(session, url, body)
+    assert status == 400
+    assert orjson.loads(raw)["error"]["param"] == "stop"

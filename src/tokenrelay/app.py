@@ -7,6 +7,7 @@ Handlers reach them through ``request.app.state``; nothing is global.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -132,10 +133,41 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.hub = hub
         app.state.idempotency = idempotency
         app.state.limiter = limiter
+        # `tokenrelay serve`: one log line per provider, reachable or why not. In the
+        # background: readiness does not wait for a slow upstream.
+        probe = (asyncio.get_running_loop().create_task(_announce_providers(upstream))
+                 if app.state.announce_providers else None)
         try:
             yield
         finally:
+            if probe is not None:
+                probe.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probe
             await hub.shutdown()
+
+
+async def _announce_providers(upstream: UpstreamClient) -> None:
+    """Log one line per provider: reachable (and how many models), or why not."""
+    from tokenrelay.diagnose import describe_probe, probe_models, safe_url
+
+    async def one(provider: Any) -> None:
+        url = safe_url(upstream.base_url(provider))
+        result = await probe_models(upstream, provider, timeout=5.0)
+        line = describe_probe(provider, url, result)
+        (log.info if result.problem is None else log.warning)("%s", line)
+
+    await asyncio.gather(*(one(p) for p in upstream.settings.providers.values()
+                           if upstream.base_url(p)))
+
+
+async def announce_providers(settings: Settings) -> None:
+    """The start-up lines without an app (``serve --workers N`` prints them once)."""
+    pool = Pool(keepalive_s=1.0)
+    try:
+        await _announce_providers(UpstreamClient(settings, pool))
+    finally:
+        await pool.aclose()
 
 
 async def _handle_ours(request: Request, exc: Exception) -> Response:
@@ -280,5 +312,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.auth_required = bool(settings.api_keys)
+    app.state.announce_providers = False  # `tokenrelay serve` turns it on
     app.state.metrics = Metrics()
     return app

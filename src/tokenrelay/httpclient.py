@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import select
+import socket
 import ssl
 import zlib
 from collections.abc import Callable, Mapping
@@ -611,7 +613,9 @@ class Pool:
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS handshake failed ({exc.reason or 'ssl error'})") from None
         except OSError as exc:  # socket.gaierror included
-            reason = exc.strerror or type(exc).__name__
+            # asyncio's strerror is "Connect call failed (...)": the errno says why.
+            plain = exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror)
+            reason = (os.strerror(exc.errno) if plain else exc.strerror) or type(exc).__name__
             raise ConnectFailed(f"cannot connect to {where} ({reason})") from None
         except BaseException:
             conn.close()

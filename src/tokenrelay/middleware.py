@@ -220,7 +220,7 @@ class AccessLogMiddleware:
 
 
 CORS_HEADERS = ["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key",
-                "X-Request-Id"]
+                "X-Request-Id", "X-TokenRelay-History"]
 CORS_EXPOSE = ["X-Stream-Id", "X-Message-Id", "X-Conversation-Id", "X-Request-Id",
                "Retry-After", "Idempotent-Replayed"]
 CORS_METHODS = ["GET", "POST", "PATCH", "DELETE"]

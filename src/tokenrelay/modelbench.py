@@ -131,7 +131,8 @@ async def _one(
 
 
 async def _measure(url: str, args: Any) -> list[ModelResult]:
-    headers = {"Accept": "text/event-stream"}
+    # Benchmark answers stay out of the page's history and /api/stats.
+    headers = {"Accept": "text/event-stream", "X-TokenRelay-History": "off"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"
     results = []

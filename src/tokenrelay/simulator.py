@@ -5,7 +5,9 @@ configured, so it is a raw ASGI app (no framework on the per-token path) that sp
 ``GET /v1/models`` and ``POST /v1/chat/completions`` (streaming and not) exactly like
 OpenAI. Every answer is a pure function of (model, messages, seed): tests compute the
 expected text with :func:`build_text` instead of hard-coding it. ``max_tokens`` truncates
-that text, so a shorter answer is always a prefix of the longer one.
+that text, so a shorter answer is always a prefix of the longer one; ``stop`` (a string
+or up to 4) ends it before the first occurrence of any of them, with ``finish_reason``
+``"stop"``.
 
 Models (:data:`DEFAULT_MODELS`) cover the behaviours a gateway must survive: a paced chat
 model, an unpaced one for benchmarks, ``reasoning_content``, ``<think>`` tags, parallel
@@ -922,6 +924,7 @@ class Simulator:
         reasoning_n = _opt_number(sim, "reasoning_tokens", integer=True)
         rate = _opt_number(sim, "tokens_per_s")
         delay = _opt_number(sim, "first_token_delay_s")
+        stops = _stop_sequences(request.get("stop"))
         options = request.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
 
@@ -939,9 +942,16 @@ class Simulator:
                 reasoning = _thoughts(_rng(digest, 1), _quote(messages), count)
             full = _content(self._material, spec, messages, seed,
                             None if length is None else int(length))
+            limit = len(full) if max_tokens is None else max_tokens
+            cut, stopped = _cut_at_stop(full, stops)
+            # A stop sequence counts if it begins within what max_tokens lets through.
+            if stopped and sum(map(len, cut)) < sum(map(len, full[:limit])):
+                full = cut
+            else:
+                stopped = False
             if spec.fault in (DROP, STALL):
                 content = full[: spec.fault_after]
-            elif max_tokens is not None and len(full) > max_tokens:
+            elif not stopped and max_tokens is not None and len(full) > max_tokens:
                 content, finish = full[:max_tokens], "length"
             else:
                 content = full
@@ -1071,6 +1081,40 @@ def _tool_frames(chunks: _Chunks, plan: _Plan) -> list[bytes]:
             frames.append(chunks.delta({"tool_calls": [{
                 "index": index, "function": {"arguments": piece}}]}))
     return frames
+
+
+def _stop_sequences(value: Any) -> list[str]:
+    """OpenAI's ``stop``: null, a string, or a list of up to 4 non-empty strings."""
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or len(stops) > 4
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise _HTTPError(400, "'stop' must be a non-empty string or a list of up to 4 "
+                         "non-empty strings.", param="stop")
+    return stops
+
+
+def _cut_at_stop(tokens: list[str], stops: list[str]) -> tuple[list[str], bool]:
+    """The tokens before the first occurrence of any stop sequence (which is never sent,
+    even when it spans tokens), and whether one was found."""
+    if not stops:
+        return tokens, False
+    text = "".join(tokens)
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if not found:
+        return tokens, False
+    cut = min(found)
+    out: list[str] = []
+    used = 0
+    for token in tokens:
+        if used + len(token) >= cut:
+            if cut > used:
+                out.append(token[: cut - used])
+            break
+        out.append(token)
+        used += len(token)
+    return out, True
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -11,7 +11,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from tokenrelay import __version__
-from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError, UpstreamError
+from tokenrelay.diagnose import probe_models, safe_url
+from tokenrelay.errors import BadRequest, ServiceUnavailable, StreamNotFound, TokenRelayError
 from tokenrelay.hub import Hub, new_id
 from tokenrelay.idempotency import check_key, fingerprint
 from tokenrelay.routes.common import Endpoint, JSONResponse, header, owner_of
@@ -77,6 +78,7 @@ async def chat(request: Request) -> Any:
     state = request.app.state
     settings = state.settings
     hub: Hub = state.hub
+    record = _history_wanted(request)
     data = await read_json_body(request, settings.limits)
     chat_request = validate_chat(data, settings, extra_fields=_EXTRA_FIELDS)
     stream_id = new_id()
@@ -93,14 +95,15 @@ async def chat(request: Request) -> Any:
                 await lease.finish()
                 return await _attach_existing(request, hub, earlier)
         message_id = new_id("m-")
-        conversation_id = await record_request(request, chat_request, message_id)
+        conversation_id = (await record_request(request, chat_request, message_id) if record
+                           else chat_request.conversation_id)
         gen = await hub.start(
             owner=owner,
             route=chat_request.route,
             body=chat_request.upstream_body(),
             conversation_id=conversation_id,
             message_id=message_id,
-            record=True,
+            record=record,
             stream_id=stream_id,
             lease=lease,
         )
@@ -112,6 +115,21 @@ async def chat(request: Request) -> Any:
         # Only id-shaped values reach a header: never user text that could split it.
         headers.append((b"x-conversation-id", conversation_id.encode()))
     return SubscriberResponse(hub, gen.stream_id, 0, headers=headers)
+
+
+HISTORY_HEADER = b"x-tokenrelay-history"
+
+
+def _history_wanted(request: Request) -> bool:
+    """``X-TokenRelay-History: off`` (sent by ``tokenrelay bench`` and ``chat
+    --no-history``): the answer streams as usual but is not stored, so tools leave the
+    page's history and ``/api/stats`` alone."""
+    value = header(request, HISTORY_HEADER)
+    if value is None or value.strip().lower() == "on":
+        return True
+    if value.strip().lower() == "off":
+        return False
+    raise BadRequest("X-TokenRelay-History must be 'on' or 'off'", code="invalid_header")
 
 
 async def _attach_existing(request: Request, hub: Hub, stream_id: str) -> SubscriberResponse:
@@ -146,18 +164,30 @@ async def models(request: Request) -> JSONResponse:
         for route in settings.models.values()
         if settings.route(route.name) is not None  # allowed_models
     ]
+    body: dict[str, Any] = {}
     if settings.passthrough_provider is not None:
+        # Any model name goes to this provider: the page lets the user type one.
+        body["any_model"] = settings.allowed_models is None
         provider = settings.providers[settings.passthrough_provider]
+        upstream = request.app.state.upstream
         known = {item["id"] for item in items}
-        try:
-            for model in await request.app.state.upstream.list_models(provider):
-                if model["id"] not in known and settings.route(model["id"]) is not None:
-                    items.append({"id": model["id"], "simulated": False, "description": "",
-                                  "fallbacks": []})
-        except UpstreamError as exc:
-            log.warning("cannot list upstream models: %s", exc.code)
+        probe = await probe_models(upstream, provider)
+        for model in probe.models:
+            if model["id"] not in known and settings.route(model["id"]) is not None:
+                items.append({"id": model["id"], "simulated": False, "description": "",
+                              "fallbacks": []})
+                known.add(model["id"])
+        if probe.problem is not None:
+            log.warning("cannot list the models of provider %r: %s (%s)", provider.name,
+                        probe.problem.message, probe.problem.code)
+            body["problem"] = {**probe.problem.to_dict(), "provider": provider.name,
+                               "url": safe_url(upstream.base_url(provider))}
+        if settings.default_model and settings.default_model not in known:
+            items.insert(0, {"id": settings.default_model, "simulated": False,
+                             "description": "The configured default model",
+                             "fallbacks": []})
     default = settings.default_model or (items[0]["id"] if items else None)
-    return JSONResponse({"models": items, "default": default})
+    return JSONResponse({"models": items, "default": default, **body})
 
 
 async def config(request: Request) -> JSONResponse:

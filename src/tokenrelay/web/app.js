@@ -18,6 +18,8 @@ import { AssistantView, UserView, waitingMs } from "./views.js";
 const ACTIVE_KEY = "tokenrelay.active"; // sessionStorage: the answer in progress
 const CURRENT_KEY = "tokenrelay.current"; // sessionStorage: the open conversation
 const MODEL_KEY = "tokenrelay.model"; // localStorage: the last model picked
+const OTHER = "\u0000other"; // the picker's "Other model…" entry: a name typed by the user
+const MODEL_NAME_KEY = "tokenrelay.model-name"; // localStorage: the last name typed there
 const SNAPSHOT_EVERY_MS = 150;
 const SEARCH_DELAY_MS = 200; // typing in the search box queries once it pauses
 const ANNOUNCE_WAIT_MS = 10000; // a silence this long is said once to screen readers
@@ -52,12 +54,16 @@ class App {
       keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"),
       keyDesc: $("key-desc"), jump: $("jump"), exportBtn: $("export"),
       exportMenu: $("export-menu"), search: $("conv-search"), theme: $("theme"),
+      modelName: $("model-name"), banner: $("upstream-banner"),
+      bannerTitle: $("upstream-banner-title"), bannerText: $("upstream-banner-text"),
+      bannerHint: $("upstream-banner-hint"), bannerRetry: $("upstream-retry"),
     };
     this.api = new Api(() => this.askForKey());
     this.renderer = new Renderer();
     this.history = new LocalHistory();
     this.shared = SharedStreams.open(); // one connection for every tab's answers
     this.models = new Map();
+    this.anyModel = false; // the gateway passes any model name to its upstream
     this.conv = null; // {id, title, messages, created_at}
     this.run = null; // the AnswerRun in progress (at most one per tab)
     this.runConv = null; // the conversation that run belongs to
@@ -126,6 +132,20 @@ class App {
         // ignore
       }
       this.updateSimNote();
+      this.updateModelName();
+      if (d.model.value === OTHER) d.modelName.focus();
+    });
+    d.modelName.addEventListener("input", () => {
+      try {
+        localStorage.setItem(MODEL_NAME_KEY, d.modelName.value.trim());
+      } catch {
+        // ignore
+      }
+      this.updateComposer();
+    });
+    d.bannerRetry.addEventListener("click", async () => {
+      await this.loadModels();
+      this.updateComposer();
     });
     for (const b of document.querySelectorAll(".suggestion")) {
       b.addEventListener("click", () => {
@@ -280,6 +300,7 @@ class App {
     }
     const models = (data && data.models) || [];
     this.models = new Map(models.map((m) => [m.id, m]));
+    this.anyModel = Boolean(data && data.any_model);
     // The closed picker shows just the id (it fits 320 px); simulated models are labelled
     // by their group in the list, by the chip on each answer and the note under the box.
     const option = (m) => {
@@ -289,6 +310,7 @@ class App {
     };
     const real = models.filter((m) => !m.simulated).map(option);
     const simulated = models.filter((m) => m.simulated).map(option);
+    if (this.anyModel) real.push(new Option("Other model…", OTHER));
     const group = (label, options) => {
       const g = document.createElement("optgroup");
       g.label = label;
@@ -304,8 +326,42 @@ class App {
     } catch {
       // ignore
     }
-    select.value = saved && this.models.has(saved) ? saved : data.default || (models[0] && models[0].id) || "";
+    const fallback = this.anyModel ? OTHER : "";
+    const keep = saved && (this.models.has(saved) || (saved === OTHER && this.anyModel));
+    select.value = keep ? saved : data.default || (models[0] && models[0].id) || fallback;
+    if (this.anyModel && !this.dom.modelName.value) {
+      try {
+        this.dom.modelName.value = localStorage.getItem(MODEL_NAME_KEY) || "";
+      } catch {
+        // ignore
+      }
+    }
+    this.showProblem(data && data.problem);
+    this.updateModelName();
     this.updateSimNote(); // the picker is enabled once init() is done (see updateComposer)
+  }
+
+  /** The banner: why the upstream's model list is missing, and what to do about it. */
+  showProblem(problem) {
+    const d = this.dom;
+    d.banner.hidden = !problem;
+    if (!problem) return;
+    const offer = this.models.size
+      ? "You can still send with the default model, or pick “Other model…” and type a name."
+      : "You can still send: type a model name next to “Model”.";
+    d.bannerTitle.textContent = `The model list of “${problem.provider}” could not be fetched`;
+    d.bannerText.textContent = problem.message;
+    d.bannerHint.textContent = `${problem.hint} ${this.anyModel ? offer : ""}`.trim();
+  }
+
+  updateModelName() {
+    this.dom.modelName.hidden = this.dom.model.value !== OTHER;
+  }
+
+  /** The model to ask: the picked one, or the name typed after "Other model…". */
+  currentModel() {
+    const picked = this.dom.model.value;
+    return picked === OTHER ? this.dom.modelName.value.trim() : picked;
   }
 
   updateSimNote() {
@@ -435,7 +491,7 @@ class App {
   send() {
     const text = this.dom.input.value;
     if (!this.ready || !text.trim() || this.run) return;
-    const model = this.dom.model.value;
+    const model = this.currentModel();
     if (!model) return;
     this.dom.input.value = "";
     if (!this.conv) {
@@ -461,7 +517,7 @@ class App {
     const history = conv.messages
       .filter((m) => m.role === "user" || (m.role === "assistant" && m.content))
       .map((m) => ({ role: m.role, content: m.content }));
-    const model = this.dom.model.value;
+    const model = this.currentModel();
     const msg = newAnswer(model);
     conv.messages.push(msg);
     this.append(msg);
@@ -688,8 +744,9 @@ class App {
     const busy = Boolean(this.run);
     d.send.hidden = busy;
     d.stop.hidden = !busy;
-    d.send.disabled = !this.ready || busy || !d.input.value.trim() || !d.model.value;
-    d.model.disabled = !this.ready || busy || this.models.size === 0;
+    d.send.disabled = !this.ready || busy || !d.input.value.trim() || !this.currentModel();
+    d.model.disabled = !this.ready || busy || (this.models.size === 0 && !this.anyModel);
+    d.modelName.disabled = !this.ready || busy;
     d.exportBtn.disabled = !this.conv || !this.conv.messages.length;
     d.input.rows = Math.min(8, Math.max(1, d.input.value.split("\n").length));
     // Only the last user message and the last answer offer Edit / Regenerate.
