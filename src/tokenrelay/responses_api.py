@@ -509,7 +509,8 @@ class ResponseFolder:
         usage = payload.get("usage") or {}
         prompt = usage.get("prompt_tokens") or 0
         completion = usage.get("completion_tokens") or 0
-        self.usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+        self.usage = {"input_tokens": prompt,
+                      "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                       "output_tokens": completion,
                       "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": usage.get("total_tokens") or prompt + completion}
@@ -532,7 +533,9 @@ class ResponseFolder:
             code, message = error.get("code") or "server_error", error.get("message") or ""
             self._close_all(out, "incomplete")
             self.status = "failed"
-            self.error = {"code": code, "message": message}
+            # response.error.code is an enum in OpenAI's API; ours stays in the error event.
+            self.error = {"code": "rate_limit_exceeded" if "rate_limited" in code
+                          else "server_error", "message": message}
             self._event(out, "error", code=code, message=message, param=None)
             self._event(out, "response.failed", response=self.snapshot())
         self.ended = True

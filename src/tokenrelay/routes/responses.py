@@ -214,8 +214,9 @@ async def retrieve_response(request: Request) -> Any:
     hub: Hub = request.app.state.hub
     query = request.query_params
     if query.get("stream", "").lower() in ("true", "1"):
-        after = parse_last_event_id(
-            query.get("starting_after") or request.headers.get("last-event-id"))
+        given = query.get("starting_after") or request.headers.get("last-event-id")
+        # Sequence numbers start at 0, so "after nothing" is -1.
+        after = -1 if given is None else parse_last_event_id(given)
         return _events(hub, info.stream_id, info.meta, after)
     return JSONResponse((await _folded(hub.journal, info)).snapshot())
 
