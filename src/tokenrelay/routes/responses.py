@@ -229,9 +229,25 @@ async def cancel_response(request: Request) -> JSONResponse:
                          code="not_background")
     hub: Hub = request.app.state.hub
     if not info.finished:
-        await hub.cancel(info.stream_id, owner_of(request))
-    folder = await _folded(hub.journal, info, _CANCEL_WAIT_S)
-    return JSONResponse(folder.snapshot())
+        await _stop(request, info)
+    return JSONResponse((await _folded(hub.journal, info)).snapshot())
+
+
+async def _stop(request: Request, info: StreamInfo) -> None:
+    """Cancel the answer and wait (a bounded time) for its end.
+
+    The cancel is asked again every second: in a cluster it travels by pub/sub, which
+    drops a message that an owner not yet (re)subscribed would miss.
+    """
+    hub: Hub = request.app.state.hub
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _CANCEL_WAIT_S
+    while loop.time() < deadline:
+        with contextlib.suppress(StreamNotFound):
+            await hub.cancel(info.stream_id, owner_of(request))
+        frames = await _read(hub.journal, info.stream_id, min(1.0, deadline - loop.time()))
+        if frames and ev.parse_frame(frames[-1])[1] in (ev.DONE, ev.ERROR):
+            return
 
 
 async def delete_response(request: Request) -> JSONResponse:
@@ -239,8 +255,7 @@ async def delete_response(request: Request) -> JSONResponse:
     info = await _lookup(request, resp_id)
     hub: Hub = request.app.state.hub
     if not info.finished:  # stop the upstream first: nothing may write to it afterwards
-        await hub.cancel(info.stream_id, owner_of(request))
-        await _read(hub.journal, info.stream_id, _CANCEL_WAIT_S)
+        await _stop(request, info)
     await hub.journal.delete(info.stream_id)
     return JSONResponse({"id": response_id(info.stream_id), "object": "response.deleted",
                          "deleted": True})
