@@ -50,3 +50,16 @@ async def test_the_vercel_ai_sdk_gets_reasoning_and_tool_calls(gateway):
     assert result["finishReason"] == "tool-calls"
     assert [c["name"] for c in result["toolCalls"]] == ["get_weather", "get_weather"]
     assert all(set(c["input"]) == {"city"} for c in result["toolCalls"])
+
+
+async def test_the_vercel_ai_sdk_continues_a_conversation(gateway, simulator):
+    sim, _ = simulator
+    result = await run_script("vercel_ai.cjs", gateway.base_url + "/v1", "sim-chat",
+                              "multiturn")
+    assert result["errors"] == []
+    assert result["first"] == "".join(build_text("sim-chat", ASKED))
+    sent = sim.last_request_body["messages"]
+    assert sent == [*ASKED, {"role": "assistant", "content": result["first"]},
+                    {"role": "user", "content": "And tomorrow?"}]
+    assert result["second"] == "".join(build_text("sim-chat", sent))
+    assert result["finishReason"] == "stop"

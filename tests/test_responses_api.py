@@ -354,7 +354,7 @@ async def test_input_items_and_fields_reach_the_upstream_translated(gateway, sim
     ("body", "status", "param"),
     [
         ({"model": "sim-chat"}, 400, "input"),
-        ({"model": "sim-chat", "input": [{"type": "item_reference", "id": "x"}]}, 400,
+        ({"model": "sim-chat", "input": [{"type": "computer_call_output"}]}, 400,
          "input[0].type"),
         ({"model": "sim-chat", "input": "hi", "tools": [{"type": "web_search"}]}, 400,
          "tools[0]"),
@@ -399,3 +399,23 @@ async def test_an_upstream_failure_mid_answer_ends_with_error_and_response_faile
     partial = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     assert partial and failed["output"][0]["content"][0]["text"] == partial
     assert failed["output"][0]["status"] == "incomplete"
+
+
+async def test_item_references_resolve_to_earlier_output_items(gateway, simulator):
+    sim, _ = simulator
+    client = sdk(gateway)
+    first = await client.responses.create(model="sim-chat", input=QUESTION)
+    await client.responses.create(model="sim-chat", input=[
+        {"role": "user", "content": QUESTION},
+        {"type": "item_reference", "id": first.output[0].id},
+        {"role": "user", "content": "And tomorrow?"},
+    ])
+    assert sim.last_request_body["messages"] == [
+        *ASKED, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "And tomorrow?"}]
+    for unknown in ("msg_nothing_0", first.output[0].id[:-1] + "7", "nonsense"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.responses.create(model="sim-chat", input=[
+                {"type": "item_reference", "id": unknown}])
+        assert missing.value.body["param"] == "input[0].id"
+    await client.close()

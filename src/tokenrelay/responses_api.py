@@ -282,6 +282,17 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
     return out
 
 
+def item_ref(item_id: Any) -> tuple[str, int] | None:
+    """(stream id, output index) of one of our output item ids (``msg_<stream>_<n>``)."""
+    if not isinstance(item_id, str) or len(item_id) > 120:
+        return None
+    prefix, _, rest = item_id.partition("_")
+    stream_id, _, index = rest.rpartition("_")
+    if prefix not in ("msg", "fc", "rs") or not stream_id or not index.isdigit():
+        return None
+    return stream_id, int(index)
+
+
 def _str(item: dict[str, Any], key: str, i: int) -> str:
     value = item.get(key)
     if not isinstance(value, str):

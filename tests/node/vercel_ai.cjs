@@ -22,6 +22,21 @@ async function main() {
   const result = streamText({ ...options, onError: ({ error }) => errors.push(String(error)) });
   let text = "";
   for await (const delta of result.textStream) text += delta;
+  if (mode === "multiturn") {
+    // A second turn: the SDK sends the first answer back (as an item_reference, since
+    // store is on by default) and the next question.
+    const earlier = (await result.response).messages;
+    const next = streamText({
+      model: provider(model), maxRetries: 0, onError: ({ error }) => errors.push(String(error)),
+      messages: [{ role: "user", content: options.prompt }, ...earlier,
+                 { role: "user", content: "And tomorrow?" }],
+    });
+    let second = "";
+    for await (const delta of next.textStream) second += delta;
+    console.log(JSON.stringify({ first: text, second, errors,
+                                 finishReason: await next.finishReason }));
+    return;
+  }
   const toolCalls = (await result.toolCalls).map((c) => ({ name: c.toolName, input: c.input }));
   console.log(JSON.stringify({
     text,

@@ -32,6 +32,7 @@ from tokenrelay.responses_api import (
     META_KEY,
     ResponseFolder,
     encode,
+    item_ref,
     output_messages,
     parse_request,
     response_id,
@@ -143,6 +144,29 @@ async def _history(request: Request, previous: Any) -> list[dict[str, Any]]:
     return messages + output_messages(folder.output)
 
 
+async def _resolve_references(request: Request, items: list[Any]) -> list[Any]:
+    """``item_reference`` input items replaced by the output items they name (the Vercel
+    AI SDK sends them for earlier assistant turns when ``store`` is on)."""
+    out: list[Any] = []
+    folded: dict[str, ResponseFolder] = {}
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or item.get("type") != "item_reference":
+            out.append(item)
+            continue
+        ref = item_ref(item.get("id"))
+        if ref is None:
+            raise _not_found(str(item.get("id")), f"input[{i}].id")
+        stream_id, index = ref
+        folder = folded.get(stream_id)
+        if folder is None:
+            info = await _lookup(request, response_id(stream_id), f"input[{i}].id")
+            folder = folded[stream_id] = await _folded(request.app.state.hub.journal, info)
+        if index >= len(folder.output):
+            raise _not_found(str(item["id"]), f"input[{i}].id")
+        out.append(folder.output[index])
+    return out
+
+
 async def create_response(request: Request) -> Any:
     state = request.app.state
     hub: Hub = state.hub
@@ -150,6 +174,8 @@ async def create_response(request: Request) -> Any:
     history = None
     if isinstance(data, dict) and data.get("previous_response_id") is not None:
         history = await _history(request, data["previous_response_id"])
+    if isinstance(data, dict) and isinstance(data.get("input"), list):
+        data["input"] = await _resolve_references(request, data["input"])
     req = parse_request(data, state.settings, history)
     owner = owner_of(request)
     lease = await state.limiter.acquire(owner)
