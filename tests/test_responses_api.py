@@ -385,6 +385,8 @@ async def test_a_model_the_upstream_does_not_know_is_a_not_found_error(gateway):
     with pytest.raises(openai.NotFoundError) as refused:
         await client.responses.create(model="no-such-model", input=QUESTION)
     assert refused.value.body["type"] == "not_found_error"
+    with pytest.raises(openai.NotFoundError):  # streaming too: a real status, not in-band
+        await client.responses.create(model="no-such-model", input=QUESTION, stream=True)
     await client.close()
 
 

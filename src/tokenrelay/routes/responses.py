@@ -188,7 +188,11 @@ async def create_response(request: Request) -> Any:
         raise
     meta = {**req.meta(), "created": int(gen.created), "model": req.route.name}
     if req.stream:
-        return _events(hub, gen.stream_id, meta, -1)
+        # The status first: an upstream that refuses the request is an HTTP error the SDK
+        # raises (as OpenAI answers), not a 200 with an in-band failure.
+        await _first_output(hub, gen, state.settings.heartbeat_s)
+        failed = _failure(gen) if gen.finished.is_set() else None
+        return failed or _events(hub, gen.stream_id, meta, -1)
     if not req.background:
         async with hub.subscribed(gen.stream_id):  # a client gone cancels (grace 0)
             await _until_finished(request, gen)
@@ -200,6 +204,19 @@ async def create_response(request: Request) -> Any:
     folder = ResponseFolder(gen.stream_id, meta)
     folder.feed(await _read(hub.journal, gen.stream_id))
     return JSONResponse(folder.snapshot())
+
+
+async def _first_output(hub: Hub, gen: Any, budget_s: float) -> None:
+    """Wait until the answer has output (not a retry notice) or has ended, at most
+    ``budget_s`` (the heartbeat period: no longer than a client waits for a heartbeat)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget_s
+    after = 1  # the start frame
+    while not gen.finished.is_set() and loop.time() < deadline:
+        result = await hub.journal.read(gen.stream_id, after, deadline - loop.time())
+        if any(ev.parse_frame(raw)[1] != ev.RETRY for raw in result.frames):
+            return
+        after += len(result.frames)
 
 
 async def _until_finished(request: Request, gen: Any) -> None:
