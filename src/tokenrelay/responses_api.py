@@ -28,6 +28,9 @@ from tokenrelay.config import ModelRoute, Settings
 from tokenrelay.errors import BadRequest
 from tokenrelay.validation import validate_messages
 
+Encoded = tuple[int, bytes]  # (sequence number, the SSE event)
+_TAIL = b',"sequence_number":%d}\n\n'
+
 RESPONSE_PREFIX = "resp_"
 META_KEY = "responses"  # the journal metadata of a stream started by /v1/responses
 
@@ -251,7 +254,7 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
         return [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise _bad("'input' must be a string or a non-empty list of items", "input")
-    out: list[dict[str, Any]] = []
+    out: list[Encoded] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise _bad(f"input[{i}] must be an object", f"input[{i}]")
@@ -375,6 +378,10 @@ class ResponseFolder:
         self.open: list[int] = []  # output indexes of items not yet done
         self.kind: str | None = None  # kind of the open items
         self.calls: dict[int, int] = {}  # chat tool-call index -> output index
+        # Deltas (JSON strings) of open items not yet joined into them: decoding and a
+        # str += per token would cost more than the rest of the relay.
+        self.pending: dict[int, list[bytes]] = {}
+        self.head = self.tail = b""  # of the open text or reasoning item's delta events
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
         self.incomplete: dict[str, Any] | None = None
@@ -382,7 +389,24 @@ class ResponseFolder:
 
     # The response object ------------------------------------------------------------
 
+    def sync(self) -> None:
+        """Join the pending deltas into their items (``output`` is then up to date)."""
+        for index, parts in self.pending.items():
+            if parts:
+                # One decode for all the JSON strings gathered since the last sync.
+                text = "".join(orjson.loads(b"[" + b",".join(parts) + b"]"))
+                item = self.output[index]
+                kind = item["type"]
+                if kind == "message":
+                    item["content"][0]["text"] += text
+                elif kind == "reasoning":
+                    item["summary"][0]["text"] += text
+                else:
+                    item["arguments"] += text
+                parts.clear()
+
     def snapshot(self) -> dict[str, Any]:
+        self.sync()
         echo = self.echo
         return {
             "id": self.id, "object": "response", "created_at": self.created_at,
@@ -402,36 +426,49 @@ class ResponseFolder:
 
     # Events -------------------------------------------------------------------------
 
-    def _event(self, out: list[dict[str, Any]], kind: str, **fields: Any) -> None:
+    def _event(self, out: list[Encoded], kind: str, **fields: Any) -> None:
         self.seq += 1
-        out.append({"type": kind, **fields, "sequence_number": self.seq})
+        data = ev.dumps({"type": kind, **fields, "sequence_number": self.seq})
+        out.append((self.seq, b"id: %d\nevent: %s\ndata: %s\n\n" % (
+            self.seq, kind.encode(), data)))
 
-    def feed(self, frames: list[bytes]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+    def _delta(self, out: list[Encoded], head: bytes, text: bytes, tail: bytes) -> None:
+        """A text or reasoning delta, from the journal's JSON string as it is: the
+        per-token path, so no decode and no dict (the same bytes as ``_event``)."""
+        self.seq += 1
+        seq = self.seq
+        out.append((seq, head % seq + text + tail % seq))
+
+    def feed(self, frames: list[bytes]) -> list[Encoded]:
+        out: list[Encoded] = []
         for raw in frames:
             _, name, data = ev.parse_frame(raw)
-            payload = orjson.loads(data)
+            # Text and reasoning frames are {"content":<str>} and {"reasoning":<str>}.
             if name is None:
-                self._text(out, payload["content"])
-            elif name == ev.START:
+                self._text(out, data[11:-1])
+                continue
+            if name == ev.REASONING:
+                self._reasoning(out, data[13:-1])
+                continue
+            payload = orjson.loads(data)
+            if name == ev.START:
                 self.model = payload.get("model") or self.model
                 self._event(out, "response.created", response=self.snapshot())
                 self.status = "in_progress"
                 self._event(out, "response.in_progress", response=self.snapshot())
-            elif name == ev.REASONING:
-                self._reasoning(out, payload["reasoning"])
             elif name == ev.TOOL_CALL:
                 self._tool_call(out, payload)
             elif name in (ev.DONE, ev.ERROR):
                 self._end(out, name, payload)
         return out
 
-    def _begin(self, out: list[dict[str, Any]], kind: str, item: dict[str, Any]) -> int:
+    def _begin(self, out: list[Encoded], kind: str, item: dict[str, Any]) -> int:
         if self.kind != kind:
             self._close_all(out, "completed")
         index = len(self.output)
         self.output.append(item)
         self.open.append(index)
+        self.pending[index] = []
         self.kind = kind
         self._event(out, "response.output_item.added", output_index=index, item=dict(item))
         return index
@@ -439,7 +476,7 @@ class ResponseFolder:
     def _item_id(self, prefix: str) -> str:
         return f"{prefix}_{self.stream_id}_{len(self.output)}"
 
-    def _text(self, out: list[dict[str, Any]], delta: str) -> None:
+    def _text(self, out: list[Encoded], delta: bytes) -> None:
         if self.kind != "message":
             index = self._begin(out, "message", {
                 "id": self._item_id("msg"), "type": "message", "status": "in_progress",
@@ -449,13 +486,13 @@ class ResponseFolder:
             item["content"] = [part]
             self._event(out, "response.content_part.added", item_id=item["id"],
                         output_index=index, content_index=0, part=dict(part))
-        index = self.open[-1]
-        item = self.output[index]
-        item["content"][0]["text"] += delta
-        self._event(out, "response.output_text.delta", item_id=item["id"], output_index=index,
-                    content_index=0, delta=delta, logprobs=[])
+            self.head = _head("response.output_text.delta", item["id"], index,
+                              b',"content_index":0')
+            self.tail = b',"logprobs":[]' + _TAIL
+        self.pending[self.open[-1]].append(delta)
+        self._delta(out, self.head, delta, self.tail)
 
-    def _reasoning(self, out: list[dict[str, Any]], delta: str) -> None:
+    def _reasoning(self, out: list[Encoded], delta: bytes) -> None:
         if self.kind != "reasoning":
             index = self._begin(out, "reasoning", {
                 "id": self._item_id("rs"), "type": "reasoning", "summary": []})
@@ -464,13 +501,13 @@ class ResponseFolder:
             self._event(out, "response.reasoning_summary_part.added", item_id=item["id"],
                         output_index=index, summary_index=0,
                         part={"type": "summary_text", "text": ""})
-        index = self.open[-1]
-        item = self.output[index]
-        item["summary"][0]["text"] += delta
-        self._event(out, "response.reasoning_summary_text.delta", item_id=item["id"],
-                    output_index=index, summary_index=0, delta=delta)
+            self.head = _head("response.reasoning_summary_text.delta", item["id"], index,
+                              b',"summary_index":0')
+            self.tail = _TAIL
+        self.pending[self.open[-1]].append(delta)
+        self._delta(out, self.head, delta, self.tail)
 
-    def _tool_call(self, out: list[dict[str, Any]], payload: dict[str, Any]) -> None:
+    def _tool_call(self, out: list[Encoded], payload: dict[str, Any]) -> None:
         chat_index = payload["index"]
         index = self.calls.get(chat_index)
         if index is None or index not in self.open:
@@ -484,11 +521,12 @@ class ResponseFolder:
             item["name"] = payload["name"]
         delta = payload.get("arguments") or ""
         if delta:
-            item["arguments"] += delta
+            self.pending[index].append(ev.dumps(delta))
             self._event(out, "response.function_call_arguments.delta", item_id=item["id"],
                         output_index=index, delta=delta)
 
-    def _close_all(self, out: list[dict[str, Any]], status: str) -> None:
+    def _close_all(self, out: list[Encoded], status: str) -> None:
+        self.sync()
         for index in self.open:
             item = self.output[index]
             kind = item["type"]
@@ -512,9 +550,10 @@ class ResponseFolder:
             self._event(out, "response.output_item.done", output_index=index,
                         item=_copy(item))
         self.open = []
+        self.pending = {}
         self.kind = None
 
-    def _end(self, out: list[dict[str, Any]], name: str, payload: dict[str, Any]) -> None:
+    def _end(self, out: list[Encoded], name: str, payload: dict[str, Any]) -> None:
         state = payload.get("state")
         self.model = payload.get("model") or self.model
         usage = payload.get("usage") or {}
@@ -560,13 +599,18 @@ def _copy(item: dict[str, Any]) -> dict[str, Any]:
     return copied
 
 
-def encode(events: list[dict[str, Any]], after: int) -> bytes:
+def encode(events: list[Encoded], after: int) -> bytes:
     """The SSE bytes of the events whose sequence number is above ``after``."""
-    return b"".join(
-        b"id: %d\nevent: %s\ndata: %s\n\n" % (e["sequence_number"], e["type"].encode(),
-                                              ev.dumps(e))
-        for e in events if e["sequence_number"] > after
-    )
+    return b"".join(data for seq, data in events if seq > after)
+
+
+def _head(kind: str, item_id: str, index: int, extra: bytes) -> bytes:
+    """The bytes of a delta event up to its ``delta`` value, ``%d`` for the sequence
+    number in the ``id:`` line; keys in the order ``_event`` writes them."""
+    name = kind.encode()
+    return (b"id: %d\nevent: " + name + b'\ndata: {"type":"' + name + b'","item_id":'
+            + ev.dumps(item_id).replace(b"%", b"%%") + b',"output_index":%d' % index
+            + extra + b',"delta":')
 
 
 def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -112,6 +112,7 @@ async def _read(journal: Journal, stream_id: str, wait_s: float = 0.0) -> list[b
 async def _folded(journal: Journal, info: StreamInfo, wait_s: float = 0.0) -> ResponseFolder:
     folder = ResponseFolder(info.stream_id, info.meta)
     folder.feed(await _read(journal, info.stream_id, wait_s))
+    folder.sync()
     return folder
 
 
