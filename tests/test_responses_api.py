@@ -331,7 +331,7 @@ async def test_input_items_and_fields_reach_the_upstream_translated(gateway, sim
             {"role": "user", "content": "Again"},
         ],
         tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"},
-        max_output_tokens=7, top_p=0.9, reasoning={"effort": "low"},
+        max_output_tokens=7, top_p=0.9, reasoning={"effort": "low"}, store=True,
         text={"format": {"type": "json_object"}}, extra_body={"top_k": 40})
     body = sim.last_request_body
     assert body["messages"] == [
@@ -346,7 +346,8 @@ async def test_input_items_and_fields_reach_the_upstream_translated(gateway, sim
     assert body["max_tokens"] == 7 and body["top_p"] == 0.9
     assert body["response_format"] == {"type": "json_object"}
     assert body["top_k"] == 40  # a field tokenrelay does not know passes through
-    assert "reasoning" not in body and "max_output_tokens" not in body
+    assert body["reasoning_effort"] == "low"
+    assert "reasoning" not in body and "max_output_tokens" not in body and "store" not in body
     await client.close()
 
 
@@ -420,4 +421,24 @@ async def test_item_references_resolve_to_earlier_output_items(gateway, simulato
             await client.responses.create(model="sim-chat", input=[
                 {"type": "item_reference", "id": unknown}])
         assert missing.value.body["param"] == "input[0].id"
+    await client.close()
+
+
+async def test_a_dropped_foreground_stream_cancels_the_upstream(gateway, simulator):
+    sim, _ = simulator
+    client = sdk(gateway)
+    stream = await client.responses.create(
+        model="sim-chat", input=QUESTION, stream=True,
+        extra_body={"sim": {"tokens": 400, "tokens_per_s": 20}})
+    async for event in stream:
+        if event.type == "response.created":
+            response_id = event.response.id
+        if event.type == "response.output_text.delta":
+            break
+    await stream.close()
+    await asyncio.wait_for(sim.wait_disconnected(1), 10)  # no grace: nobody resumes it
+    replay = await client.responses.retrieve(response_id, stream=True)
+    assert "response.completed" not in [e.type async for e in replay]  # read to its end
+    got = await client.responses.retrieve(response_id)
+    assert got.status == "cancelled"
     await client.close()

@@ -188,6 +188,12 @@ def _chat_params(data: dict[str, Any], settings: Settings) -> dict[str, Any]:
     response_format = chat_response_format(data.get("text"))
     if response_format is not None:
         params["response_format"] = response_format
+    # The chat-completions names of the two knobs that have one.
+    reasoning, text = data.get("reasoning"), data.get("text")
+    if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
+        params["reasoning_effort"] = reasoning["effort"]
+    if isinstance(text, dict) and isinstance(text.get("verbosity"), str):
+        params["verbosity"] = text["verbosity"]
     return params
 
 
