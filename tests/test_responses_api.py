@@ -130,6 +130,7 @@ async def test_the_sdk_streams_text(gateway):
     stream = await client.responses.create(model="sim-chat", input=QUESTION, stream=True)
     events = [event async for event in stream]
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert events[0].response.status == "in_progress"
     assert text_of(events) == "".join(build_text("sim-chat", ASKED))
     assert events[-1].response.output_text == text_of(events)
     await client.close()
@@ -202,6 +203,7 @@ async def test_background_stream_resumes_after_a_dropped_connection_exactly_once
     await stream.close()  # the connection drops mid-answer
     response_id, last_seen = before[0].response.id, before[-1].sequence_number
     assert before[0].response.background is True
+    assert before[0].response.status == "queued"
 
     resumed = await client.responses.retrieve(response_id, stream=True,
                                               starting_after=last_seen)

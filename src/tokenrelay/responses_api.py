@@ -379,7 +379,7 @@ class ResponseFolder:
         self.created_at = meta.get("created", 0)
         self.model = meta.get("model", "")
         self.seq = -1  # the last sequence number given; OpenAI's first event is 0
-        self.status = "queued"
+        self.status = "queued" if self.background else "in_progress"
         self.output: list[dict[str, Any]] = []
         self.open: list[int] = []  # output indexes of items not yet done
         self.kind: str | None = None  # kind of the open items
