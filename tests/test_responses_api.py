@@ -14,9 +14,12 @@ import httpx
 import openai
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai.types.responses import ResponseStreamEvent
 
-from tokenrelay.simulator import build_reasoning, build_text
+from support.gateway import running_gateway, serve_app
+from tokenrelay.simulator import SimulatorConfig, build_reasoning, build_text, create_simulator
 
 QUESTION = "What is SSE?"
 ASKED = [{"role": "user", "content": QUESTION}]
@@ -444,3 +447,81 @@ async def test_a_dropped_foreground_stream_cancels_the_upstream(gateway, simulat
     got = await client.responses.retrieve(response_id)
     assert got.status == "cancelled"
     await client.close()
+
+
+async def test_a_chain_of_previous_responses_cannot_outgrow_a_request_body(gateway_factory):
+    async with gateway_factory(TOKENRELAY_MAX_BODY_BYTES="3000") as gw:
+        client = sdk(gw)
+        previous = None
+        with pytest.raises(openai.BadRequestError) as refused:
+            for _ in range(20):
+                previous = (await client.responses.create(
+                    model="sim-chat", input=QUESTION, previous_response_id=previous,
+                    extra_body={"sim": {"tokens": 40}})).id
+        assert refused.value.body["code"] == "conversation_too_long"
+        assert previous is not None  # the first turns were answered
+        await client.close()
+
+
+# -- fuzz: whatever the body, a 4xx with OpenAI's error shape or an answer, never a 5xx ---
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                  max_size=4),
+    max_leaves=12,
+)
+_items = st.sampled_from([
+    {"role": "user", "content": "hi"},
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a"}]},
+    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+    {"type": "function_call_output", "call_id": "c", "output": "ok"},
+    {"type": "item_reference", "id": "msg_x_0"},
+    {"type": "reasoning", "summary": []},
+])
+_valid = st.fixed_dictionaries({"model": st.just("sim-fast"), "input": st.lists(_items,
+                                                                                 min_size=1)})
+_fields = st.sampled_from(["input", "instructions", "tools", "tool_choice", "text",
+                           "reasoning", "max_output_tokens", "metadata", "store", "background",
+                           "previous_response_id", "temperature", "model", "conversation"])
+
+
+def _set(body: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    return {**body, key: value}
+
+
+def _set_in_item(body: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    return {**body, "input": [{**body["input"][0], key: value}, *body["input"][1:]]}
+
+
+_bodies = st.one_of(
+    _valid, st.builds(_set, _valid, _fields, _json),
+    st.builds(_set_in_item, _valid, st.sampled_from(["type", "role", "content", "call_id",
+                                                     "output", "arguments", "id"]), _json),
+    _json,
+)
+
+
+@pytest.fixture
+async def fuzz_gateway():
+    sim = create_simulator(SimulatorConfig(speed=1000, first_token_delay_scale=0))
+    async with serve_app(sim, lifespan="off") as url, running_gateway(
+        TOKENRELAY_UPSTREAM_URL=url + "/v1", TOKENRELAY_DATABASE_URL="none",
+        TOKENRELAY_RETRY_MAX_ATTEMPTS="1",
+    ) as gw, httpx.AsyncClient(base_url=gw.base_url, timeout=30) as client:
+        yield client
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=_bodies)
+async def test_fuzzed_responses_bodies_never_get_a_5xx(fuzz_gateway, body):
+    resp = await fuzz_gateway.post("/v1/responses", json=body)
+    assert resp.status_code < 500, resp.text
+    data = resp.json()
+    if resp.status_code >= 400:
+        assert set(data["error"]) >= {"message", "type", "param", "code"}
+    else:
+        assert data["object"] == "response" and data["status"] in (
+            "completed", "incomplete", "in_progress", "queued")

@@ -131,10 +131,19 @@ def parse_request(
     if flags["background"] and not flags["store"]:
         raise _bad("background responses need store=true", "store")
     instructions = data.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise _bad("'instructions' must be a string", "instructions")
+    limits = settings.limits
+    if instructions is not None and (
+        not isinstance(instructions, str) or "\x00" in instructions
+        or len(instructions) > limits.max_message_chars
+    ):
+        raise _bad("'instructions' must be a string of at most "
+                   f"{limits.max_message_chars} characters, without NUL", "instructions")
     new = input_messages(data.get("input"))
-    messages = validate_messages((history or []) + new, settings.limits)
+    messages = validate_messages((history or []) + new, limits)
+    if history and len(orjson.dumps(messages)) > limits.max_body_bytes:
+        # A chain of previous_response_id must not grow past what one request could send.
+        raise _bad(f"the conversation is larger than {limits.max_body_bytes} bytes; start "
+                   "a new one", "previous_response_id", "conversation_too_long")
     params = _chat_params(data, settings)
     extra = {k: v for k, v in data.items()
              if k not in _ACCEPTED and k not in _FORWARD and k not in _REFUSED}
