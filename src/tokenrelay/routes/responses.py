@@ -261,6 +261,7 @@ async def retrieve_response(request: Request) -> Any:
         given = query.get("starting_after") or request.headers.get("last-event-id")
         # Sequence numbers start at 0, so "after nothing" is -1.
         after = -1 if given is None else parse_last_event_id(given)
+        request.app.state.metrics.resumed()
         return _events(hub, info.stream_id, info.meta, after)
     return JSONResponse((await _folded(hub.journal, info)).snapshot())
 
