@@ -370,6 +370,8 @@ async def test_input_items_and_fields_reach_the_upstream_translated(gateway, sim
          "max_output_tokens"),
         ({"model": "sim-chat", "input": "hi", "conversation": "conv_1"}, 400, "conversation"),
         ({"model": "sim-chat", "input": "hi", "stream": "yes"}, 400, "stream"),
+        ({"model": "sim-chat", "input": "hi", "messages": []}, 400, "messages"),
+        ({"model": "sim-chat", "input": "hi", "max_tokens": 10**9}, 400, "max_tokens"),
     ],
 )
 async def test_bad_requests_get_openai_shaped_errors_before_any_upstream_call(

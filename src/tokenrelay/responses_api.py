@@ -53,6 +53,9 @@ _ACCEPTED = frozenset({
 })
 # Server-side objects that a chat-completions upstream does not have.
 _REFUSED = frozenset({"conversation", "prompt"})
+# Chat-completions fields that tokenrelay writes (and bounds) from the Responses ones.
+_CHAT_OWN = {"messages": "input", "max_tokens": "max_output_tokens",
+             "max_completion_tokens": "max_output_tokens", "n": None}
 _TOOL_CHOICES = frozenset({"auto", "none", "required"})
 
 
@@ -110,6 +113,11 @@ def parse_request(
         if data[key] is not None:
             raise _bad(f"'{key}' is not supported: tokenrelay serves the Responses API over "
                        "a chat-completions upstream (use previous_response_id)", key)
+    for key in _CHAT_OWN.keys() & data.keys():
+        instead = _CHAT_OWN[key]
+        raise _bad(f"'{key}' is a chat-completions field; "
+                   + (f"the Responses API takes '{instead}'" if instead
+                      else "the Responses API has no such field"), key, "unknown_field")
     model = data.get("model") or settings.default_model
     if not isinstance(model, str) or not model or len(model) > 200:
         raise _bad("'model' must be a model name (see GET /v1/models)", "model",
