@@ -63,3 +63,9 @@ async def test_the_vercel_ai_sdk_continues_a_conversation(gateway, simulator):
                     {"role": "user", "content": "And tomorrow?"}]
     assert result["second"] == "".join(build_text("sim-chat", sent))
     assert result["finishReason"] == "stop"
+
+
+async def test_the_vercel_ai_sdk_sees_a_broken_answer_as_an_error_with_its_partial_text(gateway):
+    result = await run_script("vercel_ai.cjs", gateway.base_url + "/v1", "sim-drop")
+    assert result["finishReason"] == "error" and result["errors"]  # response.failed
+    assert result["text"] and "".join(build_text("sim-drop", ASKED)).startswith(result["text"])
