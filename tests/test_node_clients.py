@@ -7,10 +7,15 @@ The packages are installed by :mod:`support.node_clients` (pinned, cached per ma
 
 from __future__ import annotations
 
+import pytest
+
 from support.node_clients import run_script
 from tokenrelay.simulator import build_reasoning, build_text
 
 ASKED = [{"role": "user", "content": "What is SSE?"}]
+# The first test on a machine installs the packages with npm (each script still has its
+# own 120 s budget in run_script).
+pytestmark = pytest.mark.timeout(600)
 
 
 async def test_the_openai_npm_sdk_streams_chat_completions_and_responses(gateway):
