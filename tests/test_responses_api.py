@@ -527,3 +527,36 @@ async def test_fuzzed_responses_bodies_never_get_a_5xx(fuzz_gateway, body):
     else:
         assert data["object"] == "response" and data["status"] in (
             "completed", "incomplete", "in_progress", "queued")
+
+
+async def test_the_model_reported_is_the_one_that_answered_after_a_fallback(
+    simulator, tmp_path, refused_port
+):
+    _, url = simulator
+    config = tmp_path / "tokenrelay.toml"
+    config.write_text(f"""
+[providers.dead]
+base_url = "http://127.0.0.1:{refused_port}/v1"
+retry = {{ max_attempts = 1 }}
+
+[providers.sim]
+base_url = "{url}"
+
+[models.primary]
+provider = "dead"
+fallbacks = ["backup"]
+
+[models.backup]
+provider = "sim"
+upstream_model = "sim-chat"
+""", encoding="utf-8")
+    async with running_gateway(TOKENRELAY_CONFIG=str(config)) as gw:
+        client = sdk(gw)
+        response = await client.responses.create(model="primary", input=QUESTION)
+        assert response.model == "backup"
+        assert response.output_text == "".join(build_text("sim-chat", ASKED))
+        events = [e async for e in await client.responses.create(
+            model="primary", input=QUESTION, stream=True)]
+        assert events[-1].type == "response.completed"
+        assert events[-1].response.model == "backup"
+        await client.close()
