@@ -178,6 +178,9 @@ async def test_previous_response_id_continues_with_function_call_outputs(gateway
     assert sent[2:] == [{"role": "tool", "tool_call_id": c.call_id, "content": "sunny"}
                         for c in calls]
     assert second.previous_response_id == first.id
+    listed = await client.responses.input_items.list(second.id, order="asc")
+    assert [(i.type, i.call_id, i.output) for i in listed.data] == [
+        ("function_call_output", c.call_id, "sunny") for c in calls]  # its own input only
     assert second.output_text == "".join(build_text("sim-tools", sent)) != ""
 
     third = await client.responses.create(model="sim-chat", previous_response_id=second.id,
@@ -293,6 +296,7 @@ async def test_responses_are_invisible_to_other_tenants(gateway_factory):
                         bob.responses.retrieve(mine.id, stream=True, starting_after=0),
                         bob.responses.cancel(mine.id),
                         bob.responses.delete(mine.id),
+                        bob.responses.input_items.list(mine.id),
                         bob.responses.create(model="sim-chat", input="hi",
                                              previous_response_id=mine.id)):
             with pytest.raises(openai.NotFoundError) as refused:
@@ -325,7 +329,7 @@ async def test_max_output_tokens_ends_incomplete(gateway):
 async def test_input_items_and_fields_reach_the_upstream_translated(gateway, simulator):
     sim, _ = simulator
     client = sdk(gateway)
-    await client.responses.create(
+    response = await client.responses.create(
         model="sim-chat",
         input=[
             {"role": "developer", "content": "Answer in French."},
@@ -351,6 +355,12 @@ async def test_input_items_and_fields_reach_the_upstream_translated(gateway, sim
     assert body["max_tokens"] == 7 and body["top_p"] == 0.9
     assert body["response_format"] == {"type": "json_object"}
     assert body["top_k"] == 40  # a field tokenrelay does not know passes through
+    # The input as items again, newest first by default, one page at a time.
+    listed = [item async for item in client.responses.input_items.list(response.id, limit=1)]
+    assert [(i.role, i.content[0].text) for i in listed] == [
+        ("user", "Again"), ("assistant", "Bonjour"), ("user", "Hello"),
+        ("system", "Answer in French.")]
+    assert len({i.id for i in listed}) == 4
     assert body["reasoning_effort"] == "low"
     assert "reasoning" not in body and "max_output_tokens" not in body and "store" not in body
     await client.close()

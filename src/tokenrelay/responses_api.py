@@ -83,6 +83,7 @@ class ResponseRequest:
     store: bool = True
     previous_response_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    input_from: int = 0
 
     def upstream_body(self) -> dict[str, Any]:
         instructions = self.echo.get("instructions")
@@ -91,9 +92,11 @@ class ResponseRequest:
 
     def meta(self) -> dict[str, Any]:
         """What the journal keeps beside the frames: enough to answer GET and to continue
-        the conversation with ``previous_response_id``."""
+        the conversation with ``previous_response_id``. ``input_from``: where this
+        request's own input starts in ``messages`` (after the earlier turns)."""
         return {META_KEY: {"echo": self.echo, "messages": self.messages,
-                           "background": self.background, "store": self.store}}
+                           "background": self.background, "store": self.store,
+                           "input_from": self.input_from}}
 
 
 def _bad(message: str, param: str | None = None, code: str = "invalid_parameter") -> BadRequest:
@@ -177,7 +180,8 @@ def parse_request(
         raise _bad("'metadata' must be an object of at most 16 keys", "metadata")
     return ResponseRequest(route=route, messages=messages, params=params, echo=echo,
                            stream=flags["stream"], background=flags["background"],
-                           store=flags["store"], previous_response_id=previous, extra=extra)
+                           store=flags["store"], previous_response_id=previous, extra=extra,
+                           input_from=len(history or []))
 
 
 def _chat_params(data: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -634,6 +638,38 @@ def _head(kind: str, item_id: str, index: int, extra: bytes) -> bytes:
     return (b"id: %d\nevent: " + name + b'\ndata: {"type":"' + name + b'","item_id":'
             + ev.dumps(item_id).replace(b"%", b"%%") + b',"output_index":%d' % index
             + extra + b',"delta":')
+
+
+def input_items(messages: list[dict[str, Any]], stream_id: str) -> list[dict[str, Any]]:
+    """Chat messages back as Responses input items, with stable ids (``in_<stream>_<n>``).
+    A ``developer`` message was sent, and is listed, as ``system``."""
+    items: list[dict[str, Any]] = []
+
+    def add(item: dict[str, Any]) -> None:
+        items.append({"id": f"in_{stream_id}_{len(items)}", **item, "status": "completed"})
+
+    for msg in messages:
+        role, content = msg["role"], msg.get("content")
+        if role == "tool":
+            add({"type": "function_call_output", "call_id": msg.get("tool_call_id"),
+                 "output": content if isinstance(content, str) else ""})
+            continue
+        if content:
+            kind = "output_text" if role == "assistant" else "input_text"
+            parts = [{"type": kind, "text": content}] if isinstance(content, str) else [
+                {"type": "input_image", "image_url": p["image_url"]["url"],
+                 "detail": p["image_url"].get("detail", "auto")}
+                if p.get("type") == "image_url" else {"type": kind, "text": p.get("text", "")}
+                for p in content]
+            if role == "assistant":
+                for part in parts:
+                    part["annotations"] = []
+            add({"type": "message", "role": role, "content": parts})
+        for call in msg.get("tool_calls") or []:
+            function = call.get("function") or {}
+            add({"type": "function_call", "call_id": call.get("id"),
+                 "name": function.get("name"), "arguments": function.get("arguments")})
+    return items
 
 
 def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from tokenrelay.responses_api import (
     META_KEY,
     ResponseFolder,
     encode,
+    input_items,
     item_ref,
     output_messages,
     parse_request,
@@ -266,6 +267,35 @@ async def retrieve_response(request: Request) -> Any:
     return JSONResponse((await _folded(hub.journal, info)).snapshot())
 
 
+async def list_input_items(request: Request) -> JSONResponse:
+    """The response's own input (not the earlier turns), as OpenAI's cursor page."""
+    info = await _lookup(request, request.path_params["response_id"])
+    stored = info.meta[META_KEY]
+    items = input_items(stored.get("messages", [])[stored.get("input_from", 0):],
+                        info.stream_id)
+    query = request.query_params
+    order = query.get("order", "desc")
+    limit = query.get("limit", "20")
+    if order not in ("asc", "desc") or not limit.isdigit() or not 1 <= int(limit) <= 100:
+        error = BadRequest("'order' must be asc or desc and 'limit' between 1 and 100",
+                           code="invalid_parameter")
+        error.param = "order" if order not in ("asc", "desc") else "limit"  # type: ignore[attr-defined]
+        raise error
+    if order == "desc":
+        items.reverse()
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise _not_found(after, "after")
+        items = items[ids.index(after) + 1:]
+    page = items[:int(limit)]
+    return JSONResponse({"object": "list", "data": page,
+                         "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None,
+                         "has_more": len(items) > len(page)})
+
+
 async def cancel_response(request: Request) -> JSONResponse:
     resp_id = request.path_params["response_id"]
     info = await _lookup(request, resp_id)
@@ -312,4 +342,6 @@ routes = [
     Route("/v1/responses/{response_id}", _openai_errors(delete_response), methods=["DELETE"]),
     Route("/v1/responses/{response_id}/cancel", _openai_errors(cancel_response),
           methods=["POST"]),
+    Route("/v1/responses/{response_id}/input_items", _openai_errors(list_input_items),
+          methods=["GET"]),
 ]
