@@ -29,7 +29,7 @@ PACKAGES = {
     "zod": "4.1.12",
 }
 SCRIPTS = Path(__file__).resolve().parent.parent / "node"
-_FIX = "sudo apt-get install -y nodejs npm   (Node >= 20; then re-run the tests)"
+_FIX = "make system-deps (or: sudo apt-get install -y nodejs npm; Node >= 20)"
 
 
 def _cache_dir() -> Path:
