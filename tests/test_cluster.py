@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import openai
 import pytest
 import pytest_asyncio
 
@@ -30,7 +31,7 @@ from support.client import chat_body, read_stream
 from support.gateway import serve_app
 from support.processes import TOKENRELAY, Instance, Launcher, free_port
 from support.redis_server import RedisServer, delete_prefix
-from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator
+from tokenrelay.simulator import Simulator, SimulatorConfig, build_text, create_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = "/usr/sbin/nginx"
@@ -449,3 +450,67 @@ async def test_nginx_keeps_a_slow_first_token_alive_with_heartbeats(
     assert stream.terminal[0].data["state"] == "complete"
     assert stream.text
     assert stream.raw.count(b": heartbeat") >= 4  # 0.5 s heartbeats over a 4 s silence
+
+
+def _sdk(instance: Instance) -> Any:
+    return openai.AsyncOpenAI(base_url=instance.url + "/v1", api_key="unused", max_retries=0)
+
+
+async def test_background_response_resumes_on_another_instance(
+    cluster: tuple[Instance, Instance]
+) -> None:
+    a, b = cluster
+    on_a, on_b = _sdk(a), _sdk(b)
+    stream = await on_a.responses.create(
+        model="sim-chat", input="Explain SSE", stream=True, background=True,
+        extra_body={"sim": {"tokens": 60, "tokens_per_s": 60}})
+    before = []
+    async for event in stream:
+        before.append(event)
+        if len(before) >= 8:
+            break
+    await stream.close()  # dropped: the answer goes on in A's journal (Redis)
+    response_id = before[0].response.id
+
+    resumed = await on_b.responses.retrieve(response_id, stream=True,
+                                            starting_after=before[-1].sequence_number)
+    after = [event async for event in resumed]
+    numbers = [e.sequence_number for e in before + after]
+    assert numbers == list(range(len(numbers)))  # exactly once, across instances
+    assert after[-1].type == "response.completed"
+    text = "".join(e.delta for e in before + after if e.type == "response.output_text.delta")
+    expected = "".join(build_text("sim-chat", [{"role": "user", "content": "Explain SSE"}],
+                                  length=60))
+    assert text == expected
+    got = await on_b.responses.retrieve(response_id)
+    assert (got.status, got.output_text) == ("completed", expected)
+
+    await on_b.responses.delete(response_id)
+    with pytest.raises(openai.NotFoundError) as gone:
+        await on_a.responses.retrieve(response_id)
+    assert gone.value.body["type"] == "not_found_error"
+    await on_a.close()
+    await on_b.close()
+
+
+async def test_background_response_cancelled_from_another_instance(
+    cluster: tuple[Instance, Instance], sim: tuple[Simulator, str]
+) -> None:
+    simulator, _ = sim
+    a, b = cluster
+    on_a, on_b = _sdk(a), _sdk(b)
+    disconnected = simulator.stats.disconnected
+    created = await on_a.responses.create(
+        model="sim-chat", input="Explain SSE", background=True,
+        extra_body={"sim": {"tokens": 5000, "tokens_per_s": 50}})  # 100 s unless stopped
+    follow = await on_b.responses.retrieve(created.id, stream=True)
+    async for event in follow:
+        if event.type == "response.output_text.delta":
+            break
+    cancelled = await on_b.responses.cancel(created.id)
+    assert cancelled.status == "cancelled" and cancelled.output_text
+    await asyncio.wait_for(simulator.wait_for("disconnected", disconnected + 1), 20)
+    assert (await on_a.responses.retrieve(created.id)).status == "cancelled"
+    await follow.close()
+    await on_a.close()
+    await on_b.close()

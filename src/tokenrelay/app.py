@@ -33,7 +33,7 @@ from tokenrelay.limits import open_limiter
 from tokenrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tokenrelay.metrics import Metrics
 from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
-from tokenrelay.routes import chat, openai, streams
+from tokenrelay.routes import chat, openai, responses, streams
 from tokenrelay.routes.common import JSONResponse, error_response, speaks_openai
 from tokenrelay.subscriber import DEFERRED, Deferred
 from tokenrelay.upstream import UpstreamClient
@@ -287,6 +287,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *chat.routes,
         *streams.routes,
         *openai.routes,
+        *responses.routes,
     ]
     try:
         from tokenrelay.routes import conversations

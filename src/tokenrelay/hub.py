@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 from typing import Any
 
@@ -119,13 +120,16 @@ class Hub:
         record: bool = False,
         stream_id: str | None = None,
         lease: Lease | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> Generation:
         """Create the stream, write its ``start`` event, and launch the generation.
 
         With ``record`` (and a store), the answer is stored as an assistant message of
         ``conversation_id``: created now as ``streaming``, checkpointed, then finished.
         A ``lease`` (from the limiter) is finished with the answer's token count when the
-        generation ends; if this method raises, the caller still owns it.
+        generation ends; if this method raises, the caller still owns it. ``meta`` adds
+        keys to the journal's metadata of the stream (e.g. a Responses API request).
+        A ``grace_s`` of ``math.inf`` never cancels the answer for lack of readers.
         """
         if self.draining:
             raise ServiceUnavailable("this instance is shutting down; retry on another one")
@@ -146,6 +150,7 @@ class Hub:
             observer=self.observer,
         )
         meta = {
+            **(meta or {}),
             "owner": owner,
             "model": route.name,
             "message_id": gen.message_id,
@@ -279,6 +284,8 @@ class Hub:
         loop = asyncio.get_running_loop()
         if grace <= 0:
             gen.cancel(CANCEL_ABANDONED)
+            return
+        if grace == math.inf:  # a background answer: runs whoever reads it
             return
         self._grace[stream_id] = loop.call_later(grace, self._abandon, stream_id)
 

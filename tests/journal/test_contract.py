@@ -50,6 +50,20 @@ async def test_append_then_read_after_n(make_journal: MakeJournal) -> None:
     assert (await journal.read("s", 5, 0)).frames == []
 
 
+async def test_a_deleted_stream_is_gone_for_every_instance(make_journal: MakeJournal) -> None:
+    writer, other = make_journal(), make_journal()
+    await writer.create("s", {"owner": "u1"})
+    await writer.append("s", texts(1, 3))
+    await writer.finish("s", terminal(3), ev.COMPLETE)
+    await writer.create("kept", {})
+    assert await other.delete("s") is True
+    assert await writer.info("s") is None and await other.info("s") is None
+    with pytest.raises(StreamNotFound):
+        await writer.read("s", 0, 0)
+    assert await other.delete("s") is False
+    assert await writer.info("kept") is not None
+
+
 async def test_reads_in_pieces_give_every_frame_exactly_once(make_journal: MakeJournal) -> None:
     writer, reader = make_journal(), make_journal()
     await writer.create("s", {})

@@ -120,6 +120,13 @@ class Journal(abc.ABC):
     async def info(self, stream_id: str) -> StreamInfo | None:
         """Metadata and state of a stream, or None if unknown/expired."""
 
+    async def delete(self, stream_id: str) -> bool:
+        """Forget a *finished* stream now (its frames and metadata); False if unknown.
+
+        Readers of it then get StreamNotFound, as after retention.
+        """
+        raise NotImplementedError
+
     async def request_cancel(self, stream_id: str) -> None:  # noqa: B027 - optional hook
         """Ask the instance that owns the stream's generation to cancel it (cluster only)."""
 

@@ -182,6 +182,13 @@ class MemoryJournal(Journal):
             return None
         return StreamInfo(stream_id, stream.meta, stream.finished, stream.state, len(stream.frames))
 
+    async def delete(self, stream_id: str) -> bool:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return False
+        stream.wake()
+        return True
+
     async def hold(self, stream_ids: Collection[str]) -> None:
         """Nothing to renew: the owner is this process, which is alive if it runs this."""
 

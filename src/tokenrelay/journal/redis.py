@@ -681,6 +681,15 @@ class RedisJournal(Journal):
             int(data.get(b"last_seq", 0)),
         )
 
+    async def delete(self, stream_id: str) -> bool:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self._meta(stream_id))
+        pipe.delete(self._stream(stream_id), self._lease(stream_id))
+        pipe.zrem(self.prefix + "index", stream_id)
+        with _unavailable():
+            removed, _, _ = await pipe.execute()
+        return bool(removed)
+
     # -- cluster: cancel and leases ------------------------------------------------------
 
     async def request_cancel(self, stream_id: str) -> None:
