@@ -841,12 +841,25 @@ class App {
     }
     if (query !== this.query) return; // a newer search is on its way
     const ul = this.dom.convList;
-    const focusedId = document.activeElement?.closest?.("li")?.dataset.id;
-    ul.replaceChildren(...items.map((c) => this.convItem(c)));
     this.dom.convEmpty.textContent = query.trim() ? "No conversations match." : "No conversations yet.";
     this.dom.convEmpty.hidden = items.length > 0;
+    // An unchanged list is left alone: a half-done rename or delete confirmation survives.
+    const key = JSON.stringify(items.map((c) => [c.id, c.title]));
+    if (key === this.listKey && ul.children.length === items.length) {
+      this.markCurrent();
+      return;
+    }
+    this.listKey = key;
+    // Keep keyboard focus on the same control of the same conversation across the refresh
+    // (a refresh lands whenever an answer ends, possibly mid-Tab through the list).
+    const focused = document.activeElement;
+    const focusedId = ul.contains(focused) ? focused.closest("li")?.dataset.id : undefined;
+    const focusedKind = focusedId && ["conv-rename", "conv-delete"].find((k) => focused.classList.contains(k));
+    ul.replaceChildren(...items.map((c) => this.convItem(c)));
     this.markCurrent();
-    if (focusedId) ul.querySelector(`li[data-id="${CSS.escape(focusedId)}"] .conv-open`)?.focus();
+    if (focusedId) {
+      ul.querySelector(`li[data-id="${CSS.escape(focusedId)}"] .${focusedKind || "conv-open"}`)?.focus();
+    }
   }
 
   convItem(c) {
@@ -934,6 +947,7 @@ class App {
           this.announce("Rename failed.");
         }
       }
+      this.listKey = null; // the item's button comes back even if the title did not change
       await this.refreshList();
       this.dom.convList.querySelector(`li[data-id="${CSS.escape(c.id)}"] .conv-open`)?.focus();
     };
