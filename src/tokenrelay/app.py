@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from tokenrelay.config import SIMULATOR, Settings, load_settings
 from tokenrelay.errors import BadRequest, TokenRelayError
+from tokenrelay.guard import GuardMiddleware
 from tokenrelay.httpclient import Pool
 from tokenrelay.hub import Hub
 from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
@@ -275,7 +276,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     except ImportError:  # the history API ships with the store
         pass
     routes.append(Mount("/static", StaticFiles(directory=WEB_DIR), name="static"))
-    middleware = [Middleware(AccessLogMiddleware)]
+    middleware = [
+        Middleware(AccessLogMiddleware),
+        Middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts,
+                   bind_host=settings.host, cors_origins=settings.cors_origins),
+    ]
+    if "*" in settings.allowed_hosts:
+        log.warning("allowed_hosts is '*': any Host is served, so a web page can reach this "
+                    "gateway through DNS rebinding; list the gateway's names instead")
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, **cors_options(settings.cors_origins)))
     if settings.api_keys:  # without keys it would pass every request through unchanged
