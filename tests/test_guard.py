@@ -63,8 +63,9 @@ async def test_cross_site_and_non_json_bodies_are_refused_before_any_work(gatewa
             await _nothing_happened(gw, http, up)
             # The same request as the page or an SDK sends it goes through.
             own = f"http://127.0.0.1:{_port(gw)}"
-            for headers in ({"Content-Type": "application/json; charset=utf-8", "Origin": own,
-                             "Sec-Fetch-Site": "same-origin"}, {"Content-Type": "Application/JSON"}):
+            page = {"Content-Type": "application/json; charset=utf-8", "Origin": own,
+                    "Sec-Fetch-Site": "same-origin"}
+            for headers in (page, {"Content-Type": "Application/JSON"}):
                 async with http.post(gw.base_url + "/api/chat", data=body, headers=headers) as r:
                     assert r.status == 200, await r.text()
                     assert (await read_stream(r)).text == "fine"
