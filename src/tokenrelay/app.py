@@ -277,7 +277,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         pass
     routes.append(Mount("/static", StaticFiles(directory=WEB_DIR), name="static"))
     middleware = [
-        Middleware(AccessLogMiddleware),
+        Middleware(AccessLogMiddleware, max_headers=settings.max_headers),
         Middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts,
                    bind_host=settings.host, cors_origins=settings.cors_origins),
     ]

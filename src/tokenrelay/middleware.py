@@ -35,6 +35,7 @@ PUBLIC = frozenset({("GET", "/api/config"), ("HEAD", "/api/config")})  # the pag
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
 MAX_HEADER_BYTES = 64 * 1024  # all request headers together
+MAX_HEADERS = 100  # request header lines (Settings.max_headers)
 
 
 def route_path(scope: Scope) -> str:
@@ -141,9 +142,12 @@ class AccessLogMiddleware:
     them before they are buffered at all).
     """
 
-    def __init__(self, app: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+    def __init__(self, app: Any, max_header_bytes: int = MAX_HEADER_BYTES,
+                 max_headers: int = MAX_HEADERS) -> None:
         self.app = app
         self.max_header_bytes = max_header_bytes
+        # Our protocol refuses too many headers while parsing; this covers other servers.
+        self.max_headers = max_headers
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -158,14 +162,20 @@ class AccessLogMiddleware:
                 text = value.decode("latin-1")
                 request_id = text if _REQUEST_ID.fullmatch(text) else ""
         request_id = request_id or secrets.token_hex(8)
-        if header_bytes > self.max_header_bytes:
-            log.info("%s %s 431 request headers of %d bytes refused rid=%s",
+        count = len(scope["headers"])
+        if header_bytes > self.max_header_bytes or count > self.max_headers:
+            log.info("%s %s 431 %d request headers of %d bytes refused rid=%s",
                      _log_method(scope.get("method", "")), _log_path(scope.get("path", "")),
-                     header_bytes, request_id)
-            await _json_error(send, 431, "headers_too_large",
-                              f"request headers larger than {self.max_header_bytes} bytes",
-                              [_NOSNIFF, (b"x-request-id", request_id.encode()),
-                               (b"connection", b"close")])
+                     count, header_bytes, request_id)
+            code, message = ("headers_too_large",
+                             f"request headers larger than {self.max_header_bytes} bytes")
+            if count > self.max_headers:
+                code, message = ("too_many_headers", f"more than {self.max_headers} request "
+                                 "headers; send fewer (the limit is max_headers)")
+            # No "Connection: close": the server reads and drops an unread body, so the
+            # client reads this answer rather than a reset.
+            await _json_error(send, 431, code, message,
+                              [_NOSNIFF, (b"x-request-id", request_id.encode())])
             return
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
