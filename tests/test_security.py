@@ -208,6 +208,64 @@ async def test_bad_request_corpus_gets_documented_4xx_json(model_table_gateway, 
     assert not gateway.hub.generations  # nothing started upstream
 
 
+def _parts(*parts: object) -> list[dict]:
+    return [{"role": "system", "content": "s"}, {"role": "user", "content": list(parts)}]
+
+
+# (content parts of messages[1], the path the error must name)
+BAD_PARTS = [
+    ([{"type": "text"}], "messages[1].content[0].text"),
+    ([{"type": "text", "text": "ok"}, {"type": "text", "text": None}],
+     "messages[1].content[1].text"),
+    ([{"type": "text", "text": ["a"]}], "messages[1].content[0].text"),
+    ([{"type": "image_url"}], "messages[1].content[0].image_url"),
+    ([{"type": "image_url", "image_url": "http://x/y.png"}], "messages[1].content[0].image_url"),
+    ([{"type": "image_url", "image_url": {"detail": "low"}}],
+     "messages[1].content[0].image_url.url"),
+    ([{"type": "input_audio", "input_audio": {"data": "AAAA"}}],
+     "messages[1].content[0].input_audio.format"),
+    ([{"type": "input_audio", "input_audio": {"format": "wav"}}],
+     "messages[1].content[0].input_audio.data"),
+    ([{"type": "file", "file": {"filename": "a.pdf"}}], "messages[1].content[0].file"),
+    ([{"type": "file"}], "messages[1].content[0].file"),
+    ([{"type": "refusal"}], "messages[1].content[0].refusal"),
+    (["just a string"], "messages[1].content[0]"),
+    ([{"text": "no type"}], "messages[1].content[0]"),
+]
+GOOD_PARTS = [
+    {"type": "text", "text": "look"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+    {"type": "file", "file": {"file_id": "file-1"}},
+    {"type": "file", "file": {"file_data": "data:application/pdf;base64,AAAA",
+                              "filename": "a.pdf"}},
+    {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}},  # others pass through
+]
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_content_parts_are_checked_for_their_required_fields(gateway_factory, http, path):
+    async with FaultUpstream() as up:
+        up.script(ok(["seen"]))
+        async with gateway_factory(TOKENRELAY_UPSTREAM_URL=up.base_url,
+                                   TOKENRELAY_DATABASE_URL="none") as gw:
+            for parts, where in BAD_PARTS:
+                body = {"model": "m", "messages": _parts(*parts), "stream": True}
+                async with http.post(gw.base_url + path, json=body) as r:
+                    assert r.status == 400, (parts, await r.text())
+                    error = (await r.json())["error"]
+                    assert error["code"] == "invalid_messages"
+                    assert error["message"].startswith(where + " "), (where, error)
+            assert up.requests == []  # refused before any upstream call
+            body = {"model": "m", "messages": _parts(*GOOD_PARTS), "stream": True}
+            async with http.post(gw.base_url + path, json=body) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+            assert len(up.requests) == 1
+            sent = orjson.loads(up.requests[0].body)["messages"][1]["content"]
+            assert sent == GOOD_PARTS  # forwarded unchanged
+
+
 async def test_oversized_and_slow_bodies(gateway_factory, http):
     async with gateway_factory(TOKENRELAY_BODY_TIMEOUT_S="0.3") as gw:
         url = gw.base_url + "/api/chat"
