@@ -286,8 +286,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     "gateway through DNS rebinding; list the gateway's names instead")
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, **cors_options(settings.cors_origins)))
-    if settings.api_keys:  # without keys it would pass every request through unchanged
-        middleware.append(Middleware(AuthMiddleware, keys=settings.api_keys))
+    if settings.api_keys or settings.trusted_user_header:
+        # Without either it would pass every request through unchanged.
+        middleware.append(Middleware(
+            AuthMiddleware, keys=settings.api_keys,
+            trusted_header=settings.trusted_user_header,
+            trusted_proxies=settings.trusted_proxies, admin_keys=settings.admin_keys))
     app = TokenRelayApp(
         routes=routes,
         middleware=middleware,
@@ -299,6 +303,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
     )
     app.state.settings = settings
-    app.state.auth_required = bool(settings.api_keys)
+    app.state.auth_required = bool(settings.api_keys or settings.trusted_user_header)
     app.state.metrics = Metrics()
     return app
