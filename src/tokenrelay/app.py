@@ -33,7 +33,7 @@ from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIde
 from tokenrelay.journal.base import open_journal
 from tokenrelay.limits import open_limiter
 from tokenrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from tokenrelay.metrics import Metrics
+from tokenrelay.metrics import Metrics, metrics_refusal
 from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
 from tokenrelay.routes import chat, openai, streams
 from tokenrelay.routes.common import JSONResponse, error_response
@@ -177,6 +177,9 @@ async def index(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    refusal = metrics_refusal(request.app.state.settings, request.scope)
+    if refusal is not None:
+        return error_response(refusal)
     return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
