@@ -76,6 +76,7 @@ class App {
       this.dom.version.textContent = config.version ? `v${config.version}` : "";
       if (typeof config.heartbeat_s === "number" && config.heartbeat_s > 0) this.heartbeatS = config.heartbeat_s;
       if (config.auth_required && !this.api.key) await this.askForKey(true);
+      this.showUser(config);
     }
     // A gateway that says whether it keeps history spares us probing (and a logged 404).
     const advertised = config && typeof config.history === "boolean" ? config.history : undefined;
@@ -84,6 +85,19 @@ class App {
     this.ready = true; // only now may the user send: restore() replaces what is on screen
     this.updateComposer();
     document.body.dataset.ready = "true";
+  }
+
+  /** "Signed in as ..." (and the proxy's sign-out link) when an auth proxy named the user. */
+  showUser(config) {
+    if (typeof config.user !== "string" || !config.user) return;
+    document.getElementById("user-name").textContent = config.user;
+    const out = document.getElementById("sign-out");
+    const url = config.sign_out_url;
+    if (typeof url === "string" && /^(https?:\/\/|\/)/.test(url)) {
+      out.href = url;
+      out.hidden = false;
+    }
+    document.getElementById("signed-in").hidden = false;
   }
 
   // ------------------------------------------------------------------ setup
