@@ -174,3 +174,19 @@ async def test_allowed_hosts_adds_names_and_a_star_serves_any_with_a_warning(
 ])
 def test_host_policy(allowed, host, server, expected):
     assert HostPolicy(allowed, "127.0.0.1").allows(host, server) is expected
+
+
+@pytest.mark.parametrize("name", ["localhost", "127.0.0.1"])
+async def test_the_official_sdk_works_on_the_allowed_names(gateway, name):
+    import openai
+
+    base = gateway.base_url.replace("127.0.0.1", name) + "/v1"
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    stream = await client.chat.completions.create(model="sim-fast", messages=messages,
+                                                  stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text
+    models = await client.models.list()  # a GET through the same checks
+    assert models.object == "list"
+    await client.close()
