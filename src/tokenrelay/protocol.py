@@ -135,7 +135,6 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._limits = HeadLimits.of(self.config)
         if type(self.pipeline) is collections.deque and not self.pipeline:
             self.pipeline = _Pipeline()  # type: ignore[assignment]
         flow = getattr(self, "flow", None)
@@ -144,6 +143,10 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         self._arm(self._limits.header_timeout_s, self._head_timeout)
 
     # -- time and size bounds ------------------------------------------------------------
+
+    @property
+    def _limits(self) -> HeadLimits:
+        return HeadLimits.of(self.config)  # kept on the config: nothing more per connection
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         if self._deadline is not None:
