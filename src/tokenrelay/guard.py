@@ -24,6 +24,7 @@ id and a log line) and outside CORS and auth, so a refusal costs no key lookup.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,7 @@ def _split(host: str) -> tuple[str, str]:
     return name, port
 
 
+@functools.lru_cache(maxsize=256)  # per request otherwise; the local addresses are few
 def _is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address.strip("[]")).is_loopback
@@ -77,10 +79,16 @@ class HostPolicy:
             return False
         if _is_loopback(local) and name in LOOPBACK_NAMES:
             return True
-        try:  # the address the request arrived on, as an IP literal in the Host
-            return ipaddress.ip_address(name.strip("[]")) == ipaddress.ip_address(local)
-        except ValueError:
-            return False
+        return _same_address(name, local)
+
+
+@functools.lru_cache(maxsize=256)
+def _same_address(name: str, local: str) -> bool:
+    """Whether a Host name is an IP literal of the address the request arrived on."""
+    try:
+        return ipaddress.ip_address(name.strip("[]")) == ipaddress.ip_address(local)
+    except ValueError:
+        return False
 
 
 def _own_origin(origin: str, host: str) -> bool:
