@@ -262,3 +262,21 @@ def test_the_uvicorn_internals_the_protocol_relies_on_are_still_there():
         assert attr in cycle, attr
     assert "loaded_app" in inspect.getsource(proto.__init__)
     assert "STATUS_LINE" in dir(httptools_impl)
+
+
+async def test_a_head_that_never_ends_is_refused_once_it_outgrows_the_buffer_bound():
+    from tokenrelay.protocol import MAX_HEAD_BYTES
+
+    async with running_gateway(TOKENRELAY_DATABASE_URL="none") as gw:
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        reader, writer = await request(port, b"GET /api/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < 3 * MAX_HEAD_BYTES:
+                writer.write(b"X-Long: " + b"a" * 8000 + b"\r\n")  # one endless head
+                await writer.drain()
+                sent += 8010
+        answer = await _read_all(reader, 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+        assert b'"headers_too_large"' in answer

@@ -102,6 +102,13 @@ def _own_origin(origin: str, host: str) -> bool:
     return name == host_name and (port or default) == (host_port or default)
 
 
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    if b"transfer-encoding" in headers:
+        return True
+    length = headers.get(b"content-length")
+    return length is not None and length.strip() not in (b"0", b"")
+
+
 def _is_json(content_type: str) -> bool:
     return content_type.partition(";")[0].strip().lower() == "application/json"
 
@@ -123,21 +130,13 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        host = origin = fetch_site = content_type = None
-        has_body = False
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value.decode("latin-1")
-            elif name == b"origin":
-                origin = value.decode("latin-1").lower()
-            elif name == b"sec-fetch-site":
-                fetch_site = value
-            elif name == b"content-type":
-                content_type = value.decode("latin-1")
-            elif name == b"content-length":
-                has_body = has_body or value.strip() not in (b"0", b"")
-            elif name == b"transfer-encoding":
-                has_body = True
+        # One C-level dict build beats a Python loop over the headers (per request).
+        headers = dict(scope["headers"])
+        raw_host = headers.get(b"host")
+        host = raw_host.decode("latin-1") if raw_host is not None else None
+        raw_origin = headers.get(b"origin")
+        origin = raw_origin.decode("latin-1").lower() if raw_origin is not None else None
+        fetch_site = headers.get(b"sec-fetch-site")
         path = route_path(scope)
         refusal = None
         if path != "/healthz" and not self.hosts.allows(host or "", scope.get("server")):
@@ -148,13 +147,16 @@ class GuardMiddleware:
                 "a Host header is required"))
         elif path.startswith(_CROSS_CHECKED):
             refusal = self._cross_site(origin, fetch_site, host or "")
-            if refusal is None and has_body and scope["method"] in _BODY_METHODS \
-                    and path.startswith(PROTECTED) and not _is_json(content_type or ""):
-                refusal = (415, "unsupported_media_type", (
-                    "send the request body as JSON with 'Content-Type: application/json' "
-                    f"(got {_shown(content_type)!r})" if content_type else
-                    "send the request body as JSON with 'Content-Type: application/json' "
-                    "(the request had no Content-Type)"))
+            if refusal is None and scope["method"] in _BODY_METHODS \
+                    and path.startswith(PROTECTED) and _has_body(headers):
+                raw_type = headers.get(b"content-type")
+                content_type = raw_type.decode("latin-1") if raw_type is not None else None
+                if not _is_json(content_type or ""):
+                    refusal = (415, "unsupported_media_type", (
+                        "send the request body as JSON with 'Content-Type: application/json' "
+                        f"(got {_shown(content_type)!r})" if content_type else
+                        "send the request body as JSON with 'Content-Type: application/json' "
+                        "(the request had no Content-Type)"))
         if refusal is None:
             await self.app(scope, receive, send)
             return

@@ -18,7 +18,8 @@ listener task (it falls back to one under any other server).
 It also bounds what a client may hold before the app sees a request, which plain uvicorn
 does not (:class:`HeadLimits`, read from the app's settings): a request head must be
 complete within ``header_timeout_s`` (else ``408`` and close; a connection that sent
-nothing is closed quietly) and may have at most ``max_headers`` lines (else ``431``). A
+nothing is closed quietly), may have at most ``max_headers`` lines and
+:data:`MAX_HEAD_BYTES` (else ``431``). A
 response sent before the request body was read (``413``, ``401``) is followed by reading
 and discarding the rest of the body, up to :data:`DISCARD_BYTES` and ``body_timeout_s``;
 every close after a refusal is a lingering one (our side shut, the client's bytes read
@@ -43,6 +44,7 @@ __all__ = ["ON_DISCONNECT", "Disconnect", "HeadLimits", "StreamingHttpToolsProto
 
 ON_DISCONNECT = "tokenrelay.disconnect"  # scope key: a Disconnect
 DISCARD_BYTES = 64 * 1024 * 1024  # request body read and dropped after an early answer
+MAX_HEAD_BYTES = 1024 * 1024  # buffered for one head (the app refuses > 64 KiB of headers)
 LINGER_S = 2.0  # after a refusal: how long the client's further bytes are read and dropped
 
 log = logging.getLogger("tokenrelay.access")
@@ -128,11 +130,13 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
 
     # Slots, not the instance dict: uvicorn's ~30 attributes fill that dict's table, and
     # one more entry doubles it (~1.5 KB per idle stream, bench/memory_probe.py).
-    __slots__ = ("_deadline", "_discard_left", "_head_started", "_lingering", "_refusal")
+    __slots__ = ("_deadline", "_discard_left", "_head_bytes", "_head_started", "_lingering",
+                 "_refusal")
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: timerwheel.Deadline | None = None
         self._head_started = False
+        self._head_bytes = 0  # read while a head is incomplete
         self._discard_left = 0  # > 0 while dropping the rest of a body nobody read
         self._lingering = False
         self._refusal: _HeadRefused | None = None
@@ -197,6 +201,15 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         if self._lingering:
             return  # dropped: see _refuse
         super().data_received(data)
+        if self._head_started and not self._lingering:
+            # Still no complete head after this read: all of it was head (a pipelined
+            # request's body end aside). uvicorn would buffer headers without limit.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                log.info("request head over %d bytes: 431, connection closed", MAX_HEAD_BYTES)
+                self._refuse(_json_response(
+                    431, "headers_too_large",
+                    f"the request head is larger than {MAX_HEAD_BYTES} bytes"))
 
     def send_400_response(self, msg: str) -> None:
         refusal = self._refusal
@@ -213,15 +226,6 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         self._head_started = True
         if self._deadline is None:
             self._arm(self._limits.header_timeout_s, self._head_timeout)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        super().on_header(name, value)
-        limit = self._limits.max_headers
-        if len(self.headers) > limit:
-            log.info("more than %d request headers: 431, connection closed", limit)
-            self._refusal = _HeadRefused(
-                f"more than {limit} request headers; send fewer (the limit is max_headers)")
-            raise self._refusal
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -261,6 +265,13 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._head_started = False
+        self._head_bytes = 0
+        limit = self._limits.max_headers
+        if len(self.headers) > limit:  # counted once here, not per header (CPU per request)
+            log.info("more than %d request headers: 431, connection closed", limit)
+            self._refusal = _HeadRefused(
+                f"more than {limit} request headers; send fewer (the limit is max_headers)")
+            raise self._refusal  # a parser error for uvicorn: see send_400_response
         before = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
