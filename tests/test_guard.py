@@ -168,6 +168,8 @@ async def test_allowed_hosts_adds_names_and_a_star_serves_any_with_a_warning(
     ((), "chat.example", ("10.0.0.5", 8000), False),
     (("chat.example",), "chat.example", ("10.0.0.5", 8000), True),
     (("chat.example",), "chat.example.", ("10.0.0.5", 8000), False),
+    ((), "localhost:8000", ("::ffff:127.0.0.1", 8000), True),  # IPv4 on a dual-stack socket
+    ((), "127.0.0.1:8000", ("::ffff:127.0.0.1", 8000), True),
     ((), "localhost:8000", None, True),  # no server address (a unix socket): the bind host
     ((), "", ("127.0.0.1", 8000), False),
     (("*",), "anything", ("10.0.0.5", 8000), True),

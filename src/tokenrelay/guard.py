@@ -51,9 +51,15 @@ def _split(host: str) -> tuple[str, str]:
 @functools.lru_cache(maxsize=256)  # per request otherwise; the local addresses are few
 def _is_loopback(address: str) -> bool:
     try:
-        return ipaddress.ip_address(address.strip("[]")).is_loopback
+        return _ip(address).is_loopback
     except ValueError:
         return address == "localhost"
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address, with ``::ffff:127.0.0.1`` (IPv4 on a dual-stack socket) as IPv4."""
+    ip = ipaddress.ip_address(text.strip("[]"))
+    return getattr(ip, "ipv4_mapped", None) or ip
 
 
 class HostPolicy:
@@ -86,7 +92,7 @@ class HostPolicy:
 def _same_address(name: str, local: str) -> bool:
     """Whether a Host name is an IP literal of the address the request arrived on."""
     try:
-        return ipaddress.ip_address(name.strip("[]")) == ipaddress.ip_address(local)
+        return _ip(name) == _ip(local)
     except ValueError:
         return False
 
