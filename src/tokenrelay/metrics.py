@@ -176,7 +176,9 @@ def metrics_refusal(settings: Settings, scope: dict[str, Any]) -> BadRequest | N
             "'Authorization: Bearer <metrics_token>'", code="metrics_forbidden", status=403)
     client = scope.get("client")
     try:
-        local = bool(client) and ipaddress.ip_address(client[0]).is_loopback
+        address = ipaddress.ip_address(client[0]) if client else None
+        address = getattr(address, "ipv4_mapped", None) or address  # dual-stack socket
+        local = address is not None and address.is_loopback
     except ValueError:
         local = False
     if not local:

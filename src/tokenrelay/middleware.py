@@ -101,6 +101,7 @@ class AuthMiddleware:
             address = ipaddress.ip_address(client[0])
         except ValueError:
             return False
+        address = getattr(address, "ipv4_mapped", None) or address  # dual-stack socket
         return any(address in network for network in self._proxies)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
