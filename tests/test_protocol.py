@@ -264,6 +264,18 @@ def test_the_uvicorn_internals_the_protocol_relies_on_are_still_there():
     assert "STATUS_LINE" in dir(httptools_impl)
 
 
+async def test_a_malformed_request_gets_a_json_400():
+    async with running_gateway(TOKENRELAY_DATABASE_URL="none") as gw:
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        reader, writer = await request(port, (
+            b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n"))
+        answer = await _read_all(reader, 10)
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head
+    assert orjson.loads(body)["error"]["code"] == "invalid_http"
+
+
 async def test_a_head_that_never_ends_is_refused_once_it_outgrows_the_buffer_bound():
     from tokenrelay.protocol import MAX_HEAD_BYTES
 

@@ -212,12 +212,14 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
                     f"the request head is larger than {MAX_HEAD_BYTES} bytes"))
 
     def send_400_response(self, msg: str) -> None:
-        refusal = self._refusal
-        if refusal is None:
-            super().send_400_response(msg)
-            return
-        self._refusal = None
-        self._refuse(_json_response(431, "too_many_headers", str(refusal)))
+        """uvicorn's answer to a parser error, as JSON and with a lingering close."""
+        refusal, self._refusal = self._refusal, None
+        if refusal is not None:
+            self._refuse(_json_response(431, "too_many_headers", str(refusal)))
+        else:
+            self._refuse(_json_response(400, "invalid_http", (
+                "the request is not valid HTTP/1.1 (request line, header syntax, "
+                "Content-Length or chunked framing)")))
 
     # -- parser callbacks ----------------------------------------------------------------
 
