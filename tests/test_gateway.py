@@ -257,7 +257,7 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(
         reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
         body = orjson.dumps(chat_body("flood", "sim-fast", sim={"tokens": 100_000}))
         writer.write(
-            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         head = await reader.readuntil(b"\r\n\r\n")

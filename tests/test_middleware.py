@@ -172,7 +172,7 @@ async def test_cors_allows_only_listed_origins(gateway_factory, http):
             assert "Access-Control-Allow-Credentials" not in r.headers
         evil = {**preflight, "Origin": "https://evil.example"}
         async with http.options(gw.base_url + "/api/chat", headers=evil) as r:
-            assert r.status == 400
+            assert r.status == 403  # refused before CORS (tokenrelay.guard)
             assert "Access-Control-Allow-Origin" not in r.headers
         origin = {"Origin": "https://chat.example"}
         async with http.get(gw.base_url + "/api/models", headers=origin) as r:
@@ -229,6 +229,19 @@ def test_keys_from_toml_and_environment(tmp_path: Path):
         ({"TOKENRELAY_CORS_ORIGINS": "*"}, "wildcard"),
         ({"TOKENRELAY_CORS_ORIGINS": "https://a.example/path"}, "no path"),
         ({"TOKENRELAY_LOG_JSON": "maybe"}, "LOG_JSON"),
+        ({"TOKENRELAY_ALLOWED_HOSTS": "http://chat.example"}, "allowed_hosts"),
+        ({"TOKENRELAY_HEADER_TIMEOUT_S": "0"}, "header_timeout_s"),
+        ({"TOKENRELAY_MAX_HEADERS": "0"}, "max_headers"),
+        ({"TOKENRELAY_TRUSTED_USER_HEADER": "X-User"}, "trusted_proxies"),
+        ({"TOKENRELAY_TRUSTED_USER_HEADER": "X-User", "TOKENRELAY_TRUSTED_PROXIES": "proxy"},
+         "trusted_proxies"),
+        ({"TOKENRELAY_TRUSTED_USER_HEADER": "Authorization",
+          "TOKENRELAY_TRUSTED_PROXIES": "127.0.0.1"}, "cannot be"),
+        ({"TOKENRELAY_TRUSTED_USER_HEADER": "X User", "TOKENRELAY_TRUSTED_PROXIES": "::1"},
+         "trusted_user_header"),
+        ({"TOKENRELAY_SIGN_OUT_URL": "javascript:alert(1)"}, "sign_out_url"),
+        ({"TOKENRELAY_METRICS_TOKEN": "short"}, "metrics_token"),
+        ({"TOKENRELAY_ADMIN_KEYS": "nobody"}, "admin_keys"),
     ],
 )
 def test_bad_security_config_fails_naming_the_key(env, message):
@@ -239,6 +252,31 @@ def test_bad_security_config_fails_naming_the_key(env, message):
         secret = part.partition(":")[2]
         if secret:
             assert secret not in caught.value.message  # a config error never shows a key
+
+
+def test_host_proxy_and_operator_settings_from_toml_and_environment(tmp_path: Path):
+    config = tmp_path / "tokenrelay.toml"
+    config.write_text(
+        '[server]\nallowed_hosts = ["Chat.Example", "10.0.0.5:8000"]\nheader_timeout_s = 5\n'
+        'max_headers = 60\nmetrics_token = "toml-metrics-token"\n'
+        '[auth]\nkeys = [{name = "ops", key = "ops-key-0123456789"}]\nadmin_keys = ["ops"]\n'
+        'trusted_user_header = "X-Auth-Request-Email"\n'
+        'trusted_proxies = ["10.0.0.0/8", "::1"]\nsign_out_url = "/oauth2/sign_out"\n'
+    )
+    settings = load_settings(config, environ={})
+    assert settings.allowed_hosts == ("chat.example", "10.0.0.5:8000")
+    assert (settings.header_timeout_s, settings.max_headers) == (5.0, 60)
+    assert settings.admin_keys == ("ops",)
+    assert settings.trusted_user_header == "X-Auth-Request-Email"
+    assert settings.trusted_proxies == ("10.0.0.0/8", "::1")
+    assert settings.sign_out_url == "/oauth2/sign_out"
+    assert "toml-metrics-token" in settings.secrets  # redacted from logs
+    assert "toml-metrics-token" not in repr(settings)
+    env = {"TOKENRELAY_METRICS_TOKEN": "env-metrics-token", "TOKENRELAY_ALLOWED_HOSTS": "*",
+           "TOKENRELAY_TRUSTED_PROXIES": "127.0.0.1"}
+    settings = load_settings(config, environ=env)  # the environment wins
+    assert settings.metrics_token == "env-metrics-token"
+    assert settings.allowed_hosts == ("*",) and settings.trusted_proxies == ("127.0.0.1",)
 
 
 def test_key_env_must_be_set(tmp_path: Path):

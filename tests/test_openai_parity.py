@@ -189,7 +189,8 @@ async def test_body_too_large_and_oversized_headers_are_openai_errors_on_v1_only
                 assert (error["type"], error["code"]) == ("invalid_request_error",
                                                           "headers_too_large")
             # /api keeps its documented shape.
-            async with http.post(gw.base_url + "/api/chat", data=b"{") as r:
+            async with http.post(gw.base_url + "/api/chat", data=b"{",
+                                 headers={"Content-Type": "application/json"}) as r:
                 assert r.status == 400
                 assert await r.json() == {"error": {
                     "code": "invalid_json", "message": (await r.json())["error"]["message"],

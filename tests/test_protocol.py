@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from typing import Any
 
+import orjson
+
+from support.client import read_stream
 from support.gateway import running_gateway
 from support.servers import STREAMING_PROTOCOL, running_asgi
 from tokenrelay.protocol import ON_DISCONNECT
@@ -105,3 +109,186 @@ async def test_an_upgrade_request_is_answered_as_plain_uvicorn_answers_it():
             await writer.wait_closed()
     assert status[STREAMING_PROTOCOL] == status["httptools"]
     assert status["httptools"].startswith(b"HTTP/1.1 403")
+
+
+# -- bounded request heads, refusals that arrive (issue 16, point 3) ----------------------
+
+
+async def _read_all(reader: asyncio.StreamReader, budget: float) -> bytes:
+    """Everything until the server closes (EOF or reset), within ``budget`` seconds."""
+    data = b""
+    async with asyncio.timeout(budget):
+        while True:
+            try:
+                chunk = await reader.read(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+async def test_a_slow_head_is_cut_within_the_header_timeout_while_streams_flow(http):
+    timeout = 1.0
+    async with running_gateway(TOKENRELAY_HEADER_TIMEOUT_S=str(timeout),
+                               TOKENRELAY_SIMULATOR_SPEED="1") as gw:
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        body = {"model": "sim-chat", "messages": [{"role": "user", "content": "keep going"}],
+                "sim": {"tokens": 400, "tokens_per_s": 50}}
+        async with http.post(gw.base_url + "/api/chat", json=body) as stream:
+            first = await read_stream(stream, stop_after=3)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            slow, slow_w = await request(port, b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            silent, silent_w = await request(port, b"")
+            cut = await _read_all(slow, timeout + 2)
+            quiet = await _read_all(silent, timeout + 2)
+            elapsed = loop.time() - started
+            during = await read_stream(stream, stop_after=5)  # the stream still flows
+            slow_w.close()
+            silent_w.close()
+        assert elapsed < timeout + 2
+        assert cut.startswith(b"HTTP/1.1 408 "), cut
+        head, _, payload = cut.partition(b"\r\n\r\n")
+        assert b"content-type: application/json" in head.lower()
+        assert orjson.loads(payload)["error"]["code"] == "request_timeout"
+        assert quiet == b""  # a connection that never sent a byte is just closed
+        assert len(first.events) == 3 and len(during.events) == 5
+        assert during.events[0].id == first.events[-1].id + 1
+
+
+async def test_more_than_max_headers_is_a_431_json_error(http):
+    async with running_gateway(TOKENRELAY_MAX_HEADERS="100") as gw:
+        many = {f"X-H{i}": "v" for i in range(200)}
+        async with http.get(gw.base_url + "/api/models", headers=many) as r:
+            assert r.status == 431
+            assert (await r.json())["error"]["code"] == "too_many_headers"
+        # cut while parsing: the app never saw it, and a body behind it is not a reset
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        head = b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+            b"X-H%d: v\r\n" % i for i in range(200)) + b"Content-Length: 3000000\r\n\r\n"
+        reader, writer = await request(port, head)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(30):
+                writer.write(b"x" * 100_000)
+                await writer.drain()
+        answer = await _read_all(reader, 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == \
+            "too_many_headers"
+        fine = {f"X-H{i}": "v" for i in range(90)}  # with aiohttp's own, under 100
+        async with http.get(gw.base_url + "/api/models", headers=fine) as r:
+            assert r.status == 200
+
+
+async def test_too_many_headers_under_plain_uvicorn_are_refused_by_the_middleware(http):
+    async with running_gateway(server={"http": "httptools"}) as gw:
+        async with http.get(gw.base_url + "/api/models",
+                            headers={f"X-H{i}": "v" for i in range(150)}) as r:
+            assert r.status == 431
+            assert (await r.json())["error"]["code"] == "too_many_headers"
+
+
+async def test_a_body_over_the_limit_gets_its_413_as_json_not_a_reset(http):
+    async with running_gateway(TOKENRELAY_DATABASE_URL="none") as gw:
+        url = gw.base_url + "/api/chat"
+        ten_mb = b'{"messages": [{"role": "user", "content": "' + b"x" * 10_000_000 + b'"}]}'
+        for _ in range(5):  # a reset was intermittent
+            async with http.post(url, data=ten_mb,
+                                 headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 413
+                assert (await r.json())["error"]["code"] == "body_too_large"
+
+        async def chunked():
+            for _ in range(100):
+                yield b"x" * 100_000
+
+        async with http.post(url, data=chunked(),
+                             headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "body_too_large"
+        async with http.get(gw.base_url + "/healthz") as r:
+            assert r.status == 200
+
+
+async def test_a_body_nobody_reads_is_dropped_only_up_to_a_bound():
+    # An early answer, then a body that never ends: the connection is closed once the
+    # body's deadline passes, instead of reading (or holding) it forever.
+    async with running_gateway(TOKENRELAY_DATABASE_URL="none",
+                               TOKENRELAY_BODY_TIMEOUT_S="1") as gw:
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        reader, writer = await request(port, (
+            b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 50000000\r\n\r\n"))
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        assert status_line.startswith(b"HTTP/1.1 413 ")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with contextlib.suppress(ConnectionError):
+            while loop.time() - started < 8:  # a trickle, as a slowloris would send
+                writer.write(b"x" * 100)
+                await writer.drain()
+                if reader.at_eof():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(65536), 0.2)
+        assert reader.at_eof()
+        assert loop.time() - started < 1 + 2 + 1  # body deadline, linger, slack
+        writer.close()
+
+
+def test_the_uvicorn_internals_the_protocol_relies_on_are_still_there():
+    """protocol.py overrides and reads private parts of uvicorn's httptools protocol; an
+    upgrade of uvicorn that renames one must fail here, not silently stop a limit."""
+    import inspect
+
+    from uvicorn.protocols.http import httptools_impl
+
+    proto = httptools_impl.HttpToolsProtocol
+    for name in ("on_message_begin", "on_header", "on_headers_complete", "on_body",
+                 "on_message_complete", "on_response_complete", "send_400_response",
+                 "data_received", "connection_made", "connection_lost"):
+        assert callable(getattr(proto, name, None)), name
+    init = inspect.getsource(proto.__init__)
+    for attr in ("self.config", "self.loop", "self.headers", "self.cycle", "self.pipeline",
+                 "self.transport", "self.flow"):
+        assert attr in init, attr
+    # a parser error (our on_header raising) is answered through send_400_response
+    assert "send_400_response" in inspect.getsource(proto.data_received)
+    cycle = inspect.getsource(httptools_impl.RequestResponseCycle.__init__)
+    for attr in ("self.more_body", "self.response_complete", "self.message_event"):
+        assert attr in cycle, attr
+    assert "loaded_app" in inspect.getsource(proto.__init__)
+    assert "STATUS_LINE" in dir(httptools_impl)
+
+
+async def test_a_malformed_request_gets_a_json_400():
+    async with running_gateway(TOKENRELAY_DATABASE_URL="none") as gw:
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        reader, writer = await request(port, (
+            b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n"))
+        answer = await _read_all(reader, 10)
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head
+    assert orjson.loads(body)["error"]["code"] == "invalid_http"
+
+
+async def test_a_head_that_never_ends_is_refused_once_it_outgrows_the_buffer_bound():
+    from tokenrelay.protocol import MAX_HEAD_BYTES
+
+    async with running_gateway(TOKENRELAY_DATABASE_URL="none") as gw:
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        reader, writer = await request(port, b"GET /api/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < 3 * MAX_HEAD_BYTES:
+                writer.write(b"X-Long: " + b"a" * 8000 + b"\r\n")  # one endless head
+                await writer.drain()
+                sent += 8010
+        answer = await _read_all(reader, 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+        assert b'"headers_too_large"' in answer

@@ -156,6 +156,7 @@ async def test_idempotency_key_attaches_instead_of_generating_twice(simulator, g
     assert a.text == b.text == "".join(build_text("sim-chat", body["messages"]))
     assert sim.stats.requests == 1
     changed = {**body, "messages": [{"role": "user", "content": "something else"}]}
-    async with http.post(url, data=orjson.dumps(changed), headers=headers) as r:
+    async with http.post(url, data=orjson.dumps(changed),
+                         headers={**headers, "Content-Type": "application/json"}) as r:
         assert r.status == 422
         assert (await r.json())["error"]["code"] == "idempotency_key_reused"

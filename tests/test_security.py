@@ -27,6 +27,7 @@ from tokenrelay.sse import SSEDecoder
 KEYS = "alice:alice-key-0123456789,bob:bob-key-0123456789"
 ALICE = {"Authorization": "Bearer alice-key-0123456789"}
 BOB = {"Authorization": "Bearer bob-key-0123456789"}
+JSON = {"Content-Type": "application/json"}
 EVENT_NAMES = {"message", "start", "reasoning", "tool_call", "retry", "done", "error"}
 
 
@@ -208,12 +209,70 @@ async def test_bad_request_corpus_gets_documented_4xx_json(model_table_gateway, 
     assert not gateway.hub.generations  # nothing started upstream
 
 
+def _parts(*parts: object) -> list[dict]:
+    return [{"role": "system", "content": "s"}, {"role": "user", "content": list(parts)}]
+
+
+# (content parts of messages[1], the path the error must name)
+BAD_PARTS = [
+    ([{"type": "text"}], "messages[1].content[0].text"),
+    ([{"type": "text", "text": "ok"}, {"type": "text", "text": None}],
+     "messages[1].content[1].text"),
+    ([{"type": "text", "text": ["a"]}], "messages[1].content[0].text"),
+    ([{"type": "image_url"}], "messages[1].content[0].image_url"),
+    ([{"type": "image_url", "image_url": "http://x/y.png"}], "messages[1].content[0].image_url"),
+    ([{"type": "image_url", "image_url": {"detail": "low"}}],
+     "messages[1].content[0].image_url.url"),
+    ([{"type": "input_audio", "input_audio": {"data": "AAAA"}}],
+     "messages[1].content[0].input_audio.format"),
+    ([{"type": "input_audio", "input_audio": {"format": "wav"}}],
+     "messages[1].content[0].input_audio.data"),
+    ([{"type": "file", "file": {"filename": "a.pdf"}}], "messages[1].content[0].file"),
+    ([{"type": "file"}], "messages[1].content[0].file"),
+    ([{"type": "refusal"}], "messages[1].content[0].refusal"),
+    (["just a string"], "messages[1].content[0]"),
+    ([{"text": "no type"}], "messages[1].content[0]"),
+]
+GOOD_PARTS = [
+    {"type": "text", "text": "look"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+    {"type": "file", "file": {"file_id": "file-1"}},
+    {"type": "file", "file": {"file_data": "data:application/pdf;base64,AAAA",
+                              "filename": "a.pdf"}},
+    {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}},  # others pass through
+]
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_content_parts_are_checked_for_their_required_fields(gateway_factory, http, path):
+    async with FaultUpstream() as up:
+        up.script(ok(["seen"]))
+        async with gateway_factory(TOKENRELAY_UPSTREAM_URL=up.base_url,
+                                   TOKENRELAY_DATABASE_URL="none") as gw:
+            for parts, where in BAD_PARTS:
+                body = {"model": "m", "messages": _parts(*parts), "stream": True}
+                async with http.post(gw.base_url + path, json=body) as r:
+                    assert r.status == 400, (parts, await r.text())
+                    error = (await r.json())["error"]
+                    assert error["code"] == "invalid_messages"
+                    assert error["message"].startswith(where + " "), (where, error)
+            assert up.requests == []  # refused before any upstream call
+            body = {"model": "m", "messages": _parts(*GOOD_PARTS), "stream": True}
+            async with http.post(gw.base_url + path, json=body) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+            assert len(up.requests) == 1
+            sent = orjson.loads(up.requests[0].body)["messages"][1]["content"]
+            assert sent == GOOD_PARTS  # forwarded unchanged
+
+
 async def test_oversized_and_slow_bodies(gateway_factory, http):
     async with gateway_factory(TOKENRELAY_BODY_TIMEOUT_S="0.3") as gw:
         url = gw.base_url + "/api/chat"
         ten_mb = b'{"messages": [{"role": "user", "content": "' + b"x" * 10_000_000 + b'"}]}'
         try:
-            async with http.post(url, data=ten_mb) as r:  # declared Content-Length
+            async with http.post(url, data=ten_mb, headers=JSON) as r:  # declared length
                 assert r.status == 413
                 assert (await r.json())["error"]["code"] == "body_too_large"
         except aiohttp.ClientOSError:
@@ -224,7 +283,7 @@ async def test_oversized_and_slow_bodies(gateway_factory, http):
                 yield b"x" * 100_000
 
         try:
-            async with http.post(url, data=chunked()) as r:
+            async with http.post(url, data=chunked(), headers=JSON) as r:
                 assert r.status == 413
                 assert (await r.json())["error"]["code"] == "body_too_large"
         except aiohttp.ClientOSError:
@@ -235,7 +294,7 @@ async def test_oversized_and_slow_bodies(gateway_factory, http):
             await asyncio.sleep(5)  # never finishes within the 0.3 s body deadline
             yield b"[]}"
 
-        async with http.post(url, data=trickle()) as r:
+        async with http.post(url, data=trickle(), headers=JSON) as r:
             assert r.status == 408
             assert (await r.json())["error"]["code"] == "request_timeout"
         async with http.get(gw.base_url + "/healthz") as r:
@@ -244,14 +303,14 @@ async def test_oversized_and_slow_bodies(gateway_factory, http):
 
 async def test_huge_and_hostile_headers_are_refused_without_a_500(gateway, http):
     base = gateway.base_url
-    for headers in (
-        {"X-Filler": "a" * 200_000},
-        {f"X-H{i}": "v" * 100 for i in range(2000)},
+    for headers, code in (
+        ({"X-Filler": "a" * 200_000}, "headers_too_large"),
+        ({f"X-H{i}": "v" * 100 for i in range(2000)}, "too_many_headers"),
     ):
         for path in ("/healthz", "/api/chat"):
             async with http.post(base + path, headers=headers, json=chat_body("x")) as r:
                 assert r.status == 431, r.status
-                assert (await r.json())["error"]["code"] == "headers_too_large"
+                assert (await r.json())["error"]["code"] == code
                 assert r.headers["X-Content-Type-Options"] == "nosniff"
     async with http.get(base + "/healthz", headers={"X-Filler": "a" * 30_000}) as r:
         assert r.status == 200  # large but below the cap
@@ -259,9 +318,11 @@ async def test_huge_and_hostile_headers_are_refused_without_a_500(gateway, http)
         assert r.status == 200
     port = int(base.rsplit(":", 1)[1])
     for raw, statuses in (
-        (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", (b"400",)),
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n", (b"200", b"400")),
-        (b"GET /api/streams/a\x00b HTTP/1.1\r\nHost: x\r\n\r\n", (b"400", b"404")),
+        (b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n",
+         (b"400",)),
+        (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Bad: a\x01b\r\n\r\n",
+         (b"200", b"400")),
+        (b"GET /api/streams/a\x00b HTTP/1.1\r\nHost: localhost\r\n\r\n", (b"400", b"404")),
     ):  # what no well-behaved client library would send
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:

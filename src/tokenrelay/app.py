@@ -25,13 +25,14 @@ from starlette.staticfiles import StaticFiles
 
 from tokenrelay.config import SIMULATOR, Settings, load_settings
 from tokenrelay.errors import BadRequest, TokenRelayError, openai_error_body
+from tokenrelay.guard import GuardMiddleware
 from tokenrelay.httpclient import Pool
 from tokenrelay.hub import Hub
 from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
 from tokenrelay.journal.base import open_journal
 from tokenrelay.limits import open_limiter
 from tokenrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from tokenrelay.metrics import Metrics
+from tokenrelay.metrics import Metrics, metrics_refusal
 from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
 from tokenrelay.routes import chat, openai, responses, streams
 from tokenrelay.routes.common import JSONResponse, error_response, speaks_openai
@@ -196,6 +197,9 @@ async def index(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    refusal = metrics_refusal(request.app.state.settings, request.scope)
+    if refusal is not None:
+        return error_response(refusal)
     return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
@@ -296,11 +300,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
     except ImportError:  # the history API ships with the store
         pass
     routes.append(Mount("/static", StaticFiles(directory=WEB_DIR), name="static"))
-    middleware = [Middleware(AccessLogMiddleware)]
+    middleware = [
+        Middleware(AccessLogMiddleware, max_headers=settings.max_headers),
+        Middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts,
+                   bind_host=settings.host, cors_origins=settings.cors_origins),
+    ]
+    if "*" in settings.allowed_hosts:
+        log.warning("allowed_hosts is '*': any Host is served, so a web page can reach this "
+                    "gateway through DNS rebinding; list the gateway's names instead")
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, **cors_options(settings.cors_origins)))
-    if settings.api_keys:  # without keys it would pass every request through unchanged
-        middleware.append(Middleware(AuthMiddleware, keys=settings.api_keys))
+    if settings.api_keys or settings.trusted_user_header:
+        # Without either it would pass every request through unchanged.
+        middleware.append(Middleware(
+            AuthMiddleware, keys=settings.api_keys,
+            trusted_header=settings.trusted_user_header,
+            trusted_proxies=settings.trusted_proxies, admin_keys=settings.admin_keys))
     app = TokenRelayApp(
         routes=routes,
         middleware=middleware,
@@ -312,7 +327,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
     )
     app.state.settings = settings
-    app.state.auth_required = bool(settings.api_keys)
+    app.state.auth_required = bool(settings.api_keys or settings.trusted_user_header)
     app.state.announce_providers = False  # `tokenrelay serve` turns it on
     app.state.metrics = Metrics()
     return app

@@ -42,7 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tokenrelay: {exc.message}", file=sys.stderr)
         return 2
-    if not _is_loopback(settings.host) and not getattr(settings, "api_keys", None):
+    if not _is_loopback(settings.host) and not (settings.api_keys
+                                                or settings.trusted_user_header):
         print(
             f"tokenrelay: WARNING: listening on {settings.host} with no client API keys: "
             "anyone who can reach this port can use your upstream keys.",

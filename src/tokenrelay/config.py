@@ -151,6 +151,15 @@ class Settings:
     rate_limits: RateLimits = RateLimits()
     cors_origins: tuple[str, ...] = ()  # none: CORS off (same-origin page only)
     allowed_models: tuple[str, ...] | None = None  # None: every configured model
+    # Host names served besides the defaults (see tokenrelay.guard); ("*",): any Host.
+    allowed_hosts: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0  # a request head must be complete within this
+    max_headers: int = 100  # request header lines; more is 431
+    trusted_user_header: str | None = None  # set by an auth proxy: tenant "user:<value>"
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose trusted_user_header is believed
+    sign_out_url: str | None = None  # the auth proxy's sign-out link, shown on the page
+    metrics_token: str | None = field(default=None, repr=False)  # bearer token for /metrics
+    admin_keys: tuple[str, ...] = ()  # names of client keys that see every tenant's stats
 
     def route(self, model: str) -> ModelRoute | None:
         """The route for a client-facing model name, or None if unknown."""
@@ -170,7 +179,8 @@ class Settings:
         # (proxy URLs are only ever shown through redact_proxy anyway).
         proxy = tuple({form for pw in passwords if pw and len(pw) >= 6
                        for form in (pw, unquote(pw))})
-        return upstream + proxy + tuple(k.key for k in self.api_keys)
+        metrics = (self.metrics_token,) if self.metrics_token else ()
+        return upstream + proxy + tuple(k.key for k in self.api_keys) + metrics
 
 
 _ENV_FLOATS = {
@@ -181,6 +191,7 @@ _ENV_FLOATS = {
     "TOKENRELAY_CHECKPOINT_S": "checkpoint_s",
     "TOKENRELAY_SIMULATOR_SPEED": "simulator_speed",
     "TOKENRELAY_LEASE_S": "lease_s",
+    "TOKENRELAY_HEADER_TIMEOUT_S": "header_timeout_s",
 }
 _ENV_STRINGS = {
     "TOKENRELAY_HOST": "host",
@@ -480,7 +491,7 @@ def _parse_api_keys(auth: Any, env: Mapping[str, str]) -> tuple[ApiKey, ...]:
     (comma-separated ``name:key`` or bare keys)."""
     if not isinstance(auth, dict):
         raise ConfigError("Config 'auth' must be a table.")
-    unknown = set(auth) - {"keys"}
+    unknown = set(auth) - {"keys", *_AUTH_SECURITY}
     if unknown:
         raise ConfigError(f"Config 'auth.{sorted(unknown)[0]}' is not a known setting.")
     raw = auth.get("keys", [])
@@ -539,6 +550,88 @@ def _origins(value: Any, where: str) -> tuple[str, ...]:
     return origins
 
 
+_AUTH_SECURITY = ("trusted_user_header", "trusted_proxies", "sign_out_url", "admin_keys")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+def _parse_security(server: Any, auth: Any, env: Mapping[str, str]) -> dict[str, Any]:
+    """Host allow-list, trusted auth proxy and admin keys (see tokenrelay.guard and
+    tokenrelay.middleware): from ``[server]``/``[auth]`` and ``TOKENRELAY_*``."""
+    auth = auth if isinstance(auth, dict) else {}
+    out: dict[str, Any] = {}
+    hosts = _string_list(server.get("allowed_hosts", []), "server.allowed_hosts")
+    if "TOKENRELAY_ALLOWED_HOSTS" in env:
+        hosts = _string_list(env["TOKENRELAY_ALLOWED_HOSTS"], "TOKENRELAY_ALLOWED_HOSTS")
+    for host in hosts:
+        if host != "*" and not _HOST.fullmatch(host):
+            raise ConfigError(
+                f"Config 'allowed_hosts' has {host!r}. Use a host name or address with an "
+                "optional :port (IPv6 in brackets), or '*' for any."
+            )
+    out["allowed_hosts"] = tuple(h.lower() for h in hosts)
+    for key in ("trusted_user_header", "sign_out_url"):
+        value = env.get("TOKENRELAY_" + key.upper()) or auth.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"Config 'auth.{key}' must be a non-empty string.")
+            out[key] = value
+    proxies = _string_list(auth.get("trusted_proxies", []), "auth.trusted_proxies")
+    if "TOKENRELAY_TRUSTED_PROXIES" in env:
+        proxies = _string_list(env["TOKENRELAY_TRUSTED_PROXIES"], "TOKENRELAY_TRUSTED_PROXIES")
+    for cidr in proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"Config 'trusted_proxies' has {cidr!r}. Use addresses or CIDRs "
+                "(10.0.0.0/8, 127.0.0.1, ::1)."
+            ) from None
+    out["trusted_proxies"] = proxies
+    admins = _string_list(auth.get("admin_keys", []), "auth.admin_keys")
+    if "TOKENRELAY_ADMIN_KEYS" in env:
+        admins = _string_list(env["TOKENRELAY_ADMIN_KEYS"], "TOKENRELAY_ADMIN_KEYS")
+    out["admin_keys"] = admins
+    token = env.get("TOKENRELAY_METRICS_TOKEN") or server.get("metrics_token")
+    if token is not None:
+        if not isinstance(token, str) or len(token) < MIN_KEY_LENGTH:
+            raise ConfigError(
+                f"Config 'server.metrics_token' must be at least {MIN_KEY_LENGTH} characters.")
+        out["metrics_token"] = token
+    return out
+
+
+def _check_security(settings: Settings) -> None:
+    """Cross-checks of the security settings, once the environment has been applied."""
+    if settings.header_timeout_s <= 0:
+        raise ConfigError("Config 'header_timeout_s' must be positive.")
+    if settings.max_headers < 1:
+        raise ConfigError("Config 'max_headers' must be at least 1.")
+    header = settings.trusted_user_header
+    if header is not None:
+        if not _HEADER_NAME.fullmatch(header):
+            raise ConfigError(
+                f"Config 'trusted_user_header' has {header!r}. Use a header name such as "
+                "X-Forwarded-User.")
+        if header.lower() in ("authorization", "host", "cookie", "content-type"):
+            raise ConfigError(f"Config 'trusted_user_header' cannot be {header!r}.")
+        if not settings.trusted_proxies:
+            raise ConfigError(
+                "Config 'trusted_user_header' needs 'trusted_proxies' (the auth proxy's "
+                "addresses): without it anyone could name themselves.")
+    url = settings.sign_out_url
+    if url is not None and not re.fullmatch(r"(https?://[^\s\"'<>]+|/[^\s\"'<>]*)", url):
+        raise ConfigError(
+            f"Config 'sign_out_url' has {url!r}. Use an http(s) URL or a path starting with /.")
+    if settings.metrics_token is not None and len(settings.metrics_token) < MIN_KEY_LENGTH:
+        raise ConfigError(f"Config 'metrics_token' must be at least {MIN_KEY_LENGTH} characters.")
+    names = {k.name for k in settings.api_keys}
+    for name in settings.admin_keys:
+        if name not in names:
+            raise ConfigError(
+                f"Config 'admin_keys' names {name!r}, which is not a configured key name.")
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -558,7 +651,7 @@ def load_settings(
 
     server = data.get("server", {})
     settings = Settings()
-    own = ("journal", "limits", "cors_origins", "allowed_models")
+    own = ("journal", "limits", "cors_origins", "allowed_models", "allowed_hosts")
     simple = {k: v for k, v in server.items() if k not in own}
     settings = _overlay(settings, simple, "server")
     cors_origins = _origins(server.get("cors_origins", []), "server.cors_origins")
@@ -586,6 +679,10 @@ def load_settings(
     )
     if "TOKENRELAY_PORT" in env:
         settings = replace(settings, port=_number("TOKENRELAY_PORT", env["TOKENRELAY_PORT"], int))
+    if "TOKENRELAY_MAX_HEADERS" in env:
+        settings = replace(settings, max_headers=_number("TOKENRELAY_MAX_HEADERS",
+                                                         env["TOKENRELAY_MAX_HEADERS"], int))
+    security = _parse_security(server, data.get("auth", {}), env)
     journal = _env_overlay(journal, env, _JOURNAL_ENV, "env")
     limits = _env_overlay(limits, env, _LIMITS_ENV, "env")
 
@@ -633,7 +730,9 @@ def load_settings(
         rate_limits=rate_limits,
         cors_origins=cors_origins,
         allowed_models=allowed_models,
+        **security,
     )
+    _check_security(settings)
     if overrides:
         settings = replace(settings, **overrides)
     if settings.heartbeat_s <= 0:

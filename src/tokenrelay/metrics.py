@@ -8,6 +8,9 @@ when ``/metrics`` is scraped. Per-answer hooks use prometheus_client directly.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -16,7 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import INF, floatToGoString
 
+from tokenrelay.errors import BadRequest
+
 if TYPE_CHECKING:
+    from tokenrelay.config import Settings
     from tokenrelay.errors import TokenRelayError
     from tokenrelay.generation import Generation
     from tokenrelay.hub import Hub
@@ -140,3 +146,44 @@ class Metrics:
 
     def resumed(self) -> None:
         self.resumes.inc()
+
+
+def metrics_refusal(settings: Settings, scope: dict[str, Any]) -> BadRequest | None:
+    """Why ``/metrics`` is not served to this request, or None.
+
+    With ``metrics_token``: only to ``Authorization: Bearer <metrics_token>`` (compared in
+    constant time). Without it: only to loopback clients of a gateway that has neither
+    client keys nor an auth proxy (the local default: the user's own Prometheus or curl).
+    A shared gateway's counters (models, error codes, traffic) are not for every tenant.
+    """
+    token = settings.metrics_token
+    if token:
+        presented = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, rest = value.partition(b" ")
+                presented = rest.strip() if scheme.lower() == b"bearer" else b""
+                break
+        if hmac.compare_digest(hashlib.sha256(presented).digest(),
+                               hashlib.sha256(token.encode()).digest()):
+            return None
+        return BadRequest("/metrics needs 'Authorization: Bearer <metrics_token>'",
+                          code="unauthorized", status=401)
+    if settings.api_keys or settings.trusted_user_header:
+        return BadRequest(
+            "/metrics is off on a gateway with client keys or an auth proxy: set "
+            "metrics_token (TOKENRELAY_METRICS_TOKEN) and scrape with "
+            "'Authorization: Bearer <metrics_token>'", code="metrics_forbidden", status=403)
+    client = scope.get("client")
+    try:
+        address = ipaddress.ip_address(client[0]) if client else None
+        address = getattr(address, "ipv4_mapped", None) or address  # dual-stack socket
+        local = address is not None and address.is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        return BadRequest(
+            "/metrics is served to loopback clients only; to scrape it from elsewhere set "
+            "metrics_token (TOKENRELAY_METRICS_TOKEN) and send "
+            "'Authorization: Bearer <metrics_token>'", code="metrics_forbidden", status=403)
+    return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
@@ -36,6 +37,7 @@ PUBLIC = frozenset({("GET", "/api/config"), ("HEAD", "/api/config")})  # the pag
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
 MAX_HEADER_BYTES = 64 * 1024  # all request headers together
+MAX_HEADERS = 100  # request header lines (Settings.max_headers)
 
 
 def route_path(scope: Scope) -> str:
@@ -58,17 +60,31 @@ def _log_method(method: str) -> str:
 
 
 class AuthMiddleware:
-    """Bearer API keys on ``/api/*`` and ``/v1/*``; each key is a tenant.
+    """Bearer API keys and a trusted auth proxy's user header on ``/api/*`` and ``/v1/*``.
 
-    On success ``scope["state"]["owner"]`` is the key's tenant id and ``key_name`` its
-    name (never the key). Every configured key is compared, in constant time, against a
-    digest of the presented one, so neither timing nor length tells which key was close.
-    With no key configured the middleware is a pass-through (one local user).
+    On success ``scope["state"]["owner"]`` is the tenant id, ``key_name`` its name for
+    the access log (never the key), ``admin`` whether it may see every tenant's stats, and
+    ``user`` the proxy's user name. Every configured key is compared, in constant time,
+    against a digest of the presented one, so neither timing nor length tells which key
+    was close.
+
+    ``trusted_header`` (with ``trusted_proxies``) is believed only from a peer address in
+    those networks: there it makes the request the tenant ``user:<value>``, whatever
+    ``Authorization`` says (a proxy's basic auth may pass through). From any other
+    address it is ignored (logged once), and the request needs a key. ``GET /api/config``
+    is answered to anyone, identified when possible (the page learns who it is).
     """
 
-    def __init__(self, app: Any, keys: Sequence[ApiKey] = ()) -> None:
+    def __init__(self, app: Any, keys: Sequence[ApiKey] = (), *,
+                 trusted_header: str | None = None, trusted_proxies: Sequence[str] = (),
+                 admin_keys: Sequence[str] = ()) -> None:
         self.app = app
         self._keys = [(hashlib.sha256(k.key.encode()).digest(), k) for k in keys]
+        self._admins = frozenset(admin_keys)
+        self._header = trusted_header.lower().encode() if trusted_header else None
+        self._proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+        self._warned = False
+        self._header_name = trusted_header or ""
 
     def _match(self, presented: bytes) -> ApiKey | None:
         digest = hashlib.sha256(presented).digest()
@@ -78,37 +94,81 @@ class AuthMiddleware:
                 found = key
         return found
 
+    def _trusted(self, scope: Scope) -> bool:
+        client = scope.get("client")
+        if not client:
+            return False
+        try:
+            address = ipaddress.ip_address(client[0])
+        except ValueError:
+            return False
+        address = getattr(address, "ipv4_mapped", None) or address  # dual-stack socket
+        return any(address in network for network in self._proxies)
+
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket") or not self._keys:
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        if not path.startswith(PROTECTED) or (scope.get("method"), path) in PUBLIC:
+        if not path.startswith(PROTECTED):
             await self.app(scope, receive, send)
             return
         presented = None
+        users = []
         for name, value in scope["headers"]:
-            if name == b"authorization":
+            if name == b"authorization" and presented is None:
                 scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer" and token.strip():
-                    presented = token.strip()
-                break
-        key = self._match(presented) if presented is not None else None
-        if key is None:
-            await _unauthorized(scope, send, invalid=presented is not None)
-            return
+                presented = token.strip() if scheme.lower() == b"bearer" else b""
+            elif name == self._header:
+                users.append(value)
         state = scope.setdefault("state", {})
-        state["owner"] = key.owner
-        state["key_name"] = key.name
+        if users:
+            if self._trusted(scope):
+                user = _user_name(users)
+                if user is None:
+                    await _json_error(send, 400, "invalid_user_header", (
+                        f"the auth proxy's {self._header_name} header must be one user name "
+                        "of 1-200 printable characters; check the proxy's configuration"), [])
+                    return
+                state["owner"] = state["key_name"] = "user:" + user
+                state["user"] = user
+                await self.app(scope, receive, send)
+                return
+            if not self._warned:
+                self._warned = True
+                client = scope.get("client") or ("?",)
+                log.warning("ignored %s from %s, which is not in trusted_proxies (logged once)",
+                            self._header_name, client[0])
+        key = self._match(presented) if presented else None
+        if key is not None:
+            state["owner"] = key.owner
+            state["key_name"] = key.name
+            if key.name in self._admins:
+                state["admin"] = True
+        elif (scope.get("method"), path) not in PUBLIC:
+            await _unauthorized(scope, send, invalid=bool(presented),
+                                proxy=self._header is not None)
+            return
         await self.app(scope, receive, send)
 
 
-async def _unauthorized(scope: Scope, send: Any, *, invalid: bool) -> None:
+def _user_name(values: list[bytes]) -> str | None:
+    """The one user a proxy named: printable ASCII (an e-mail address, a login), or None."""
+    if len(values) != 1:
+        return None  # two values: one may be the client's own, passed through
+    value = values[0].strip()
+    if not 1 <= len(value) <= 200 or not all(0x21 <= c <= 0x7E for c in value):
+        return None
+    return value.decode("ascii")
+
+
+async def _unauthorized(scope: Scope, send: Any, *, invalid: bool, proxy: bool = False) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
     message = "invalid API key" if invalid else (
         "an API key is required: send 'Authorization: Bearer <key>'"
+        + (", or sign in through the auth proxy" if proxy else "")
     )
     challenge = b'Bearer realm="tokenrelay"' + (b', error="invalid_token"' if invalid else b"")
     await _json_error(send, 401, "unauthorized", message, [(b"www-authenticate", challenge)],
@@ -146,9 +206,12 @@ class AccessLogMiddleware:
     them before they are buffered at all).
     """
 
-    def __init__(self, app: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+    def __init__(self, app: Any, max_header_bytes: int = MAX_HEADER_BYTES,
+                 max_headers: int = MAX_HEADERS) -> None:
         self.app = app
         self.max_header_bytes = max_header_bytes
+        # Our protocol refuses too many headers while parsing; this covers other servers.
+        self.max_headers = max_headers
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -163,14 +226,20 @@ class AccessLogMiddleware:
                 text = value.decode("latin-1")
                 request_id = text if _REQUEST_ID.fullmatch(text) else ""
         request_id = request_id or secrets.token_hex(8)
-        if header_bytes > self.max_header_bytes:
-            log.info("%s %s 431 request headers of %d bytes refused rid=%s",
+        count = len(scope["headers"])
+        if header_bytes > self.max_header_bytes or count > self.max_headers:
+            log.info("%s %s 431 %d request headers of %d bytes refused rid=%s",
                      _log_method(scope.get("method", "")), _log_path(scope.get("path", "")),
-                     header_bytes, request_id)
-            await _json_error(send, 431, "headers_too_large",
-                              f"request headers larger than {self.max_header_bytes} bytes",
-                              [_NOSNIFF, (b"x-request-id", request_id.encode()),
-                               (b"connection", b"close")],
+                     count, header_bytes, request_id)
+            code, message = ("headers_too_large",
+                             f"request headers larger than {self.max_header_bytes} bytes")
+            if count > self.max_headers:
+                code, message = ("too_many_headers", f"more than {self.max_headers} request "
+                                 "headers; send fewer (the limit is max_headers)")
+            # No "Connection: close": the server reads and drops an unread body, so the
+            # client reads this answer rather than a reset.
+            await _json_error(send, 431, code, message,
+                              [_NOSNIFF, (b"x-request-id", request_id.encode())],
                               openai=is_openai_path(route_path(scope)))
             return
         state = scope.setdefault("state", {})

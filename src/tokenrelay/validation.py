@@ -125,19 +125,52 @@ def _too_large(limits: Limits) -> BadRequest:
     )
 
 
-def _content_ok(content: Any) -> tuple[bool, int]:
-    """Whether a message content is a string or a list of text/image parts; its length."""
+# Required fields of each content part type: (path below the part, JSON type).
+_PART_FIELDS: dict[str, tuple[tuple[tuple[str, ...], type], ...]] = {
+    "text": ((("text",), str),),
+    "image_url": ((("image_url",), dict), (("image_url", "url"), str)),
+    "input_audio": ((("input_audio",), dict), (("input_audio", "data"), str),
+                    (("input_audio", "format"), str)),
+    "file": ((("file",), dict),),
+    "refusal": ((("refusal",), str),),
+}
+
+
+def _bad_part(where: str, message: str) -> BadRequest:
+    return BadRequest(f"{where} {message}", code="invalid_messages")
+
+
+def _check_part(part: Any, where: str) -> int:
+    """Check one content part for its type's required fields; its text length."""
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise _bad_part(where, "must be an object with a string 'type'")
+    for path, kind in _PART_FIELDS.get(part["type"], ()):  # other types: passed on as is
+        value: Any = part
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            name = "an object" if kind is dict else "a string"
+            raise _bad_part(where + "." + ".".join(path),
+                            f"is required for a {part['type']!r} part and must be {name}")
+    if part["type"] == "file":
+        file = part["file"]
+        if not isinstance(file.get("file_id"), str) and not isinstance(file.get("file_data"), str):
+            raise _bad_part(where + ".file", "needs a string 'file_id' or 'file_data'")
+    text = part.get("text", "")
+    if not isinstance(text, str):
+        raise _bad_part(where + ".text", "must be a string")
+    return len(text)
+
+
+def _content_ok(content: Any, where: str) -> tuple[bool, int]:
+    """Whether a message content is a string or a list of valid parts; its length.
+    A list with a bad part raises, naming the part's path."""
     if isinstance(content, str):
         return True, len(content)
     if isinstance(content, list):
         total = 0
-        for part in content:
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                return False, 0
-            text = part.get("text", "")
-            if not isinstance(text, str):
-                return False, 0
-            total += len(text)
+        for j, part in enumerate(content):
+            total += _check_part(part, f"{where}[{j}]")
         return True, total
     return False, 0
 
@@ -166,7 +199,7 @@ def validate_messages(messages: Any, limits: Limits) -> list[dict[str, Any]]:
         content = msg.get("content")
         if content is None and (role == "assistant" and msg.get("tool_calls")):
             content = ""
-        ok, length = _content_ok(content)
+        ok, length = _content_ok(content, f"messages[{i}].content")
         if not ok:
             raise BadRequest(
                 f"messages[{i}].content must be a string or a list of content parts",

@@ -192,15 +192,19 @@ async def models(request: Request) -> JSONResponse:
 
 async def config(request: Request) -> JSONResponse:
     state = request.app.state
-    return JSONResponse(
-        {
-            "auth_required": bool(getattr(state, "auth_required", False)),
-            "version": __version__,
-            "heartbeat_s": state.settings.heartbeat_s,
-            "grace_s": state.settings.grace_s,
-            "history": state.store is not None,
-        }
-    )
+    caller = request.scope.get("state") or {}
+    body = {
+        # A caller the auth proxy signed in needs no key.
+        "auth_required": bool(getattr(state, "auth_required", False)) and "user" not in caller,
+        "version": __version__,
+        "heartbeat_s": state.settings.heartbeat_s,
+        "grace_s": state.settings.grace_s,
+        "history": state.store is not None,
+    }
+    if "user" in caller:
+        body["user"] = caller["user"]
+        body["sign_out_url"] = state.settings.sign_out_url
+    return JSONResponse(body)
 
 
 routes = [

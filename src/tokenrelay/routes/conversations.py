@@ -95,7 +95,10 @@ async def delete_conversation(request: Request) -> Response:
 
 
 async def stats(request: Request) -> Response:
-    return JSONResponse({"models": await _store(request).model_stats()})
+    """The caller's own answers; every tenant's for an admin key (``admin_keys``)."""
+    state = request.scope.get("state") or {}
+    owner = None if state.get("admin") else owner_of(request)
+    return JSONResponse({"models": await _store(request).model_stats(owner)})
 
 
 routes: list[BaseRoute] = [

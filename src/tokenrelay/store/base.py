@@ -112,5 +112,6 @@ class Store(abc.ABC):
         """False when there is no such conversation of this owner."""
 
     @abc.abstractmethod
-    async def model_stats(self) -> list[dict[str, Any]]:
-        """Per model used: count, ttft p50/p95, tokens/s p50, error and cancel rates."""
+    async def model_stats(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """Per model used: count, ttft p50/p95, tokens/s p50, error and cancel rates; of
+        ``owner``'s messages only, unless None (every tenant)."""

@@ -696,8 +696,9 @@ class SQLStore(Store):
             return None
         return {**_message_dict(row), "conversation_id": row.conversation_id}
 
-    async def model_stats(self) -> list[dict[str, Any]]:
-        """Per ``model_used`` over finished assistant messages, most used first.
+    async def model_stats(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """Per ``model_used`` over finished assistant messages (of ``owner`` only, unless
+        None), most used first.
 
         Keys: ``model``, ``count``, ``error_rate`` (error or interrupted), ``cancel_rate``
         (exact, aggregated in SQL), and ``ttft_ms_p50``, ``ttft_ms_p95``,
@@ -708,6 +709,7 @@ class SQLStore(Store):
             messages.c.role == "assistant",
             messages.c.state != "streaming",
             messages.c.model_used.is_not(None),
+            *(() if owner is None else (messages.c.owner == owner,)),
         )
         failed = case((messages.c.state.in_(("error", "interrupted")), 1), else_=0)
         cancelled = case((messages.c.state == "cancelled", 1), else_=0)

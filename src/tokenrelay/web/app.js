@@ -92,6 +92,7 @@ class App {
       if (typeof config.heartbeat_s === "number" && config.heartbeat_s > 0) this.heartbeatS = config.heartbeat_s;
       if (this.shared && typeof config.grace_s === "number") this.shared.releaseEarly = config.grace_s >= 5;
       if (config.auth_required && !this.api.key) await this.askForKey(true);
+      this.showUser(config);
     }
     // A gateway that says whether it keeps history spares us probing (and a logged 404).
     const advertised = config && typeof config.history === "boolean" ? config.history : undefined;
@@ -100,6 +101,19 @@ class App {
     this.ready = true; // only now may the user send: restore() replaces what is on screen
     this.updateComposer();
     document.body.dataset.ready = "true";
+  }
+
+  /** "Signed in as ..." (and the proxy's sign-out link) when an auth proxy named the user. */
+  showUser(config) {
+    if (typeof config.user !== "string" || !config.user) return;
+    document.getElementById("user-name").textContent = config.user;
+    const out = document.getElementById("sign-out");
+    const url = config.sign_out_url;
+    if (typeof url === "string" && /^(https?:\/\/|\/)/.test(url)) {
+      out.href = url;
+      out.hidden = false;
+    }
+    document.getElementById("signed-in").hidden = false;
   }
 
   // ------------------------------------------------------------------ setup
