@@ -24,6 +24,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Match, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
+from tokenrelay.breaker import open_breakers
 from tokenrelay.config import SIMULATOR, Settings, load_settings
 from tokenrelay.errors import BadRequest, TokenRelayError
 from tokenrelay.httpclient import Pool
@@ -118,7 +119,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 _simulator_server(settings.simulator_speed)
             )
             log.info("no upstream configured: serving the built-in simulator (simulated models)")
-        upstream = UpstreamClient(settings, pool, base_urls)
+        breakers = open_breakers(settings)  # circuit breaker per route (issue 15)
+        stack.push_async_callback(breakers.aclose)
+        upstream = UpstreamClient(settings, pool, base_urls, breakers)
         journal = open_journal(
             settings.journal_url,
             settings.journal,
@@ -138,6 +141,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         metrics: Metrics = app.state.metrics
         hub = Hub(settings, journal, upstream, store, observer=metrics)
         metrics.bind(hub)
+        metrics.bind_breakers(breakers)
         await hub.startup()
         app.state.upstream = upstream
         app.state.journal = journal
@@ -176,6 +180,9 @@ async def index(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    upstream = getattr(request.app.state, "upstream", None)
+    if upstream is not None:
+        await upstream.breakers.states()  # the breaker gauges show the shared state
     return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 

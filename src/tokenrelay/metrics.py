@@ -13,7 +13,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import INF, floatToGoString
 
 if TYPE_CHECKING:
@@ -67,6 +72,25 @@ class _ReadCollector:
         yield gaps
 
 
+class _BreakerCollector:
+    """``tokenrelay_circuit_breaker_state{route}`` from the breakers' last known states
+    (the ``/metrics`` handler refreshes them first)."""
+
+    def __init__(self, breakers: Any, gauge: dict[str, int]) -> None:
+        self._breakers = breakers
+        self._gauge = gauge
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "tokenrelay_circuit_breaker_state",
+            "Circuit breaker per route: 0 closed, 1 open, 2 half-open",
+            labels=["route"],
+        )
+        for route, state in sorted(self._breakers.last.items()):
+            family.add_metric([route], self._gauge[state])
+        yield family
+
+
 class Metrics:
     """The gateway's metrics; also the generations' ``observer``."""
 
@@ -101,6 +125,12 @@ class Metrics:
         journal = hub.journal
         if hasattr(journal, "__len__"):  # the memory journal; Redis is sized by Redis
             self.journal_streams.set_function(lambda: len(journal))
+
+    def bind_breakers(self, breakers: Any) -> None:
+        """A gauge per route: 0 closed, 1 open, 2 half-open (issue 15)."""
+        from tokenrelay.breaker import GAUGE
+
+        self.registry.register(_BreakerCollector(breakers, GAUGE))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -40,14 +41,18 @@ import orjson
 
 from tokenrelay import timerwheel
 from tokenrelay.bodydecoder import BodyDecoder
+from tokenrelay.breaker import Breakers
 from tokenrelay.config import ModelRoute, Provider, Settings
+from tokenrelay.contextwindow import is_context_overflow
 from tokenrelay.errors import (
+    ContextTooLong,
     UpstreamConnectError,
     UpstreamError,
     UpstreamIncomplete,
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeout,
+    UpstreamUnavailable,
     redact,
 )
 from tokenrelay.events import Event, Finish, Usage
@@ -65,6 +70,36 @@ from tokenrelay.httpclient import (
 _ERROR_BODY_LIMIT = 64 * 1024
 _MODELS_BODY_LIMIT = 4 << 20
 _USER_AGENT = "tokenrelay"
+MAX_CONTINUATIONS = 3  # cuts one answer may be continued after
+log = logging.getLogger("tokenrelay.upstream")
+
+
+@dataclass(slots=True)
+class ContinueNotice:
+    """A cut answer being continued by a route, announced as a ``continued`` event."""
+
+    attempt: int  # the call's attempt number (1-based, across routes)
+    model: str  # the model continuing
+    reason: str  # the cut's error code, e.g. upstream_incomplete
+    offset: int  # characters of answer text it continues after
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """One upstream request of an answer, for accounting (stored with the message)."""
+
+    route: str
+    provider: str
+    upstream_model: str
+    continuation: bool
+    status: int | None  # HTTP status, None when no answer came
+    outcome: str  # "ok", "cancelled", or an error code
+    started_ms: float  # since the call began
+    elapsed_ms: float
+    relayed: bool
+    content_chunks: int  # upstream chunks with text: the "counted" tokens
+    usage: Usage | None  # what the provider reported for this request
+    chars: int  # characters of text and reasoning relayed
 
 
 @dataclass(slots=True)
@@ -163,9 +198,11 @@ class UpstreamClient:
         settings: Settings,
         pool: Pool,
         base_urls: Mapping[str, str] | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
+        self.breakers = breakers if breakers is not None else Breakers(settings)
         self._base_urls = dict(base_urls or {})
         self._secrets = settings.secrets
         self._targets: dict[str, _ChatTarget] = {}
@@ -250,7 +287,8 @@ class UpstreamClient:
 
 
 class UpstreamCall:
-    """One answer's upstream request, with retries and fallbacks before the first token."""
+    """One answer's upstream request: retries and fallbacks before the first token, and,
+    where the model opts in, continuation of a cut answer (see :meth:`run`)."""
 
     def __init__(
         self,
@@ -268,6 +306,15 @@ class UpstreamCall:
         self.attempts = 0
         self.content_chunks = 0  # upstream chunks that carried text (a token estimate)
         self.relayed = False  # the current attempt has handed events to the sink
+        # Set by the generation (optional): a continuation's announcement, and what the
+        # answer holds so far (text, whether tool calls began; usage, characters relayed).
+        self.on_continue: Callable[[ContinueNotice], Awaitable[None]] | None = None
+        self.partial: Callable[[], tuple[str, bool]] | None = None
+        self.progress: Callable[[], tuple[Usage | None, int]] | None = None
+        self.records: list[AttemptRecord] = []
+        self._continuing: ContinueNotice | None = None
+        self._started = 0.0
+        self._deadline = float("inf")  # monotonic: the whole call's total budget
 
     def _chain(self) -> list[ModelRoute]:
         chain = [self.route]
@@ -277,54 +324,234 @@ class UpstreamCall:
                 chain.append(fallback)
         return chain
 
+    def _context_chain(self, route: ModelRoute) -> list[ModelRoute]:
+        """Where a "context too long" refusal of ``route`` goes: its context_fallbacks, else
+        the requested model's."""
+        names = route.context_fallbacks or self.route.context_fallbacks
+        found = (self.client.settings.route(name) for name in names)
+        return [r for r in found if r is not None]
+
     async def run(
         self,
         sink: Callable[[list[Event]], Awaitable[None]],
         sink_now: Callable[[list[Event]], None] | None = None,
     ) -> None:
         """Hand each read's events to ``sink``; raises UpstreamError when the answer
-        cannot go on. Nothing is retried once ``sink`` has been called.
+        cannot go on. A route is never restarted once ``sink`` has been called: a cut
+        answer either ends with the error or (``continue_after_cut``) is continued from
+        its exact text by a route that takes an assistant prefix.
+
+        Routes are tried in the chain's order, each skipped while its circuit breaker is
+        open; a route's retryable failures are retried within its policy, except that a
+        first-token timeout moves on to the next route at once (``retry_on_timeout``
+        opts out), and a "context too long" refusal goes to ``context_fallbacks``.
 
         With ``sink_now`` (a sink that never waits), once the first token is relayed the
         rest of the body is parsed and handed over straight from the connection's data
         callback: no task wake-up per read."""
         chain = self._chain()
-        started = time.monotonic()
+        self._started = time.monotonic()
+        self._deadline = self._started + self.client.provider(self.route).timeouts.total
+        breakers = self.client.breakers
+        tried: list[ModelRoute] = []
+        failure: UpstreamError | None = None
+        skipped: float | None = None  # the soonest a skipped route may be tried again
+        index = 0
+        while index < len(chain):
+            route = chain[index]
+            wait = await breakers.admit(route)
+            if wait is not None:
+                skipped = wait if skipped is None else min(skipped, wait)
+                index += 1
+                continue
+            tried.append(route)
+            nxt = chain[index + 1] if index + 1 < len(chain) else None
+            try:
+                failure = await self._try_route(route, nxt, sink, sink_now)
+            except ContextTooLong as exc:
+                rest = [r for r in self._context_chain(route) if r not in tried]
+                if not rest:
+                    raise
+                await self._announce(exc, 1, 1, 0.0, route, rest[0], "context_fallback")
+                chain, index = tried + rest, len(tried)
+                continue
+            except UpstreamError as exc:
+                if not self.relayed:
+                    raise
+                await self._continue(exc, chain, route, sink, sink_now)
+                return
+            if failure is None:
+                return
+            index += 1
+        if failure is not None:
+            raise failure
+        names = ", ".join(r.name for r in chain)
+        raise UpstreamUnavailable(
+            f"every route of this model is paused after repeated failures ({names})",
+            retry_after=skipped,
+        )
+
+    async def _try_route(
+        self,
+        route: ModelRoute,
+        next_route: ModelRoute | None,
+        sink: Callable[[list[Event]], Awaitable[None]],
+        sink_now: Callable[[list[Event]], None] | None,
+    ) -> UpstreamError | None:
+        """Attempts on one route within its retry policy: None once it answered, the last
+        error when the next route should be tried; raises when the call must end."""
+        provider = self.client.provider(route)
+        policy = provider.retry
         budget = self.client.provider(self.route).retry.budget
-        for index, route in enumerate(chain):
-            provider = self.client.provider(route)
-            policy = provider.retry
-            attempt = 0
-            while True:
-                attempt += 1
-                self.attempts += 1
-                self.route_used = route
-                self.relayed = False
+        breakers = self.client.breakers
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._recorded_attempt(route, provider, sink, sink_now, None)
+            except UpstreamError as exc:
+                if self.relayed:
+                    await breakers.record(route, True)  # it answered, then broke
+                    raise
+                if not exc.retryable:
+                    raise
+                last = next_route is None
+                spent = attempt >= policy.max_attempts or time.monotonic() >= self._deadline
+                overloaded = isinstance(exc, UpstreamStatusError) and exc.overloaded
+                # A silent route is left at once for the next one (issue 15): retrying it
+                # is what made a 30 s silence cost 92 s.
+                fast = (not last and not route.retry_on_timeout
+                        and isinstance(exc, UpstreamTimeout) and exc.phase == "first_token")
+                if spent and last:
+                    await _record_failure(breakers, route, exc)
+                    raise
+                fall_back = not last and (spent or fast or (overloaded and attempt >= 2))
+                wait = 0.0 if fast else self._wait(exc, attempt, policy)
+                elapsed = time.monotonic() - self._started
+                if elapsed + wait > budget or time.monotonic() + wait >= self._deadline:
+                    if last:
+                        await _record_failure(breakers, route, exc)
+                        raise
+                    fall_back = True
+                if fall_back:
+                    wait = min(wait, policy.base_delay)
+                await self._announce(exc, attempt, policy.max_attempts, wait, route,
+                                     (next_route or route) if fall_back else route)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if fall_back:
+                    await _record_failure(breakers, route, exc)
+                    return exc
+                continue
+            await breakers.record(route, True)
+            return None
+
+    async def _recorded_attempt(
+        self,
+        route: ModelRoute,
+        provider: Provider,
+        sink: Callable[[list[Event]], Awaitable[None]],
+        sink_now: Callable[[list[Event]], None] | None,
+        prefix: str | None,
+    ) -> None:
+        """:meth:`_attempt`, counted and recorded for accounting (issue 15, point 7)."""
+        self.attempts += 1
+        self.route_used = route
+        self.relayed = False
+        self.content_chunks = 0
+        progress = self.progress
+        usage0, chars0 = progress() if progress is not None else (None, 0)
+        began = time.monotonic()
+        outcome, status = "ok", 200
+        try:
+            await self._attempt(route, provider, sink, sink_now, prefix)
+        except UpstreamError as exc:
+            outcome, status = exc.code, getattr(exc, "upstream_status", None)
+            raise
+        except asyncio.CancelledError:
+            outcome, status = "cancelled", None
+            raise
+        except BaseException:
+            outcome, status = "error", None
+            raise
+        finally:
+            usage1, chars1 = progress() if progress is not None else (None, 0)
+            self.records.append(AttemptRecord(
+                route=route.name,
+                provider=route.provider,
+                upstream_model=self.upstream_model or route.upstream_model,
+                continuation=prefix is not None,
+                status=status,
+                outcome=outcome,
+                started_ms=round((began - self._started) * 1000, 1),
+                elapsed_ms=round((time.monotonic() - began) * 1000, 1),
+                relayed=self.relayed,
+                content_chunks=self.content_chunks,
+                usage=usage1 if usage1 is not usage0 else None,
+                chars=max(0, chars1 - chars0),
+            ))
+
+    def _prefill(self, route: ModelRoute) -> bool:
+        if route.supports_prefill is not None:
+            return route.supports_prefill
+        return self.client.provider(route).supports_prefill
+
+    def _can_continue(self, cut: UpstreamError) -> str | None:
+        """The exact partial text to continue from, or None when this cut is final."""
+        if not self.route.continue_after_cut or self.partial is None:
+            return None
+        if isinstance(cut, UpstreamTimeout):
+            if cut.phase != "idle":  # the total budget is spent: nothing may go on
+                return None
+        elif not isinstance(cut, UpstreamIncomplete | UpstreamProtocolError):
+            return None  # an error the provider reported is its answer, not a cut
+        text, tool_calls = self.partial()
+        if not text or tool_calls:  # never inside tool-call arguments
+            return None
+        return text
+
+    async def _continue(
+        self,
+        cut: UpstreamError,
+        chain: list[ModelRoute],
+        route: ModelRoute,
+        sink: Callable[[list[Event]], Awaitable[None]],
+        sink_now: Callable[[list[Event]], None] | None,
+    ) -> None:
+        """Continue a cut answer: the same route again, then the others of the chain,
+        each only if it takes an assistant prefix (a route that does not is never asked,
+        so its 400 can never hide the cut). Raises ``cut`` when none can."""
+        breakers = self.client.breakers
+        for _ in range(MAX_CONTINUATIONS):
+            prefix = self._can_continue(cut)
+            if prefix is None:
+                raise cut
+            candidates = [route] + [r for r in chain if r is not route]
+            for candidate in candidates:
+                if not self._prefill(candidate) or time.monotonic() >= self._deadline:
+                    continue
+                if await breakers.admit(candidate) is not None:
+                    continue
+                self._continuing = ContinueNotice(self.attempts + 1, candidate.name,
+                                                  cut.code, len(prefix))
                 try:
-                    await self._attempt(route, provider, sink, sink_now)
-                    return
+                    await self._recorded_attempt(candidate, self.client.provider(candidate),
+                                                 sink, sink_now, prefix)
                 except UpstreamError as exc:
-                    if self.relayed or not exc.retryable:
-                        raise
-                    last_model = index == len(chain) - 1
-                    overloaded = isinstance(exc, UpstreamStatusError) and exc.overloaded
-                    spent = attempt >= policy.max_attempts
-                    if spent and last_model:
-                        raise
-                    fall_back = not last_model and (spent or (overloaded and attempt >= 2))
-                    wait = self._wait(exc, attempt, policy)
-                    if time.monotonic() - started + wait > budget:
-                        if last_model:
-                            raise
-                        fall_back = True
-                    next_route = chain[index + 1] if fall_back else route
-                    if fall_back:
-                        wait = min(wait, policy.base_delay)
-                    await self._announce(exc, attempt, policy.max_attempts, wait, route, next_route)
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    if fall_back:
-                        break
+                    if not self.relayed:
+                        log.info("route %s could not continue: %s", candidate.name, exc.code)
+                        await _record_failure(breakers, candidate, exc)
+                        continue
+                    await breakers.record(candidate, True)
+                    cut, route = exc, candidate  # it went on, then broke too
+                    break
+                finally:
+                    self._continuing = None
+                await breakers.record(candidate, True)
+                return
+            else:
+                raise cut
+        raise cut
 
     def _wait(self, exc: UpstreamError, attempt: int, policy: Any) -> float:
         if exc.retry_after is not None:
@@ -340,13 +567,13 @@ class UpstreamCall:
         wait: float,
         route: ModelRoute,
         next_route: ModelRoute,
+        reason: str = "",
     ) -> None:
         if self.on_retry is None:
             return
         status = exc.upstream_status if isinstance(exc, UpstreamStatusError) else None
-        reason = exc.code
-        if next_route is not route:
-            reason = "fallback"
+        if not reason:
+            reason = "fallback" if next_route is not route else exc.code
         await self.on_retry(
             RetryNotice(
                 attempt, max_attempts, wait, reason, status, route.name, next_route.name,
@@ -354,8 +581,11 @@ class UpstreamCall:
             )
         )
 
-    def _request_body(self, route: ModelRoute) -> bytes:
+    def _request_body(self, route: ModelRoute, prefix: str | None = None) -> bytes:
         body = dict(self.body)
+        if prefix is not None:
+            body.update(_prefill_body(self.body, prefix,
+                                      self.client.provider(route).prefill_flag))
         body["model"] = route.upstream_model
         body["stream"] = True
         options = body.get("stream_options")
@@ -369,23 +599,28 @@ class UpstreamCall:
         provider: Provider,
         sink: Callable[[list[Event]], Awaitable[None]],
         sink_now: Callable[[list[Event]], None] | None,
+        prefix: str | None = None,
     ) -> None:
-        """One HTTP request; the first call of ``sink`` marks the first token."""
+        """One HTTP request; the first call of ``sink`` marks the first token. With
+        ``prefix``, it asks the route to continue that partial answer."""
         timeouts = provider.timeouts
         target = self.client.chat_target(provider)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        total_deadline = start + timeouts.total
-        first_deadline = min(start + timeouts.first_token, total_deadline)
+        # The whole call stays inside the requested model's total budget.
+        left = max(0.0, self._deadline - time.monotonic())
+        total_deadline = start + min(timeouts.total, left)
+        first_token = timeouts.first_token if route.first_token is None else route.first_token
+        first_deadline = min(start + first_token, total_deadline)
 
         def budget(phase: str) -> float:
-            return float(getattr(timeouts, phase))
+            return first_token if phase == "first_token" else float(getattr(timeouts, phase))
 
         with _map_errors("first_token", budget):
             # Only this await inside the timeout: it may cancel nothing else.
             async with asyncio.timeout_at(first_deadline):
                 resp = await self.client._send(
-                    target, self._request_body(route), timeouts.connect
+                    target, self._request_body(route, prefix), timeouts.connect
                 )
         watchdog = _Watchdog(loop, first_deadline, "first_token", resp.close)
         complete = False
@@ -395,6 +630,10 @@ class UpstreamCall:
                     async with asyncio.timeout(timeouts.connect + 5):
                         body = await resp.read_all(_ERROR_BODY_LIMIT)
                 message = self.client.redact(_error_message(body, resp.status))
+                if is_context_overflow(resp.status, body):
+                    raise ContextTooLong(
+                        resp.status, f"upstream answered HTTP {resp.status}: {message}"
+                    )
                 raise UpstreamStatusError(
                     resp.status,
                     f"upstream answered HTTP {resp.status}: {message}",
@@ -435,6 +674,9 @@ class UpstreamCall:
                     watchdog.phase = "idle"
                     watchdog.rearm(min(loop.time() + timeouts.idle, total_deadline))
                     self.upstream_model = relay.chunks.model
+                    if self._continuing is not None and self.on_continue is not None:
+                        # Announced once its first new text is here, before that text.
+                        await self.on_continue(self._continuing)
                     if sink_now is not None:
                         resp.stream(relay.on_data)  # the next reads go straight to sink_now
                 relay.tick()
@@ -461,6 +703,30 @@ class UpstreamCall:
                 # Closing (not releasing) drops the connection, so an upstream cut off
                 # mid-answer (Stop, timeout, error) sees it closed and stops billing.
                 resp.close()
+
+
+async def _record_failure(breakers: Breakers, route: ModelRoute, exc: UpstreamError) -> None:
+    """Count a failure a retry could not fix against the route's breaker: connect
+    errors, timeouts, 5xx and broken streams; never a 4xx (429 included)."""
+    if isinstance(exc, UpstreamStatusError):
+        if exc.upstream_status < 500:
+            return
+    elif not isinstance(exc, UpstreamConnectError | UpstreamTimeout | UpstreamIncomplete
+                        | UpstreamProtocolError):
+        return
+    await breakers.record(route, False)
+
+
+def _prefill_body(body: Mapping[str, Any], prefix: str, flag: str) -> dict[str, Any]:
+    """The fields of a continuation request: the messages plus the partial answer as the
+    last ``assistant`` message, with the provider's flag where it needs one."""
+    last: dict[str, Any] = {"role": "assistant", "content": prefix}
+    extra: dict[str, Any] = {}
+    if flag == "prefix":  # DeepSeek (beta base URL), Mistral
+        last["prefix"] = True
+    elif flag == "continue_final_message":  # vLLM
+        extra = {"continue_final_message": True, "add_generation_prompt": False}
+    return {"messages": [*body.get("messages", []), last], **extra}
 
 
 class _Relay:

@@ -162,14 +162,18 @@ async def models(request: Request) -> JSONResponse:
 
 async def config(request: Request) -> JSONResponse:
     state = request.app.state
-    return JSONResponse(
-        {
-            "auth_required": bool(getattr(state, "auth_required", False)),
-            "version": __version__,
-            "heartbeat_s": state.settings.heartbeat_s,
-            "history": state.store is not None,
-        }
-    )
+    auth_required = bool(getattr(state, "auth_required", False))
+    body: dict[str, Any] = {
+        "auth_required": auth_required,
+        "version": __version__,
+        "heartbeat_s": state.settings.heartbeat_s,
+        "history": state.store is not None,
+    }
+    if not auth_required:  # this route is public: with keys, routes show only in /metrics
+        # Circuit breaker per route (provider/upstream model): state, failures in a row,
+        # seconds until it may be tried again.
+        body["breakers"] = await state.upstream.breakers.states()
+    return JSONResponse(body)
 
 
 routes = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from tokenrelay import events as ev
-from tokenrelay.errors import TokenRelayError
+from tokenrelay.config import ModelRoute
+from tokenrelay.errors import TokenRelayError, UpstreamUnavailable
 from tokenrelay.hub import Hub
 from tokenrelay.routes.common import Endpoint, JSONResponse, owner_of
 from tokenrelay.subscriber import SubscriberResponse
@@ -97,6 +99,7 @@ async def chat_completions(request: Request) -> Any:
     hub: Hub = request.app.state.hub
     data = await read_json_body(request, settings.limits)
     chat = validate_chat(data, settings, default_stream=False)  # as OpenAI's API
+    await _check_breakers(request, chat.route)
     lease = await request.app.state.limiter.acquire(owner_of(request))
     try:
         gen = await hub.start(
@@ -129,6 +132,21 @@ async def chat_completions(request: Request) -> Any:
     return _completion(gen, completion_id, created, chat.route.name)
 
 
+async def _check_breakers(request: Request, route: ModelRoute) -> None:
+    """Every route of the model paused by its circuit breaker: a 503 with Retry-After
+    before anything starts (the stream's 200 would come too early to say it)."""
+    settings = request.app.state.settings
+    breakers = request.app.state.upstream.breakers
+    names = [route.name, *route.fallbacks]
+    routes = [r for r in (settings.route(n) for n in names) if r is not None]
+    waits = [await breakers.peek(r) for r in routes]
+    if routes and all(w is not None for w in waits):
+        raise UpstreamUnavailable(
+            "every route of this model is paused after repeated failures",
+            retry_after=min(w for w in waits if w is not None),
+        )
+
+
 async def _disconnected(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -144,8 +162,12 @@ def _completion(gen: Any, completion_id: str, created: int, model: str) -> JSONR
         # client's to fix, so a 4xx as OpenAI would answer; its key or health is ours (502).
         if getattr(error, "upstream_status", None) in _CLIENT_ERRORS:
             status = error.upstream_status  # type: ignore[attr-defined]
+        headers = {}
+        retry_after = getattr(error, "retry_after", None)
+        if status == 503 and retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
         return JSONResponse({"error": {**error.to_dict(), "type": "upstream_error"}},
-                            status_code=status)
+                            status_code=status, headers=headers)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(gen.text)}
     if gen.reasoning:
         message["reasoning_content"] = "".join(gen.reasoning)
