@@ -29,7 +29,7 @@ from tokenrelay.config import ModelRoute
 from tokenrelay.errors import JournalFull, TokenRelayError, UpstreamError
 from tokenrelay.journal.base import Journal
 from tokenrelay.store.base import AssistantResult, Store
-from tokenrelay.upstream import RetryNotice, UpstreamClient
+from tokenrelay.upstream import AttemptRecord, ContinueNotice, RetryNotice, UpstreamClient
 
 log = logging.getLogger("tokenrelay.generation")
 
@@ -47,6 +47,7 @@ class Generation:
         "_dirty",
         "_finishing",
         "_relaying",
+        "attempts",
         "body",
         "cancel_reason",
         "checkpoint_s",
@@ -126,6 +127,7 @@ class Generation:
         self._dirty = False
         self.error: TokenRelayError | None = None
         self.finished = _Flag()
+        self.attempts: list[AttemptRecord] = []  # every upstream request, for accounting
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -169,6 +171,10 @@ class Generation:
                 # Inline rather than a method: one coroutine frame less under every open
                 # stream (bench/memory_probe.py).
                 call = self.upstream.call(self.route, self.body, on_retry=self._on_retry)
+                call.on_continue = self._on_continue
+                call.partial = self._partial
+                call.progress = self._progress
+                self.attempts = call.records
                 self._relaying = True
                 try:
                     try:
@@ -295,6 +301,21 @@ class Generation:
         if self.observer is not None:
             self.observer.retry(self, notice)
 
+    async def _on_continue(self, notice: ContinueNotice) -> None:
+        self.seq += 1
+        payload = {"attempt": notice.attempt, "model": notice.model, "reason": notice.reason,
+                   "offset": notice.offset}
+        await self.journal.append(self.stream_id,
+                                  [ev.frame(self.seq, ev.CONTINUED, ev.dumps(payload))])
+
+    def _partial(self) -> tuple[str, bool]:
+        """The answer text so far, and whether tool calls began (never continued)."""
+        return "".join(self.text), bool(self.tool_calls)
+
+    def _progress(self) -> tuple[ev.Usage | None, int]:
+        """The last usage seen and the characters relayed: read at attempt boundaries."""
+        return self.usage, sum(map(len, self.text)) + sum(map(len, self.reasoning))
+
     # -- the end -------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -314,6 +335,10 @@ class Generation:
         }
 
     def completion_tokens(self) -> int:
+        """What was generated: the sum over the attempts (continuations included; an
+        attempt that generated nothing counts 0), else the old single-request estimate."""
+        if self.attempts:
+            return sum(attempt_usage(a)[0] for a in self.attempts)
         if self.usage is not None:
             return self.usage.completion_tokens
         if self.content_chunks:
@@ -321,21 +346,61 @@ class Generation:
         chars = sum(len(t) for t in self.text) + sum(len(t) for t in self.reasoning)
         return max(1, round(chars / 4)) if chars else 0
 
+    def usage_source(self) -> str:
+        """``provider`` when every attempt that generated something reported its usage,
+        else ``estimated`` if any was estimated from characters, else ``counted``."""
+        sources = {attempt_usage(a)[1] for a in self.attempts
+                   if a.usage is not None or a.relayed}
+        if not self.attempts:
+            sources = {"provider" if self.usage is not None else "estimated"}
+        elif not sources:
+            return "counted"  # nothing was generated: zero, counted
+        for source in ("estimated", "counted"):
+            if source in sources:
+                return source
+        return "provider"
+
+    def models(self) -> list[str]:
+        """The models that answered, in order (a continuation may add one)."""
+        names: list[str] = []
+        for a in self.attempts:
+            if a.relayed and a.route not in names:
+                names.append(a.route)
+        return names or [self.model_used]
+
+    def attempt_dicts(self) -> list[dict[str, Any]]:
+        """The attempts as stored with the message."""
+        out = []
+        for a in self.attempts:
+            tokens, source = attempt_usage(a)
+            out.append({
+                "route": a.route, "provider": a.provider, "upstream_model": a.upstream_model,
+                "continuation": a.continuation, "status": a.status, "outcome": a.outcome,
+                "started_ms": a.started_ms, "elapsed_ms": a.elapsed_ms,
+                "usage": {"prompt_tokens": a.usage.prompt_tokens if a.usage else None,
+                          "completion_tokens": tokens, "source": source},
+            })
+        return out
+
     def _usage_payload(self) -> dict[str, Any]:
-        if self.usage is not None:
+        source = self.usage_source()
+        if self.usage is not None and (source == "provider" or self.attempts):
             u = self.usage
+            completion = self.completion_tokens()
             return {
                 "prompt_tokens": u.prompt_tokens,
-                "completion_tokens": u.completion_tokens,
-                "total_tokens": u.total_tokens,
-                "estimated": False,
+                "completion_tokens": completion,
+                "total_tokens": u.prompt_tokens + completion,
+                "estimated": source != "provider",
+                "source": source,
             }
         tokens = self.completion_tokens()
         return {
             "prompt_tokens": None,
             "completion_tokens": tokens,
             "total_tokens": None,
-            "estimated": True,
+            "estimated": source != "provider",
+            "source": source,
         }
 
     async def _finish(self, error: TokenRelayError | None) -> None:
@@ -348,6 +413,7 @@ class Generation:
                 "finish_reason": self.finish_reason
                 or ("cancelled" if self.state == ev.CANCELLED else None),
                 "model": self.model_used,
+                "models": self.models(),
                 "usage": self._usage_payload(),
                 "stats": stats,
             }
@@ -364,6 +430,7 @@ class Generation:
                 "error": error.to_dict(),
                 "state": self.state,
                 "model": self.model_used,
+                "models": self.models(),
                 "usage": self._usage_payload(),
                 "stats": stats,
             }
@@ -380,7 +447,8 @@ class Generation:
                 model_used=self.model_used,
                 prompt_tokens=usage.prompt_tokens if usage else None,
                 completion_tokens=self.completion_tokens(),
-                usage_estimated=usage is None,
+                usage_estimated=self.usage_source() != "provider",
+                attempts=self.attempt_dicts() or None,
                 ttft_ms=stats["ttft_ms"],
                 tokens_per_s=stats["tokens_per_s"],
                 error_code=error.code if error else None,
@@ -421,6 +489,18 @@ class Generation:
                 )
             except Exception:
                 log.warning("checkpoint of message %s failed", self.message_id[:8])
+
+
+def attempt_usage(attempt: AttemptRecord) -> tuple[int, str]:
+    """Completion tokens of one attempt and their source: the provider's own count (an
+    explicit zero included), else the chunks with text counted, else characters / 4."""
+    if attempt.usage is not None:
+        return attempt.usage.completion_tokens, "provider"
+    if attempt.content_chunks:
+        return attempt.content_chunks, "counted"
+    if attempt.chars:
+        return max(1, round(attempt.chars / 4)), "estimated"
+    return 0, "counted"
 
 
 class _Flag:
