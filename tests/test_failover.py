@@ -1,0 +1,301 @@
+"""Issue 15: failover that rescues answers, against two fault upstreams over loopback.
+
+Each provider is its own :class:`FaultUpstream`, so attempt counts and times per route come
+from that upstream's request log. Every scenario runs on ``/api/chat`` and on ``/v1``
+(streaming and not, through the openai SDK) where the surface matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from support.failover import SURFACES, ask, config_gateway, model, provider
+from support.fault_upstream import (
+    FaultUpstream,
+    continues,
+    corrupt,
+    no_head,
+    ok,
+    rejects_prefill,
+    reset_after,
+    stall_after,
+    stall_first,
+    status,
+)
+
+TOKENS = ["Hel", "lo", ", ", "wor", "ld", " — ", "ça ", "va", " 😀", "!"]
+TEXT = "".join(TOKENS)
+BUDGET = 1.0  # the first-token deadline under test, seconds
+# The deadline runs from the gateway's attempt, a little before the upstream has read the
+# whole request (its "arrived"): gaps seen by the upstream may be that much shorter.
+EARLY = 0.9 * BUDGET
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[FaultUpstream, FaultUpstream]]:
+    """(primary, backup): one upstream per provider."""
+    async with FaultUpstream("a-model") as a, FaultUpstream("b-model") as b:
+        yield a, b
+
+
+def two_routes(a: FaultUpstream, b: FaultUpstream, **main: object) -> list[str]:
+    """Model ``main`` on the primary falling back to ``spare`` on the backup; the model
+    overrides the provider's 10 s first-token budget with BUDGET."""
+    return [
+        provider("primary", a),
+        provider("backup", b),
+        model("main", "primary", "a-model", fallbacks=["spare"],
+              timeouts={"first_token": BUDGET}, **main),
+        model("spare", "backup", "b-model"),
+    ]
+
+
+# ---- 1. first-token deadline -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+@pytest.mark.parametrize("silence", ["no_head", "stall_first"])
+async def test_a_silent_route_is_left_for_the_next_one_once_its_first_token_deadline_passes(
+    pair, http, surface, silence
+):
+    a, b = pair
+    a.script(no_head() if silence == "no_head" else stall_first())
+    b.script(ok(TOKENS))
+    async with config_gateway(*two_routes(a, b)) as gw:
+        started = time.monotonic()
+        answer = await ask(http, gw, surface, "main")
+        elapsed = time.monotonic() - started
+    assert answer.ok and answer.text == TEXT
+    assert len(a.requests) == 1, "the silent route is tried once"
+    assert len(b.requests) == 1
+    waited = b.requests[0].arrived - a.requests[0].arrived
+    assert EARLY <= waited < 2 * BUDGET, "fallback when the deadline passed, not later"
+    assert elapsed < 2 * BUDGET
+    await asyncio.wait_for(a.wait_client_closed(1), 10)  # abandoned: the provider stops
+    if surface == "chat":
+        assert answer.stream is not None
+        (retry,) = answer.stream.named("retry")
+        assert retry.data["reason"] == "fallback" and retry.data["wait_ms"] == 0
+        assert (retry.data["model"], retry.data["next_model"]) == ("main", "spare")
+        assert answer.end["model"] == "spare" and answer.end["models"] == ["spare"]
+
+
+async def test_retrying_a_route_that_timed_out_is_opt_in(pair, http):
+    a, b = pair
+    a.script(stall_first())
+    b.script(ok(TOKENS))
+    tables = two_routes(a, b, retry_on_timeout=True)
+    tables[0] = provider("primary", a, attempts=2)
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, "chat", "main")
+    assert answer.ok and answer.text == TEXT
+    assert len(a.requests) == 2 and len(b.requests) == 1
+    first, second = a.requests
+    assert second.arrived - first.arrived >= EARLY
+    assert b.requests[0].arrived - second.arrived >= EARLY
+    assert answer.stream is not None
+    reasons = [e.data["reason"] for e in answer.stream.named("retry")]
+    assert reasons == ["upstream_timeout", "fallback"]
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+async def test_a_model_with_one_route_retries_it_within_its_policy(pair, http, surface):
+    a, _ = pair
+    a.script(stall_first())
+    tables = [provider("primary", a, attempts=2),
+              model("solo", "primary", "a-model", timeouts={"first_token": BUDGET})]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, surface, "solo")
+    assert not answer.ok and answer.error_code == "upstream_timeout"
+    assert len(a.requests) == 2
+    assert a.requests[1].arrived - a.requests[0].arrived >= EARLY
+    if surface == "v1":
+        assert answer.status == 504
+
+
+async def test_the_whole_call_stays_inside_the_total_budget(pair, http):
+    a, b = pair
+    a.script(stall_first())
+    b.script(stall_first())
+    total = 1.5
+    tables = [provider("primary", a, total=total), provider("backup", b),
+              model("main", "primary", "a-model", fallbacks=["spare"],
+                    timeouts={"first_token": BUDGET}),
+              model("spare", "backup", "b-model")]
+    async with config_gateway(*tables) as gw:
+        started = time.monotonic()
+        answer = await ask(http, gw, "chat", "main")
+        elapsed = time.monotonic() - started
+    assert answer.error_code == "upstream_timeout"
+    assert len(a.requests) == 1 and len(b.requests) == 1
+    assert total <= elapsed < 2 * total
+
+
+# ---- 2. context-window fallbacks ---------------------------------------------------------
+
+TOO_LONG = {"error": {
+    "message": "This model's maximum context length is 8192 tokens. However, your messages "
+               "resulted in 9000 tokens. Please reduce the length of the messages.",
+    "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+async def test_context_too_long_goes_to_the_context_fallback_once(pair, http, surface):
+    a, b = pair
+    a.script(status(400, TOO_LONG))
+    b.script(ok(TOKENS))
+    tables = [provider("primary", a), provider("backup", b),
+              model("main", "primary", "a-model", context_fallbacks=["big"]),
+              model("big", "backup", "b-model")]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, surface, "main")
+    assert answer.ok and answer.text == TEXT
+    assert len(a.requests) == 1, "never resent unchanged to the same model"
+    assert len(b.requests) == 1 and b.requests[0].json["model"] == "b-model"
+    assert b.requests[0].json["messages"] == a.requests[0].json["messages"]
+    if surface == "chat":
+        assert answer.stream is not None
+        (retry,) = answer.stream.named("retry")
+        assert retry.data["reason"] == "context_fallback" and retry.data["status"] == 400
+        assert answer.end["model"] == "big"
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+async def test_context_too_long_without_context_fallbacks_is_a_clear_400(pair, http, surface):
+    a, b = pair
+    a.script(status(400, TOO_LONG))
+    tables = [provider("primary", a), provider("backup", b),
+              model("main", "primary", "a-model", fallbacks=["spare"]),
+              model("spare", "backup", "b-model")]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, surface, "main")
+    assert not answer.ok and answer.error_code == "context_length_exceeded"
+    assert "maximum context length" in answer.end["error"]["message"]
+    assert len(a.requests) == 1 and len(b.requests) == 0  # not an outage: no fallback
+    if surface == "v1":
+        assert answer.status == 400
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"error": {"message": "prompt is too long: 208310 tokens > 200000 maximum",
+                "type": "invalid_request_error"}}, True),  # Anthropic
+    ({"error": {"message": "the request exceeds the available context size, try increasing "
+                "it", "type": "exceed_context_size_error"}}, True),  # llama.cpp
+    ({"object": "error", "message": "This model's maximum context length is 4096 tokens. "
+      "However, you requested 5000 tokens", "type": "BadRequestError"}, True),  # vLLM
+    ({"error": {"message": "Prompt contains 40000 tokens and 0 draft tokens, too large for "
+                "model with 32768 maximum context length"}}, True),  # Mistral
+    ({"error": {"message": "max_tokens must be at most 4096",
+                "type": "invalid_request_error"}}, False),
+])
+async def test_context_too_long_is_recognised_in_providers_words(pair, http, body, expected):
+    a, b = pair
+    a.script(status(400, body))
+    b.script(ok(TOKENS))
+    tables = [provider("primary", a), provider("backup", b),
+              model("main", "primary", "a-model", context_fallbacks=["big"]),
+              model("big", "backup", "b-model")]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, "chat", "main")
+    assert answer.ok is expected
+    assert len(b.requests) == int(expected)
+    if not expected:
+        assert answer.error_code == "upstream_rejected"
+
+
+# ---- 3. continuation after a cut ----------------------------------------------------------
+
+CUTS = {
+    "connection cut": (lambda: reset_after(TOKENS, 4), "upstream_incomplete"),
+    "idle stall": (lambda: stall_after(TOKENS, 4), "upstream_timeout"),
+    "corrupt chunk": (lambda: corrupt(TOKENS, 4), "upstream_error"),
+}
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+@pytest.mark.parametrize("cut", list(CUTS))
+async def test_a_cut_answer_is_continued_from_its_exact_text(pair, http, surface, cut):
+    a, _ = pair
+    step, reason = CUTS[cut]
+    tables = [provider("primary", a, supports_prefill=True),
+              model("main", "primary", "a-model", continue_after_cut=True)]
+    async with config_gateway(*tables) as gw:
+        a.script(ok(TOKENS))
+        uncut = await ask(http, gw, surface, "main")
+        a.script(step(), continues(TOKENS))
+        answer = await ask(http, gw, surface, "main")
+    assert uncut.ok and uncut.text == TEXT
+    assert answer.ok and answer.text == uncut.text, "no duplicated or altered text"
+    assert len(a.requests) == 3
+    partial = "".join(TOKENS[:4])
+    assert a.requests[2].json["messages"] == [
+        *a.requests[1].json["messages"], {"role": "assistant", "content": partial}]
+    if surface == "chat":
+        assert answer.stream is not None
+        (continued,) = answer.stream.named("continued")
+        assert continued.data == {"attempt": 2, "model": "main", "reason": reason,
+                                  "offset": len(partial)}
+        assert not answer.stream.named("error")
+        assert answer.end["models"] == ["main"]
+    else:
+        assert b"continued" not in answer.raw
+
+
+async def test_a_route_without_prefill_is_skipped_for_continuation(pair, http):
+    a, b = pair
+    a.script(reset_after(TOKENS, 4), rejects_prefill(TOKENS))
+    b.script(continues(TOKENS))
+    tables = [provider("primary", a), provider("backup", b, supports_prefill=True),
+              model("main", "primary", "a-model", fallbacks=["spare"],
+                    continue_after_cut=True),
+              model("spare", "backup", "b-model")]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, "chat", "main")
+    assert answer.ok and answer.text == TEXT
+    assert len(a.requests) == 1, "a route that cannot take a prefix is never asked"
+    assert len(b.requests) == 1
+    assert b.requests[0].json["messages"][-1] == {"role": "assistant",
+                                                  "content": "".join(TOKENS[:4])}
+    assert answer.stream is not None
+    (continued,) = answer.stream.named("continued")
+    assert continued.data["model"] == "spare"
+    assert answer.end["models"] == ["main", "spare"]
+    assert answer.end["model"] == "spare"
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+async def test_when_no_route_can_continue_the_original_error_ends_the_stream(
+    pair, http, surface
+):
+    a, b = pair
+    # The primary claims prefill but answers 400; the backup has none: the cut stands.
+    a.script(reset_after(TOKENS, 4), rejects_prefill(TOKENS))
+    b.script(continues(TOKENS))
+    tables = [provider("primary", a, supports_prefill=True), provider("backup", b),
+              model("main", "primary", "a-model", fallbacks=["spare"],
+                    continue_after_cut=True),
+              model("spare", "backup", "b-model")]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, surface, "main")
+    assert not answer.ok
+    assert answer.error_code == "upstream_incomplete", "never the prefill 400"
+    if surface != "v1":  # /v1 without streaming returns the error alone
+        assert answer.text == "".join(TOKENS[:4])
+    assert len(a.requests) == 2 and len(b.requests) == 0
+    if surface == "chat":
+        assert answer.stream is not None and not answer.stream.named("continued")
+
+
+async def test_without_the_opt_in_a_cut_is_not_continued(pair, http):
+    a, _ = pair
+    a.script(reset_after(TOKENS, 4), continues(TOKENS))
+    tables = [provider("primary", a, supports_prefill=True),
+              model("main", "primary", "a-model")]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, "chat", "main")
+    assert answer.error_code == "upstream_incomplete"
+    assert answer.text == "".join(TOKENS[:4]) and len(a.requests) == 1
