@@ -8,11 +8,13 @@ from that upstream's request log. Every scenario runs on ``/api/chat`` and on ``
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
+from support.client import read_stream
 from support.failover import SURFACES, ask, config_gateway, model, provider
 from support.fault_upstream import (
     FaultUpstream,
@@ -22,13 +24,17 @@ from support.fault_upstream import (
     ok,
     rejects_prefill,
     reset_after,
+    slow,
     stall_after,
     stall_first,
     status,
+    zero_usage,
 )
+from support.redis_server import delete_prefix
 
 TOKENS = ["Hel", "lo", ", ", "wor", "ld", " — ", "ça ", "va", " 😀", "!"]
 TEXT = "".join(TOKENS)
+REDIS_URL = "redis://127.0.0.1:6379/0"
 BUDGET = 1.0  # the first-token deadline under test, seconds
 # The deadline runs from the gateway's attempt, a little before the upstream has read the
 # whole request (its "arrived"): gaps seen by the upstream may be that much shorter.
@@ -299,3 +305,252 @@ async def test_without_the_opt_in_a_cut_is_not_continued(pair, http):
         answer = await ask(http, gw, "chat", "main")
     assert answer.error_code == "upstream_incomplete"
     assert answer.text == "".join(TOKENS[:4]) and len(a.requests) == 1
+
+
+# ---- 5. circuit breaker per route ----------------------------------------------------------
+
+COOLDOWN = 1.0
+ROUTE = "primary/a-model"
+
+
+def breaker_routes(a: FaultUpstream, b: FaultUpstream, cooldown: float = COOLDOWN) -> list[str]:
+    """``main`` (primary, one attempt per request, breaker after 2 failures) falling back
+    to ``spare``; ``solo`` on the primary alone."""
+    return [
+        provider("primary", a, attempts=1, breaker={"failures": 2, "cooldown_s": cooldown}),
+        provider("backup", b),
+        model("main", "primary", "a-model", fallbacks=["spare"]),
+        model("spare", "backup", "b-model"),
+        model("solo", "primary", "a-model"),
+    ]
+
+
+async def breaker_state(http, gw) -> tuple[str, float]:
+    """The route's state in /api/config and its gauge in /metrics (checked to agree)."""
+    async with http.get(gw.base_url + "/api/config") as r:
+        state = (await r.json())["breakers"][ROUTE]["state"]
+    async with http.get(gw.base_url + "/metrics") as r:
+        metrics = await r.text()
+    line = next(x for x in metrics.splitlines()
+                if x.startswith(f'tokenrelay_circuit_breaker_state{{route="{ROUTE}"}}'))
+    gauge = float(line.split()[-1])
+    assert gauge == {"closed": 0, "open": 1, "half_open": 2}[state]
+    return state, gauge
+
+
+async def test_a_failing_route_opens_its_breaker_is_skipped_then_probed_once(pair, http):
+    a, b = pair
+    a.script(status(500))
+    b.script(ok(TOKENS))
+    async with config_gateway(*breaker_routes(a, b)) as gw:
+        for n in (1, 2):
+            answer = await ask(http, gw, "chat", "main")
+            assert answer.ok and len(a.requests) == n  # each time: one try, then the fallback
+        assert await breaker_state(http, gw) == ("open", 1)
+        answer = await ask(http, gw, "chat", "main")
+        assert answer.ok and answer.end["model"] == "spare"
+        assert len(a.requests) == 2, "an open route is skipped"
+        assert answer.stream is not None and not answer.stream.named("retry")
+
+        await asyncio.sleep(COOLDOWN)  # the cooldown under test passes
+        assert (await breaker_state(http, gw))[0] == "half_open"
+        a.script(stall_first(0.5, tokens=TOKENS))  # the probe is slow: others skip the route
+        first, second = await asyncio.gather(ask(http, gw, "chat", "main"),
+                                             ask(http, gw, "chat", "main"))
+        assert first.ok and second.ok
+        assert len(a.requests) == 3, "one probe"
+        assert sorted([first.end["model"], second.end["model"]]) == ["main", "spare"]
+        assert await breaker_state(http, gw) == ("closed", 0)  # the probe succeeded
+        a.script(ok(TOKENS))
+        answer = await ask(http, gw, "chat", "main")
+        assert answer.end["model"] == "main" and len(a.requests) == 4
+
+
+async def test_a_failed_probe_opens_the_breaker_again(pair, http):
+    a, b = pair
+    a.script(status(500))
+    b.script(ok(TOKENS))
+    async with config_gateway(*breaker_routes(a, b)) as gw:
+        for _ in range(2):
+            await ask(http, gw, "chat", "main")
+        await asyncio.sleep(COOLDOWN)
+        answer = await ask(http, gw, "chat", "main")  # the probe, failing: one request
+        assert answer.ok and len(a.requests) == 3
+        assert await breaker_state(http, gw) == ("open", 1)
+        await ask(http, gw, "chat", "main")
+        assert len(a.requests) == 3
+
+
+async def test_client_errors_never_open_the_breaker(pair, http):
+    a, b = pair
+    a.script(status(429, headers={"Retry-After": "0"}))
+    b.script(ok(TOKENS))
+    async with config_gateway(*breaker_routes(a, b)) as gw:
+        for _ in range(3):
+            assert (await ask(http, gw, "chat", "main")).ok
+        assert len(a.requests) == 3
+        assert (await breaker_state(http, gw))[0] == "closed"
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+async def test_a_model_whose_every_route_is_open_fails_fast_with_retry_after(
+    pair, http, surface
+):
+    a, b = pair
+    a.script(status(502))
+    async with config_gateway(*breaker_routes(a, b, cooldown=30)) as gw:
+        for _ in range(2):
+            assert (await ask(http, gw, "chat", "solo")).error_code == "upstream_error"
+        started = time.monotonic()
+        answer = await ask(http, gw, surface, "solo")
+        elapsed = time.monotonic() - started
+    assert answer.error_code == "upstream_unavailable"
+    assert len(a.requests) == 2, "no request to an open route"
+    assert elapsed < 1.0
+    if surface == "chat":
+        error = answer.end["error"]
+        assert error["retryable"] is True and 0 < error["retry_after"] <= 30
+    else:
+        assert answer.status == 503
+        assert 1 <= int(answer.headers["retry-after"]) <= 30
+
+
+async def test_the_breaker_is_shared_by_instances_through_redis(pair, http):
+    a, b = pair
+    a.script(status(500))
+    b.script(ok(TOKENS))
+    prefix = f"test-i15-breaker:{secrets.token_hex(6)}:"
+    env = {"TOKENRELAY_REDIS_URL": REDIS_URL, "TOKENRELAY_REDIS_PREFIX": prefix}
+    try:
+        async with config_gateway(*breaker_routes(a, b), **env) as one, \
+                config_gateway(*breaker_routes(a, b), **env) as two:
+            for _ in range(2):
+                assert (await ask(http, one, "chat", "main")).ok
+            assert len(a.requests) == 2
+            assert await breaker_state(http, two) == ("open", 1)
+            answer = await ask(http, two, "chat", "main")
+            assert answer.ok and answer.end["model"] == "spare"
+            assert len(a.requests) == 2, "the other instance skips the route too"
+            answer = await ask(http, two, "v1", "solo")
+            assert answer.status == 503 and answer.error_code == "upstream_unavailable"
+    finally:
+        await delete_prefix(REDIS_URL, prefix)
+
+
+# ---- 7. accounting -------------------------------------------------------------------------
+
+
+async def stored(http, gw, answer) -> dict:
+    """The assistant message the gateway stored for a /api/chat answer."""
+    assert answer.stream is not None
+    conversation = answer.stream.events[0].data["conversation_id"]
+    async with http.get(f"{gw.base_url}/api/conversations/{conversation}") as r:
+        message = (await r.json())["messages"][-1]
+    assert message["role"] == "assistant"
+    return message
+
+
+async def settled(gw) -> None:
+    """Every generation has ended and charged its tokens (once it has left the hub's
+    table, its charge is done: the memory limiter charges without waiting)."""
+    tasks = [g.task for g in gw.hub.generations.values() if g.task is not None]
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+async def test_a_continued_answer_records_both_attempts_and_charges_all_it_generated(
+    pair, http
+):
+    a, _ = pair
+    a.script(reset_after(TOKENS, 4), continues(TOKENS))
+    tables = [provider("primary", a, supports_prefill=True),
+              model("main", "primary", "a-model", continue_after_cut=True)]
+    # 8 tokens a minute: the 10 generated (4 counted + 6 the provider reported) overdraw
+    # the bucket; charging only the last request's usage (6) would not.
+    async with config_gateway(*tables, TOKENRELAY_TPM="8") as gw:
+        answer = await ask(http, gw, "chat", "main")
+        message = await stored(http, gw, answer)
+        await settled(gw)
+        async with http.post(gw.base_url + "/api/chat", json={
+                "model": "main", "messages": [{"role": "user", "content": "again"}]}) as r:
+            refused = (r.status, (await r.json())["error"])
+        async with http.get(gw.base_url + "/api/stats") as r:
+            stats = (await r.json())["models"]
+    assert answer.ok and answer.text == TEXT
+    first, second = message["attempts"]
+    assert (first["route"], first["continuation"], first["status"], first["outcome"]) == (
+        "main", False, 200, "upstream_incomplete")
+    assert first["usage"] == {"prompt_tokens": None, "completion_tokens": 4,
+                              "source": "counted"}
+    assert (second["continuation"], second["status"], second["outcome"]) == (True, 200, "ok")
+    assert second["usage"] == {"prompt_tokens": 5, "completion_tokens": 6,
+                               "source": "provider"}
+    assert second["started_ms"] >= first["started_ms"] + first["elapsed_ms"] - 1
+    assert message["usage"]["completion_tokens"] == 10 and message["usage"]["estimated"]
+    assert answer.end["usage"]["completion_tokens"] == 10
+    assert answer.end["usage"]["source"] == "counted"
+    assert refused[0] == 429 and refused[1]["limit"] == "tokens_per_minute"
+    assert stats == [pytest.approx({**stats[0], "model": "main", "completion_tokens": 10})]
+
+
+async def test_failed_attempts_that_generated_nothing_are_recorded_but_not_charged(pair, http):
+    a, b = pair
+    a.script(status(500))
+    b.script(ok(TOKENS))
+    tables = [provider("primary", a, attempts=2), provider("backup", b),
+              model("main", "primary", "a-model", fallbacks=["spare"]),
+              model("spare", "backup", "b-model")]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, "chat", "main")
+        message = await stored(http, gw, answer)
+    assert answer.ok
+    attempts = message["attempts"]
+    assert [(x["route"], x["status"], x["outcome"]) for x in attempts] == [
+        ("main", 500, "upstream_error"), ("main", 500, "upstream_error"), ("spare", 200, "ok")]
+    assert [x["usage"]["completion_tokens"] for x in attempts] == [0, 0, len(TOKENS)]
+    assert message["usage"] == {"prompt_tokens": 5, "completion_tokens": len(TOKENS),
+                                "estimated": False}
+
+
+@pytest.mark.parametrize("surface", SURFACES)
+async def test_an_explicit_zero_usage_is_never_replaced_by_an_estimate(pair, http, surface):
+    a, _ = pair
+    a.script(zero_usage(TOKENS))
+    tables = [provider("primary", a), model("main", "primary", "a-model")]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, surface, "main")
+        if surface == "chat":
+            message = await stored(http, gw, answer)
+            assert message["usage"] == {"prompt_tokens": 5, "completion_tokens": 0,
+                                        "estimated": False}
+            assert message["attempts"][0]["usage"]["source"] == "provider"
+            assert answer.end["usage"]["completion_tokens"] == 0
+    assert answer.ok and answer.text == TEXT
+
+
+async def test_a_cancelled_answer_is_charged_what_it_generated(pair, http):
+    a, _ = pair
+    a.script(slow(TOKENS, 0.3))
+    tables = [provider("primary", a), model("main", "primary", "a-model")]
+    async with config_gateway(*tables) as gw:
+        body = {"model": "main", "messages": [{"role": "user", "content": "q"}]}
+        async with http.post(gw.base_url + "/api/chat", json=body) as r:
+            stream = await read_stream(r, stop_after=4)  # start + 3 deltas
+            stream_id = stream.events[0].data["stream_id"]
+            async with http.post(f"{gw.base_url}/api/streams/{stream_id}/cancel") as c:
+                assert c.status in (200, 202)
+            rest = await read_stream(r)
+        end = rest.events[-1]
+        assert end.event == "done" and end.data["state"] == "cancelled"
+        conversation = stream.events[0].data["conversation_id"]
+        async with http.get(f"{gw.base_url}/api/conversations/{conversation}") as resp:
+            message = (await resp.json())["messages"][-1]
+        async with http.get(gw.base_url + "/api/stats") as resp:
+            stats = (await resp.json())["models"]
+    relayed = len(stream.text + rest.text)
+    assert relayed and message["state"] == "cancelled"
+    (attempt,) = message["attempts"]
+    assert attempt["outcome"] == "cancelled"
+    assert attempt["usage"]["source"] == "counted"
+    assert attempt["usage"]["completion_tokens"] >= 3
+    assert message["usage"]["completion_tokens"] == attempt["usage"]["completion_tokens"]
+    assert stats[0]["completion_tokens"] == attempt["usage"]["completion_tokens"]

@@ -312,6 +312,7 @@ class UpstreamCall:
         self.partial: Callable[[], tuple[str, bool]] | None = None
         self.progress: Callable[[], tuple[Usage | None, int]] | None = None
         self.records: list[AttemptRecord] = []
+        self.http_status: int | None = None  # of the current attempt's response
         self._continuing: ContinueNotice | None = None
         self._started = 0.0
         self._deadline = float("inf")  # monotonic: the whole call's total budget
@@ -459,20 +460,21 @@ class UpstreamCall:
         self.route_used = route
         self.relayed = False
         self.content_chunks = 0
+        self.http_status = None
         progress = self.progress
         usage0, chars0 = progress() if progress is not None else (None, 0)
         began = time.monotonic()
-        outcome, status = "ok", 200
+        outcome = "ok"
         try:
             await self._attempt(route, provider, sink, sink_now, prefix)
         except UpstreamError as exc:
-            outcome, status = exc.code, getattr(exc, "upstream_status", None)
+            outcome = exc.code
             raise
         except asyncio.CancelledError:
-            outcome, status = "cancelled", None
+            outcome = "cancelled"
             raise
         except BaseException:
-            outcome, status = "error", None
+            outcome = "error"
             raise
         finally:
             usage1, chars1 = progress() if progress is not None else (None, 0)
@@ -481,7 +483,7 @@ class UpstreamCall:
                 provider=route.provider,
                 upstream_model=self.upstream_model or route.upstream_model,
                 continuation=prefix is not None,
-                status=status,
+                status=self.http_status,
                 outcome=outcome,
                 started_ms=round((began - self._started) * 1000, 1),
                 elapsed_ms=round((time.monotonic() - began) * 1000, 1),
@@ -622,6 +624,7 @@ class UpstreamCall:
                 resp = await self.client._send(
                     target, self._request_body(route, prefix), timeouts.connect
                 )
+        self.http_status = resp.status
         watchdog = _Watchdog(loop, first_deadline, "first_token", resp.close)
         complete = False
         try:
