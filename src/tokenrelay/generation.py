@@ -171,9 +171,7 @@ class Generation:
                 # Inline rather than a method: one coroutine frame less under every open
                 # stream (bench/memory_probe.py).
                 call = self.upstream.call(self.route, self.body, on_retry=self._on_retry)
-                call.on_continue = self._on_continue
-                call.partial = self._partial
-                call.progress = self._progress
+                call.answer = self
                 self.attempts = call.records
                 self._relaying = True
                 try:
@@ -301,18 +299,18 @@ class Generation:
         if self.observer is not None:
             self.observer.retry(self, notice)
 
-    async def _on_continue(self, notice: ContinueNotice) -> None:
+    async def on_continue(self, notice: ContinueNotice) -> None:
         self.seq += 1
         payload = {"attempt": notice.attempt, "model": notice.model, "reason": notice.reason,
                    "offset": notice.offset}
         await self.journal.append(self.stream_id,
                                   [ev.frame(self.seq, ev.CONTINUED, ev.dumps(payload))])
 
-    def _partial(self) -> tuple[str, bool]:
+    def partial(self) -> tuple[str, bool]:
         """The answer text so far, and whether tool calls began (never continued)."""
         return "".join(self.text), bool(self.tool_calls)
 
-    def _progress(self) -> tuple[ev.Usage | None, int]:
+    def progress(self) -> tuple[ev.Usage | None, int]:
         """The last usage seen and the characters relayed: read at attempt boundaries."""
         return self.usage, sum(map(len, self.text)) + sum(map(len, self.reasoning))
 

@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -286,9 +286,27 @@ class UpstreamClient:
         return [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
+class AnswerState(Protocol):
+    """What a call asks of the answer it feeds (the generation), if it has one."""
+
+    async def on_continue(self, notice: ContinueNotice) -> None:
+        """Announce a continuation (before its first new text)."""
+
+    def partial(self) -> tuple[str, bool]:
+        """The answer text so far, and whether tool calls began."""
+
+    def progress(self) -> tuple[Usage | None, int]:
+        """The last usage seen and the characters (text and reasoning) relayed."""
+
+
 class UpstreamCall:
     """One answer's upstream request: retries and fallbacks before the first token, and,
     where the model opts in, continuation of a cut answer (see :meth:`run`)."""
+
+    # Slots: one call lives under every open stream.
+    __slots__ = ("_before", "_began", "_continuing", "_deadline", "_started", "answer",
+                 "attempts", "body", "client", "content_chunks", "http_status", "on_retry",
+                 "records", "relayed", "route", "route_used", "upstream_model")
 
     def __init__(
         self,
@@ -306,14 +324,12 @@ class UpstreamCall:
         self.attempts = 0
         self.content_chunks = 0  # upstream chunks that carried text (a token estimate)
         self.relayed = False  # the current attempt has handed events to the sink
-        # Set by the generation (optional): a continuation's announcement, and what the
-        # answer holds so far (text, whether tool calls began; usage, characters relayed).
-        self.on_continue: Callable[[ContinueNotice], Awaitable[None]] | None = None
-        self.partial: Callable[[], tuple[str, bool]] | None = None
-        self.progress: Callable[[], tuple[Usage | None, int]] | None = None
+        self.answer: AnswerState | None = None  # set by the generation
         self.records: list[AttemptRecord] = []
         self.http_status: int | None = None  # of the current attempt's response
         self._continuing: ContinueNotice | None = None
+        self._before: tuple[Usage | None, int] = (None, 0)
+        self._began = 0.0
         self._started = 0.0
         self._deadline = float("inf")  # monotonic: the whole call's total budget
 
@@ -408,9 +424,13 @@ class UpstreamCall:
         attempt = 0
         while True:
             attempt += 1
+            self._begin(route)
             try:
-                await self._recorded_attempt(route, provider, sink, sink_now, None)
-            except UpstreamError as exc:
+                await self._attempt(route, provider, sink, sink_now)
+            except BaseException as exc:
+                self._end(route, exc, None)
+                if not isinstance(exc, UpstreamError):
+                    raise
                 if self.relayed:
                     await breakers.record(route, True)  # it answered, then broke
                     raise
@@ -444,54 +464,48 @@ class UpstreamCall:
                     await _record_failure(breakers, route, exc)
                     return exc
                 continue
+            self._end(route, None, None)
             await breakers.record(route, True)
             return None
 
-    async def _recorded_attempt(
-        self,
-        route: ModelRoute,
-        provider: Provider,
-        sink: Callable[[list[Event]], Awaitable[None]],
-        sink_now: Callable[[list[Event]], None] | None,
-        prefix: str | None,
-    ) -> None:
-        """:meth:`_attempt`, counted and recorded for accounting (issue 15, point 7)."""
+    def _begin(self, route: ModelRoute) -> None:
+        """A new attempt on ``route``: count it, and note where the answer stood."""
         self.attempts += 1
         self.route_used = route
         self.relayed = False
         self.content_chunks = 0
         self.http_status = None
-        progress = self.progress
-        usage0, chars0 = progress() if progress is not None else (None, 0)
-        began = time.monotonic()
-        outcome = "ok"
-        try:
-            await self._attempt(route, provider, sink, sink_now, prefix)
-        except UpstreamError as exc:
+        answer = self.answer
+        self._before = answer.progress() if answer is not None else (None, 0)
+        self._began = time.monotonic()
+
+    def _end(self, route: ModelRoute, exc: BaseException | None, prefix: str | None) -> None:
+        """Record the attempt begun by :meth:`_begin` (accounting, issue 15 point 7).
+        Plain calls around ``_attempt`` rather than a wrapper coroutine: one frame less
+        under every open stream."""
+        if exc is None:
+            outcome = "ok"
+        elif isinstance(exc, UpstreamError):
             outcome = exc.code
-            raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        except BaseException:
-            outcome = "error"
-            raise
-        finally:
-            usage1, chars1 = progress() if progress is not None else (None, 0)
-            self.records.append(AttemptRecord(
-                route=route.name,
-                provider=route.provider,
-                upstream_model=self.upstream_model or route.upstream_model,
-                continuation=prefix is not None,
-                status=self.http_status,
-                outcome=outcome,
-                started_ms=round((began - self._started) * 1000, 1),
-                elapsed_ms=round((time.monotonic() - began) * 1000, 1),
-                relayed=self.relayed,
-                content_chunks=self.content_chunks,
-                usage=usage1 if usage1 is not usage0 else None,
-                chars=max(0, chars1 - chars0),
-            ))
+        else:
+            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+        answer = self.answer
+        usage, chars = answer.progress() if answer is not None else (None, 0)
+        usage0, chars0 = self._before
+        self.records.append(AttemptRecord(
+            route=route.name,
+            provider=route.provider,
+            upstream_model=self.upstream_model or route.upstream_model,
+            continuation=prefix is not None,
+            status=self.http_status,
+            outcome=outcome,
+            started_ms=round((self._began - self._started) * 1000, 1),
+            elapsed_ms=round((time.monotonic() - self._began) * 1000, 1),
+            relayed=self.relayed,
+            content_chunks=self.content_chunks,
+            usage=usage if usage is not usage0 else None,
+            chars=max(0, chars - chars0),
+        ))
 
     def _prefill(self, route: ModelRoute) -> bool:
         if route.supports_prefill is not None:
@@ -500,14 +514,14 @@ class UpstreamCall:
 
     def _can_continue(self, cut: UpstreamError) -> str | None:
         """The exact partial text to continue from, or None when this cut is final."""
-        if not self.route.continue_after_cut or self.partial is None:
+        if not self.route.continue_after_cut or self.answer is None:
             return None
         if isinstance(cut, UpstreamTimeout):
             if cut.phase != "idle":  # the total budget is spent: nothing may go on
                 return None
         elif not isinstance(cut, UpstreamIncomplete | UpstreamProtocolError):
             return None  # an error the provider reported is its answer, not a cut
-        text, tool_calls = self.partial()
+        text, tool_calls = self.answer.partial()
         if not text or tool_calls:  # never inside tool-call arguments
             return None
         return text
@@ -536,10 +550,14 @@ class UpstreamCall:
                     continue
                 self._continuing = ContinueNotice(self.attempts + 1, candidate.name,
                                                   cut.code, len(prefix))
+                self._begin(candidate)
                 try:
-                    await self._recorded_attempt(candidate, self.client.provider(candidate),
-                                                 sink, sink_now, prefix)
-                except UpstreamError as exc:
+                    await self._attempt(candidate, self.client.provider(candidate),
+                                        sink, sink_now, prefix)
+                except BaseException as exc:
+                    self._end(candidate, exc, prefix)
+                    if not isinstance(exc, UpstreamError):
+                        raise
                     if not self.relayed:
                         log.info("route %s could not continue: %s", candidate.name, exc.code)
                         await _record_failure(breakers, candidate, exc)
@@ -549,6 +567,7 @@ class UpstreamCall:
                     break
                 finally:
                     self._continuing = None
+                self._end(candidate, None, prefix)
                 await breakers.record(candidate, True)
                 return
             else:
@@ -677,9 +696,9 @@ class UpstreamCall:
                     watchdog.phase = "idle"
                     watchdog.rearm(min(loop.time() + timeouts.idle, total_deadline))
                     self.upstream_model = relay.chunks.model
-                    if self._continuing is not None and self.on_continue is not None:
+                    if self._continuing is not None and self.answer is not None:
                         # Announced once its first new text is here, before that text.
-                        await self.on_continue(self._continuing)
+                        await self.answer.on_continue(self._continuing)
                     if sink_now is not None:
                         resp.stream(relay.on_data)  # the next reads go straight to sink_now
                 relay.tick()
