@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -31,6 +32,8 @@ from support.fault_upstream import (
     zero_usage,
 )
 from support.redis_server import delete_prefix
+from tokenrelay.simulator import build_text
+from tokenrelay.upstream import MAX_CONTINUATIONS
 
 TOKENS = ["Hel", "lo", ", ", "wor", "ld", " — ", "ça ", "va", " 😀", "!"]
 TEXT = "".join(TOKENS)
@@ -222,7 +225,7 @@ CUTS = {
 }
 
 
-@pytest.mark.parametrize("surface", SURFACES)
+@pytest.mark.parametrize("surface", [*SURFACES, "v1-sse"])
 @pytest.mark.parametrize("cut", list(CUTS))
 async def test_a_cut_answer_is_continued_from_its_exact_text(pair, http, surface, cut):
     a, _ = pair
@@ -247,8 +250,9 @@ async def test_a_cut_answer_is_continued_from_its_exact_text(pair, http, surface
                                   "offset": len(partial)}
         assert not answer.stream.named("error")
         assert answer.end["models"] == ["main"]
-    else:
-        assert b"continued" not in answer.raw
+    elif surface == "v1-sse":  # /v1 clients just see more deltas
+        assert answer.raw.endswith(b"data: [DONE]\n\n")
+        assert b"continued" not in answer.raw and b"retry" not in answer.raw
 
 
 async def test_a_route_without_prefill_is_skipped_for_continuation(pair, http):
@@ -554,3 +558,22 @@ async def test_a_cancelled_answer_is_charged_what_it_generated(pair, http):
     assert attempt["usage"]["completion_tokens"] >= 3
     assert message["usage"]["completion_tokens"] == attempt["usage"]["completion_tokens"]
     assert stats[0]["completion_tokens"] == attempt["usage"]["completion_tokens"]
+
+
+async def test_the_simulator_continues_its_own_dropped_answer_until_continuations_run_out(
+    simulator, http
+):
+    sim, url = simulator
+    tables = [provider("sim", SimpleNamespace(base_url=url), supports_prefill=True),
+              model("drop", "sim", "sim-drop", continue_after_cut=True)]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, "chat", "drop", "tell me")
+    full = build_text("sim-drop", [{"role": "user", "content": "tell me"}])
+    per_attempt = 20  # sim-drop cuts every answer after 20 tokens
+    attempts = 1 + MAX_CONTINUATIONS
+    assert len(full) > per_attempt * attempts
+    assert answer.text == "".join(full[: per_attempt * attempts])
+    assert answer.stream is not None
+    assert [e.data["attempt"] for e in answer.stream.named("continued")] == [2, 3, 4]
+    assert answer.error_code == "upstream_incomplete"
+    assert sim.stats.requests == attempts

@@ -28,6 +28,7 @@ log = logging.getLogger("tokenrelay.breaker")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 GAUGE = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+MAX_ROUTES = 1000  # routes remembered for /metrics and /api/config
 
 
 def route_key(route: ModelRoute) -> str:
@@ -75,8 +76,10 @@ class Breakers:
         key = route_key(route)
         if ok:
             self._states.pop(key, None)
-            self.last[key] = CLOSED
+            if key in self.last:  # only routes that had a state: names may be any string
+                self.last[key] = CLOSED
             return
+        _bound(self.last)
         state = self._states.setdefault(key, _State())
         state.failures += 1
         if state.failures >= policy.failures or state.open_until:
@@ -197,7 +200,8 @@ class RedisBreakers(Breakers):
         try:
             if ok:
                 await self._redis.delete(self.prefix + key)
-                self.last[key] = CLOSED
+                if key in self.last:
+                    self.last[key] = CLOSED
                 return
             ttl = int(policy.cooldown_s * 10 + 3600)
             failures = await self._fail_script(
@@ -207,6 +211,7 @@ class RedisBreakers(Breakers):
             log.warning("circuit breaker update failed (%s)", type(exc).__name__)
             return
         if int(failures) >= policy.failures:
+            _bound(self.last)
             self.last[key] = OPEN
 
     async def states(self) -> dict[str, dict[str, Any]]:
@@ -228,6 +233,14 @@ class RedisBreakers(Breakers):
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _bound(last: dict[str, str]) -> None:
+    """Forget closed routes once many are known: with a passthrough provider, route names
+    are whatever clients ask for (and each is a /metrics series)."""
+    if len(last) >= MAX_ROUTES:
+        for key in [k for k, v in last.items() if v == CLOSED]:
+            del last[key]
 
 
 def open_breakers(settings: Settings) -> Breakers:

@@ -376,6 +376,8 @@ class UpstreamCall:
         index = 0
         while index < len(chain):
             route = chain[index]
+            if failure is not None and time.monotonic() >= self._deadline:
+                raise failure  # the total budget is spent: no route is tried any more
             wait = await breakers.admit(route)
             if wait is not None:
                 skipped = wait if skipped is None else min(skipped, wait)

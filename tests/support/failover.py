@@ -17,12 +17,13 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 
 from support.client import Stream, chat_body, read_stream
-from support.fault_upstream import FaultUpstream
 from support.gateway import Gateway, running_gateway
+from tokenrelay.sse import SSEDecoder
 
-SURFACES = ("chat", "v1-stream", "v1")
+SURFACES = ("chat", "v1-stream", "v1")  # v1-stream: the openai SDK; "v1-sse": raw bytes
 
 
 def _toml(value: Any) -> str:
@@ -33,9 +34,10 @@ def _toml(value: Any) -> str:
     return json.dumps(value)  # strings, numbers and lists of them read the same in TOML
 
 
-def provider(name: str, up: FaultUpstream, *, first_token: float = 10, idle: float = 0.5,
+def provider(name: str, up: Any, *, first_token: float = 10, idle: float = 0.5,
              total: float = 60, attempts: int = 3, **extra: Any) -> str:
-    """A ``[providers.name]`` table pointing at ``up`` with quick retries."""
+    """A ``[providers.name]`` table pointing at ``up`` (anything with a ``base_url``: a
+    :class:`FaultUpstream`, the simulator) with quick retries."""
     table = {
         "base_url": up.base_url,
         "timeouts": {"connect": 2, "first_token": first_token, "idle": idle, "total": total},
@@ -97,6 +99,20 @@ async def ask(http: aiohttp.ClientSession, gw: Gateway, surface: str, model_name
             stream = await read_stream(r)
         return Answer(surface, r.status, stream.text, stream, stream.events[-1].data,
                       raw=stream.raw)
+    if surface == "v1-sse":  # /v1 streaming read raw, to see every byte on the wire
+        async with http.post(gw.base_url + "/v1/chat/completions",
+                             json={**body, "stream": True}) as r:
+            raw = await r.read()
+        text, end = "", {}
+        for event in SSEDecoder().decode(raw):
+            if event.data == b"[DONE]":
+                continue
+            chunk = orjson.loads(event.data)
+            if "error" in chunk:
+                end = chunk
+            for choice in chunk.get("choices", []):
+                text += choice["delta"].get("content") or ""
+        return Answer(surface, r.status, text, end=end, raw=raw)
     client = openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="unused", max_retries=0)
     try:
         if surface == "v1":
