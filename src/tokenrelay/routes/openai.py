@@ -42,6 +42,12 @@ def chunk_transform(
     head = b"data: " + ev.dumps(base)[:-1] + b',"choices":[{"index":0,"delta":'
     open_tail = b',"finish_reason":null}]}\n\n'
 
+    def answered_by(name: str) -> None:
+        """Chunks after a fallback or a continuation name the model answering now."""
+        nonlocal head
+        base["model"] = name
+        head = b"data: " + ev.dumps(base)[:-1] + b',"choices":[{"index":0,"delta":'
+
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         tail = open_tail if finish is None else (
             b',"finish_reason":' + ev.dumps(finish) + b"}]}\n\n")
@@ -70,6 +76,10 @@ def chunk_transform(
             elif name == ev.RETRY:
                 out.append(b": retry in %d ms (%s)\n\n" % (payload["wait_ms"],
                                                           payload["reason"].encode()))
+                if payload.get("next_model") and payload["next_model"] != base["model"]:
+                    answered_by(payload["next_model"])
+            elif name == ev.CONTINUED:
+                answered_by(payload["model"])
             elif name == ev.DONE:
                 reason = payload.get("finish_reason") or "stop"
                 out.append(chunk({}, reason))
@@ -129,7 +139,7 @@ async def chat_completions(request: Request) -> Any:
                     await task
     if not gen.finished.is_set():
         return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
-    return _completion(gen, completion_id, created, chat.route.name)
+    return _completion(gen, completion_id, created, gen.model_used)  # who answered
 
 
 async def _check_breakers(request: Request, route: ModelRoute) -> None:
