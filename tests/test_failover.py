@@ -38,7 +38,7 @@ from tokenrelay.upstream import MAX_CONTINUATIONS
 TOKENS = ["Hel", "lo", ", ", "wor", "ld", " — ", "ça ", "va", " 😀", "!"]
 TEXT = "".join(TOKENS)
 REDIS_URL = "redis://127.0.0.1:6379/0"
-BUDGET = 1.0  # the first-token deadline under test, seconds
+BUDGET = 1.5  # the first-token deadline under test, seconds
 # The deadline runs from the gateway's attempt, a little before the upstream has read the
 # whole request (its "arrived"): gaps seen by the upstream may be that much shorter.
 EARLY = 0.9 * BUDGET
@@ -132,7 +132,7 @@ async def test_the_whole_call_stays_inside_the_total_budget(pair, http):
     a, b = pair
     a.script(stall_first())
     b.script(stall_first())
-    total = 1.5
+    total = 1.5 * BUDGET  # the primary's deadline, then half of one for the backup
     tables = [provider("primary", a, total=total), provider("backup", b),
               model("main", "primary", "a-model", fallbacks=["spare"],
                     timeouts={"first_token": BUDGET}),
@@ -412,7 +412,7 @@ async def test_a_model_whose_every_route_is_open_fails_fast_with_retry_after(
         elapsed = time.monotonic() - started
     assert answer.error_code == "upstream_unavailable"
     assert len(a.requests) == 2, "no request to an open route"
-    assert elapsed < 1.0
+    assert elapsed < 2.0  # at once: no attempt, no wait
     if surface == "chat":
         error = answer.end["error"]
         assert error["retryable"] is True and 0 < error["retry_after"] <= 30
