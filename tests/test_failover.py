@@ -239,6 +239,9 @@ async def test_a_cut_answer_is_continued_from_its_exact_text(pair, http, surface
         uncut = await ask(http, gw, surface, "main")
         a.script(step(), continues(TOKENS))
         answer = await ask(http, gw, surface, "main")
+        async with http.get(gw.base_url + "/metrics") as r:
+            metrics = await r.text()
+    assert f'tokenrelay_continuations_total{{reason="{reason}"}} 1.0' in metrics
     assert uncut.ok and uncut.text == TEXT
     assert answer.ok and answer.text == uncut.text, "no duplicated or altered text"
     assert len(a.requests) == 3
@@ -579,3 +582,26 @@ async def test_the_simulator_continues_its_own_dropped_answer_until_continuation
     assert [e.data["attempt"] for e in answer.stream.named("continued")] == [2, 3, 4]
     assert answer.error_code == "upstream_incomplete"
     assert sim.stats.requests == attempts
+
+
+async def test_a_continuation_asks_only_for_what_is_left_of_max_tokens(pair, http):
+    a, _ = pair
+    a.script(reset_after(TOKENS, 4), continues(TOKENS))
+    tables = [provider("primary", a, supports_prefill=True),
+              model("main", "primary", "a-model", continue_after_cut=True)]
+    async with config_gateway(*tables) as gw:
+        body = {"model": "main", "messages": [{"role": "user", "content": "q"}],
+                "max_tokens": 50}
+        async with http.post(gw.base_url + "/api/chat", json=body) as r:
+            stream = await read_stream(r)
+        assert stream.text == TEXT
+        first, second = a.requests
+        assert first.json["max_tokens"] == 50
+        assert second.json["max_tokens"] == 50 - 4  # 4 tokens were generated before the cut
+
+        # A cut at the limit itself is final: there is nothing left to ask for.
+        a.script(reset_after(TOKENS, 4), continues(TOKENS))
+        async with http.post(gw.base_url + "/api/chat", json={**body, "max_tokens": 4}) as r:
+            stream = await read_stream(r)
+        assert stream.events[-1].data["error"]["code"] == "upstream_incomplete"
+        assert len(a.requests) == 3

@@ -211,6 +211,9 @@ class RedisBreakers(Breakers):
             log.warning("circuit breaker update failed (%s)", type(exc).__name__)
             return
         if int(failures) >= policy.failures:
+            if self.last.get(key) != OPEN:
+                log.warning("circuit breaker of route %s opened for %g s", key,
+                            policy.cooldown_s)
             _bound(self.last)
             self.last[key] = OPEN
 

@@ -29,7 +29,13 @@ from tokenrelay.config import ModelRoute
 from tokenrelay.errors import JournalFull, TokenRelayError, UpstreamError
 from tokenrelay.journal.base import Journal
 from tokenrelay.store.base import AssistantResult, Store
-from tokenrelay.upstream import AttemptRecord, ContinueNotice, RetryNotice, UpstreamClient
+from tokenrelay.upstream import (
+    AttemptRecord,
+    ContinueNotice,
+    RetryNotice,
+    UpstreamClient,
+    attempt_usage,
+)
 
 log = logging.getLogger("tokenrelay.generation")
 
@@ -305,6 +311,10 @@ class Generation:
                    "offset": notice.offset}
         await self.journal.append(self.stream_id,
                                   [ev.frame(self.seq, ev.CONTINUED, ev.dumps(payload))])
+        log.info("stream %s continued by %s after %s", self.stream_id[:8], notice.model,
+                 notice.reason)
+        if self.observer is not None:
+            self.observer.continued(self, notice)
 
     def partial(self) -> tuple[str, bool]:
         """The answer text so far, and whether tool calls began (never continued)."""
@@ -487,18 +497,6 @@ class Generation:
                 )
             except Exception:
                 log.warning("checkpoint of message %s failed", self.message_id[:8])
-
-
-def attempt_usage(attempt: AttemptRecord) -> tuple[int, str]:
-    """Completion tokens of one attempt and their source: the provider's own count (an
-    explicit zero included), else the chunks with text counted, else characters / 4."""
-    if attempt.usage is not None:
-        return attempt.usage.completion_tokens, "provider"
-    if attempt.content_chunks:
-        return attempt.content_chunks, "counted"
-    if attempt.chars:
-        return max(1, round(attempt.chars / 4)), "estimated"
-    return 0, "counted"
 
 
 class _Flag:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from tokenrelay.errors import TokenRelayError
     from tokenrelay.generation import Generation
     from tokenrelay.hub import Hub
-    from tokenrelay.upstream import RetryNotice
+    from tokenrelay.upstream import ContinueNotice, RetryNotice
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -113,6 +113,9 @@ class Metrics:
                                ["reason"], registry=r)
         self.resumes = Counter("tokenrelay_resumes", "Re-attachments with Last-Event-ID",
                                registry=r)
+        self.continuations = Counter("tokenrelay_continuations",
+                                     "Cut answers continued from their partial text",
+                                     ["reason"], registry=r)
         self._reads: dict[str, _ReadStats] = {}
         r.register(_ReadCollector(self._reads))
         # Per live generation: its model's stats and the time of its last read with tokens.
@@ -161,6 +164,9 @@ class Metrics:
 
     def retry(self, gen: Generation, notice: RetryNotice) -> None:
         self.retries.labels(notice.reason).inc()
+
+    def continued(self, gen: Generation, notice: ContinueNotice) -> None:
+        self.continuations.labels(notice.reason).inc()
 
     def finished(self, gen: Generation, error: TokenRelayError | None) -> None:
         self._live.pop(id(gen), None)

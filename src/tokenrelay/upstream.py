@@ -102,6 +102,18 @@ class AttemptRecord:
     chars: int  # characters of text and reasoning relayed
 
 
+def attempt_usage(attempt: AttemptRecord) -> tuple[int, str]:
+    """Completion tokens of one attempt and their source: the provider's own count (an
+    explicit zero included), else the chunks with text counted, else characters / 4."""
+    if attempt.usage is not None:
+        return attempt.usage.completion_tokens, "provider"
+    if attempt.content_chunks:
+        return attempt.content_chunks, "counted"
+    if attempt.chars:
+        return max(1, round(attempt.chars / 4)), "estimated"
+    return 0, "counted"
+
+
 @dataclass(slots=True)
 class RetryNotice:
     """A wait before the next attempt, announced to subscribers as a ``retry`` event."""
@@ -526,6 +538,9 @@ class UpstreamCall:
         text, tool_calls = self.answer.partial()
         if not text or tool_calls:  # never inside tool-call arguments
             return None
+        limit = self.body.get("max_completion_tokens", self.body.get("max_tokens"))
+        if isinstance(limit, int) and sum(attempt_usage(a)[0] for a in self.records) >= limit:
+            return None  # the client's token limit is reached: nothing more to ask for
         return text
 
     async def _continue(
@@ -607,8 +622,9 @@ class UpstreamCall:
     def _request_body(self, route: ModelRoute, prefix: str | None = None) -> bytes:
         body = dict(self.body)
         if prefix is not None:
+            used = sum(attempt_usage(a)[0] for a in self.records)
             body.update(_prefill_body(self.body, prefix,
-                                      self.client.provider(route).prefill_flag))
+                                      self.client.provider(route).prefill_flag, used))
         body["model"] = route.upstream_model
         body["stream"] = True
         options = body.get("stream_options")
@@ -741,15 +757,22 @@ async def _record_failure(breakers: Breakers, route: ModelRoute, exc: UpstreamEr
     await breakers.record(route, False)
 
 
-def _prefill_body(body: Mapping[str, Any], prefix: str, flag: str) -> dict[str, Any]:
+def _prefill_body(
+    body: Mapping[str, Any], prefix: str, flag: str, used: int
+) -> dict[str, Any]:
     """The fields of a continuation request: the messages plus the partial answer as the
-    last ``assistant`` message, with the provider's flag where it needs one."""
+    last ``assistant`` message, with the provider's flag where it needs one, and what is
+    left of the client's token limit after the ``used`` tokens already generated."""
     last: dict[str, Any] = {"role": "assistant", "content": prefix}
     extra: dict[str, Any] = {}
     if flag == "prefix":  # DeepSeek (beta base URL), Mistral
         last["prefix"] = True
     elif flag == "continue_final_message":  # vLLM
         extra = {"continue_final_message": True, "add_generation_prompt": False}
+    for key in ("max_tokens", "max_completion_tokens"):
+        limit = body.get(key)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            extra[key] = max(1, limit - used)
     return {"messages": [*body.get("messages", []), last], **extra}
 
 
