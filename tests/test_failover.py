@@ -605,3 +605,23 @@ async def test_a_continuation_asks_only_for_what_is_left_of_max_tokens(pair, htt
             stream = await read_stream(r)
         assert stream.events[-1].data["error"]["code"] == "upstream_incomplete"
         assert len(a.requests) == 3
+
+
+async def test_a_silent_route_whose_fallback_is_paused_is_retried_like_a_single_route(
+    pair, http
+):
+    a, b = pair
+    a.script(stall_first())
+    b.script(status(500))
+    tables = [provider("primary", a, attempts=2),
+              provider("backup", b, attempts=1, breaker={"failures": 1, "cooldown_s": 60}),
+              model("main", "primary", "a-model", fallbacks=["spare"],
+                    timeouts={"first_token": BUDGET}),
+              model("spare", "backup", "b-model")]
+    async with config_gateway(*tables) as gw:
+        assert (await ask(http, gw, "chat", "spare")).error_code == "upstream_error"
+        answer = await ask(http, gw, "chat", "main")  # the backup's breaker is open
+    assert answer.error_code == "upstream_timeout"
+    assert len(a.requests) == 2 and len(b.requests) == 1
+    assert answer.stream is not None
+    assert [e.data["reason"] for e in answer.stream.named("retry")] == ["upstream_timeout"]

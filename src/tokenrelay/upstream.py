@@ -396,7 +396,7 @@ class UpstreamCall:
                 index += 1
                 continue
             tried.append(route)
-            nxt = chain[index + 1] if index + 1 < len(chain) else None
+            nxt = await self._next_open(chain[index + 1:])
             try:
                 failure = await self._try_route(route, nxt, sink, sink_now)
             except ContextTooLong as exc:
@@ -421,6 +421,14 @@ class UpstreamCall:
             f"every route of this model is paused after repeated failures ({names})",
             retry_after=skipped,
         )
+
+    async def _next_open(self, rest: list[ModelRoute]) -> ModelRoute | None:
+        """The next route that its breaker lets through (a route with none to fall back
+        to is retried within its policy, as a single route is)."""
+        for route in rest:
+            if await self.client.breakers.peek(route) is None:
+                return route
+        return None
 
     async def _try_route(
         self,
