@@ -303,6 +303,7 @@ async def test_when_no_route_can_continue_the_original_error_ends_the_stream(
     assert len(a.requests) == 2 and len(b.requests) == 0
     if surface == "chat":
         assert answer.stream is not None and not answer.stream.named("continued")
+        assert answer.end["model"] == "main" and answer.end["models"] == ["main"]
 
 
 async def test_without_the_opt_in_a_cut_is_not_continued(pair, http):
@@ -625,3 +626,23 @@ async def test_a_silent_route_whose_fallback_is_paused_is_retried_like_a_single_
     assert len(a.requests) == 2 and len(b.requests) == 1
     assert answer.stream is not None
     assert [e.data["reason"] for e in answer.stream.named("retry")] == ["upstream_timeout"]
+
+
+async def test_a_fallback_that_fails_to_continue_is_not_named_as_the_answering_model(
+    pair, http
+):
+    a, b = pair
+    a.script(reset_after(TOKENS, 4), rejects_prefill(TOKENS))
+    b.script(status(500))
+    tables = [provider("primary", a), provider("backup", b, supports_prefill=True, attempts=1),
+              model("main", "primary", "a-model", fallbacks=["spare"],
+                    continue_after_cut=True),
+              model("spare", "backup", "b-model")]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, "chat", "main")
+        message = await stored(http, gw, answer)
+    assert answer.error_code == "upstream_incomplete"
+    assert answer.end["model"] == "main" and answer.end["models"] == ["main"]
+    assert message["model_used"] == "main"
+    assert [(x["route"], x["continuation"], x["status"]) for x in message["attempts"]] == [
+        ("main", False, 200), ("spare", True, 500)]

@@ -190,7 +190,12 @@ class Generation:
                         )
                         self.state = ev.COMPLETE
                     finally:
-                        self.model_used = call.route_used.name
+                        # The last model that relayed something (a continuation that
+                        # failed before any text did not answer), else the last tried.
+                        self.model_used = next(
+                            (a.route for a in reversed(call.records) if a.relayed),
+                            call.route_used.name,
+                        )
                         self.content_chunks = call.content_chunks
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
