@@ -397,13 +397,16 @@ class Generation:
 
     def _usage_payload(self) -> dict[str, Any]:
         source = self.usage_source()
-        if self.usage is not None and (source == "provider" or self.attempts):
+        if self.usage is not None:
             u = self.usage
             completion = self.completion_tokens()
+            # The provider's own total, unless continuations added to its completion count.
+            total = (u.total_tokens if completion == u.completion_tokens
+                     else u.prompt_tokens + completion)
             return {
                 "prompt_tokens": u.prompt_tokens,
                 "completion_tokens": completion,
-                "total_tokens": u.prompt_tokens + completion,
+                "total_tokens": total,
                 "estimated": source != "provider",
                 "source": source,
             }
