@@ -377,7 +377,10 @@ class UpstreamCall:
 
         With ``sink_now`` (a sink that never waits), once the first token is relayed the
         rest of the body is parsed and handed over straight from the connection's data
-        callback: no task wake-up per read."""
+        callback: no task wake-up per read.
+
+        The attempts loop is written out here rather than in a per-route method: this
+        frame lies under every open stream (bench/memory_probe.py)."""
         chain = self._chain()
         self._started = time.monotonic()
         self._deadline = self._started + self.client.provider(self.route).timeouts.total
@@ -388,32 +391,56 @@ class UpstreamCall:
         index = 0
         while index < len(chain):
             route = chain[index]
+            index += 1
             if failure is not None and time.monotonic() >= self._deadline:
                 raise failure  # the total budget is spent: no route is tried any more
             wait = await breakers.admit(route)
             if wait is not None:
                 skipped = wait if skipped is None else min(skipped, wait)
-                index += 1
                 continue
             tried.append(route)
-            nxt = await self._next_open(chain[index + 1:])
-            try:
-                failure = await self._try_route(route, nxt, sink, sink_now)
-            except ContextTooLong as exc:
-                rest = [r for r in self._context_chain(route) if r not in tried]
-                if not rest:
-                    raise
-                await self._announce(exc, 1, 1, 0.0, route, rest[0], "context_fallback")
-                chain, index = tried + rest, len(tried)
-                continue
-            except UpstreamError as exc:
-                if not self.relayed:
-                    raise
-                await self._continue(exc, chain, route, sink, sink_now)
+            nxt = await self._next_open(chain[index:])
+            provider = self.client.provider(route)
+            attempt = 0
+            while True:  # the attempts on this route
+                attempt += 1
+                self._begin(route)
+                try:
+                    await self._attempt(route, provider, sink, sink_now)
+                except BaseException as exc:
+                    self._end(route, exc, None)
+                    if not isinstance(exc, UpstreamError):
+                        raise
+                    if self.relayed:  # it answered, then broke: continue or end
+                        await breakers.record(route, True)
+                        await self._continue(exc, chain, route, sink, sink_now)
+                        return
+                    if isinstance(exc, ContextTooLong):
+                        rest = [r for r in self._context_chain(route) if r not in tried]
+                        if not rest:
+                            raise
+                        await self._announce(exc, 1, 1, 0.0, route, rest[0],
+                                             "context_fallback")
+                        chain, index = tried + rest, len(tried)
+                        break
+                    step = self._after_failure(exc, attempt, route, provider, nxt)
+                    if step is None:  # nothing left to try
+                        if exc.retryable:  # not a 4xx or a broken configuration
+                            await _record_failure(breakers, route, exc)
+                        raise
+                    fall_back, wait = step
+                    await self._announce(exc, attempt, provider.retry.max_attempts, wait,
+                                         route, nxt if fall_back and nxt else route)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    if fall_back:
+                        await _record_failure(breakers, route, exc)
+                        failure = exc
+                        break
+                    continue
+                self._end(route, None, None)
+                await breakers.record(route, True)
                 return
-            if failure is None:
-                return
-            index += 1
         if failure is not None:
             raise failure
         names = ", ".join(r.name for r in chain)
@@ -430,65 +457,40 @@ class UpstreamCall:
                 return route
         return None
 
-    async def _try_route(
+    def _after_failure(
         self,
+        exc: UpstreamError,
+        attempt: int,
         route: ModelRoute,
+        provider: Provider,
         next_route: ModelRoute | None,
-        sink: Callable[[list[Event]], Awaitable[None]],
-        sink_now: Callable[[list[Event]], None] | None,
-    ) -> UpstreamError | None:
-        """Attempts on one route within its retry policy: None once it answered, the last
-        error when the next route should be tried; raises when the call must end."""
-        provider = self.client.provider(route)
-        policy = provider.retry
-        budget = self.client.provider(self.route).retry.budget
-        breakers = self.client.breakers
-        attempt = 0
-        while True:
-            attempt += 1
-            self._begin(route)
-            try:
-                await self._attempt(route, provider, sink, sink_now)
-            except BaseException as exc:
-                self._end(route, exc, None)
-                if not isinstance(exc, UpstreamError):
-                    raise
-                if self.relayed:
-                    await breakers.record(route, True)  # it answered, then broke
-                    raise
-                if not exc.retryable:
-                    raise
-                last = next_route is None
-                spent = attempt >= policy.max_attempts or time.monotonic() >= self._deadline
-                overloaded = isinstance(exc, UpstreamStatusError) and exc.overloaded
-                # A silent route is left at once for the next one (issue 15): retrying it
-                # is what made a 30 s silence cost 92 s.
-                fast = (not last and not route.retry_on_timeout
-                        and isinstance(exc, UpstreamTimeout) and exc.phase == "first_token")
-                if spent and last:
-                    await _record_failure(breakers, route, exc)
-                    raise
-                fall_back = not last and (spent or fast or (overloaded and attempt >= 2))
-                wait = 0.0 if fast else self._wait(exc, attempt, policy)
-                elapsed = time.monotonic() - self._started
-                if elapsed + wait > budget or time.monotonic() + wait >= self._deadline:
-                    if last:
-                        await _record_failure(breakers, route, exc)
-                        raise
-                    fall_back = True
-                if fall_back:
-                    wait = min(wait, policy.base_delay)
-                await self._announce(exc, attempt, policy.max_attempts, wait, route,
-                                     (next_route or route) if fall_back else route)
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if fall_back:
-                    await _record_failure(breakers, route, exc)
-                    return exc
-                continue
-            self._end(route, None, None)
-            await breakers.record(route, True)
+    ) -> tuple[bool, float] | None:
+        """What follows a failed attempt, before any text: None to give up (raise), else
+        (fall back to ``next_route`` rather than retry this route, seconds to wait)."""
+        if not exc.retryable:
             return None
+        policy = provider.retry
+        last = next_route is None
+        spent = attempt >= policy.max_attempts or time.monotonic() >= self._deadline
+        if spent and last:
+            return None
+        overloaded = isinstance(exc, UpstreamStatusError) and exc.overloaded
+        # A silent route is left at once for the next one (issue 15): retrying it is what
+        # made a 30 s silence cost 92 s.
+        if (not last and not route.retry_on_timeout and isinstance(exc, UpstreamTimeout)
+                and exc.phase == "first_token"):
+            return True, 0.0
+        fall_back = not last and (spent or (overloaded and attempt >= 2))
+        wait = self._wait(exc, attempt, policy)
+        budget = self.client.provider(self.route).retry.budget
+        elapsed = time.monotonic() - self._started
+        if elapsed + wait > budget or time.monotonic() + wait >= self._deadline:
+            if last:
+                return None
+            fall_back = True
+        if fall_back:
+            return True, min(wait, policy.base_delay)
+        return False, wait
 
     def _begin(self, route: ModelRoute) -> None:
         """A new attempt on ``route``: count it, and note where the answer stood."""
