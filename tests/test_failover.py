@@ -646,3 +646,40 @@ async def test_a_fallback_that_fails_to_continue_is_not_named_as_the_answering_m
     assert message["model_used"] == "main"
     assert [(x["route"], x["continuation"], x["status"]) for x in message["attempts"]] == [
         ("main", False, 200), ("spare", True, 500)]
+
+
+@pytest.mark.parametrize(("flag", "last", "extra"), [
+    ("", {}, {}),
+    ("prefix", {"prefix": True}, {}),  # DeepSeek (beta), Mistral
+    ("continue_final_message", {},  # vLLM
+     {"continue_final_message": True, "add_generation_prompt": False}),
+])
+async def test_a_continuation_request_carries_the_providers_prefill_flag(
+    pair, http, flag, last, extra
+):
+    a, _ = pair
+    a.script(reset_after(TOKENS, 4), continues(TOKENS))
+    tables = [provider("primary", a, supports_prefill=True, prefill_flag=flag),
+              model("main", "primary", "a-model", continue_after_cut=True)]
+    async with config_gateway(*tables) as gw:
+        answer = await ask(http, gw, "chat", "main")
+    assert answer.ok and answer.text == TEXT
+    first, second = (r.json for r in a.requests)
+    assert second["messages"][-1] == {"role": "assistant", "content": "".join(TOKENS[:4]),
+                                      **last}
+    assert {k: second[k] for k in extra} == extra
+    assert not any(k in first for k in ("continue_final_message", "add_generation_prompt"))
+
+
+async def test_breaker_states_stay_out_of_the_public_config_when_keys_are_required(
+    pair, http
+):
+    a, b = pair
+    key = "test-key-i15-0123"
+    async with config_gateway(*breaker_routes(a, b), TOKENRELAY_API_KEYS=f"t:{key}") as gw:
+        async with http.get(gw.base_url + "/api/config") as r:
+            public = await r.json()
+        async with http.get(gw.base_url + "/metrics") as r:
+            metrics = await r.text()
+    assert public["auth_required"] is True and "breakers" not in public
+    assert "tokenrelay_circuit_breaker_state" in metrics
