@@ -486,3 +486,42 @@ async def test_bad_stop_values_are_refused_with_400(sim: Any, stop: Any) -> None
     status, _, raw = await post(session, url, body)
     assert status == 400
     assert orjson.loads(raw)["error"]["param"] == "stop"
+
+
+# ---- issue 15: assistant prefill (continuing a cut answer) ------------------------------
+
+
+@pytest.mark.parametrize("cut", [5, 40])
+async def test_an_assistant_prefix_of_the_answer_is_continued_exactly(sim: Any, cut: int) -> None:
+    _, url, session = sim
+    full = build_text("sim-chat", MESSAGES, 4)
+    prefix = "".join(full[:cut]) + full[cut][:1]  # ends inside a token
+    messages = [*MESSAGES, {"role": "assistant", "content": prefix}]
+    events = await stream(session, url, seed=4, messages=messages)
+    assert prefix + content_of(events) == "".join(full)
+
+
+async def test_a_reasoner_continuing_does_not_think_again(sim: Any) -> None:
+    _, url, session = sim
+    full = build_text("sim-reasoner", MESSAGES)
+    messages = [*MESSAGES, {"role": "assistant", "content": "".join(full[:3])}]
+    events = await stream(session, url, model="sim-reasoner", messages=messages)
+    assert content_of(events) == "".join(full[3:])
+    assert not any(e["choices"][0]["delta"].get("reasoning_content")
+                   for e in events if isinstance(e, dict) and e["choices"])
+
+
+async def test_an_assistant_message_that_is_not_a_prefix_is_a_new_turn(sim: Any) -> None:
+    _, url, session = sim
+    messages = [*MESSAGES, {"role": "assistant", "content": "Something else entirely."}]
+    events = await stream(session, url, messages=messages)
+    assert content_of(events) == "".join(build_text("sim-chat", messages))
+
+
+async def test_the_tools_model_refuses_prefill_with_a_400(sim: Any) -> None:
+    _, url, session = sim
+    messages = [*MESSAGES, {"role": "assistant", "content": "Let me"}]
+    status, _, raw = await post(session, url, {"model": "sim-tools", "messages": messages,
+                                               "stream": True})
+    assert status == 400
+    assert orjson.loads(raw)["error"]["code"] == "unsupported_prefill"

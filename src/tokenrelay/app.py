@@ -23,6 +23,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Match, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
+from tokenrelay.breaker import open_breakers
 from tokenrelay.config import SIMULATOR, Settings, load_settings
 from tokenrelay.errors import BadRequest, TokenRelayError, openai_error_body
 from tokenrelay.guard import GuardMiddleware
@@ -106,7 +107,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 _simulator_server(settings.simulator_speed)
             )
             log.info("no upstream configured: serving the built-in simulator (simulated models)")
-        upstream = UpstreamClient(settings, pool, base_urls)
+        breakers = open_breakers(settings)  # circuit breaker per route (issue 15)
+        stack.push_async_callback(breakers.aclose)
+        upstream = UpstreamClient(settings, pool, base_urls, breakers)
         _log_proxies(settings)
         journal = open_journal(
             settings.journal_url,
@@ -127,6 +130,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         metrics: Metrics = app.state.metrics
         hub = Hub(settings, journal, upstream, store, observer=metrics)
         metrics.bind(hub)
+        metrics.bind_breakers(breakers)
         await hub.startup()
         app.state.upstream = upstream
         app.state.journal = journal
@@ -200,6 +204,9 @@ async def metrics_endpoint(request: Request) -> Response:
     refusal = metrics_refusal(request.app.state.settings, request.scope)
     if refusal is not None:
         return error_response(refusal)
+    upstream = getattr(request.app.state, "upstream", None)
+    if upstream is not None:
+        await upstream.breakers.states()  # the breaker gauges show the shared state
     return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 

@@ -50,6 +50,21 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """Circuit breaker per route: ``failures`` consecutive failed requests (0: off) open it
+    for ``cooldown_s``, then one request probes it."""
+
+    failures: int = 5
+    cooldown_s: float = 30.0
+
+
+# How a provider takes an assistant prefix to continue (``prefill_flag``): "" a plain last
+# assistant message; "prefix" also sets ``"prefix": true`` on it (DeepSeek, Mistral);
+# "continue_final_message" adds vLLM's ``continue_final_message``/``add_generation_prompt``.
+PREFILL_FLAGS = ("", "prefix", "continue_final_message")
+
+
+@dataclass(frozen=True, slots=True)
 class Provider:
     """An OpenAI-compatible upstream."""
 
@@ -68,6 +83,9 @@ class Provider:
     def proxy_display(self) -> str:
         """The proxy URL with its password replaced, fit for logs and error messages."""
         return redact_proxy(self.proxy) if self.proxy else "direct"
+    breaker: BreakerPolicy = BreakerPolicy()
+    supports_prefill: bool = False  # continues a last assistant message exactly
+    prefill_flag: str = ""  # one of PREFILL_FLAGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +99,12 @@ class ModelRoute:
     think_tags: bool = False  # <think>...</think> inside content is reasoning
     description: str = ""
     simulated: bool = False
+    # Failover policy (issue 15). first_token: None is the provider's timeouts.first_token.
+    first_token: float | None = None
+    retry_on_timeout: bool = False  # retry a route that timed out although a next one exists
+    context_fallbacks: tuple[str, ...] = ()  # models for a "context too long" refusal
+    continue_after_cut: bool = False  # continue a cut answer from its exact partial text
+    supports_prefill: bool | None = None  # None: the provider's supports_prefill
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +246,10 @@ _RETRY_ENV = {
     "TOKENRELAY_RETRY_AFTER_MAX_S": "max_retry_after",
     "TOKENRELAY_RETRY_BUDGET_S": "budget",
 }
+_BREAKER_ENV = {
+    "TOKENRELAY_BREAKER_FAILURES": "failures",
+    "TOKENRELAY_BREAKER_COOLDOWN_S": "cooldown_s",
+}
 _JOURNAL_ENV = {
     "TOKENRELAY_JOURNAL_MAX_EVENTS": "max_events",
     "TOKENRELAY_JOURNAL_MAX_BYTES": "max_bytes",
@@ -322,6 +350,9 @@ def _parse_providers(raw: Any, env: Mapping[str, str]) -> dict[str, Provider]:
             timeouts=_overlay(Timeouts(), table.get("timeouts", {}), f"{where}.timeouts"),
             retry=_overlay(RetryPolicy(), table.get("retry", {}), f"{where}.retry"),
             headers=tuple((str(k), str(v)) for k, v in headers.items()),
+            breaker=_overlay(BreakerPolicy(), table.get("breaker", {}), f"{where}.breaker"),
+            supports_prefill=_flag(table, "supports_prefill", where),
+            prefill_flag=_prefill_flag(table, where),
         )
         if "proxy" in table:  # explicit: overrides the environment; "" means direct
             if not isinstance(table["proxy"], str):
@@ -331,7 +362,7 @@ def _parse_providers(raw: Any, env: Mapping[str, str]) -> dict[str, Provider]:
                 proxy_from=f"{where}.proxy",
             )
         unknown = set(table) - {"base_url", "api_key_env", "timeouts", "retry", "headers",
-                                "proxy"}
+                                "proxy", "breaker", "supports_prefill", "prefill_flag"}
         if unknown:
             raise ConfigError(f"Config '{where}.{sorted(unknown)[0]}' is not a known setting.")
     return providers
@@ -451,14 +482,56 @@ def _parse_models(raw: Any, providers: Mapping[str, Provider]) -> dict[str, Mode
             fallbacks=tuple(fallbacks),
             think_tags=bool(table.get("think_tags", False)),
             description=str(table.get("description", "")),
+            **_failover(table, where),
         )
     for route in models.values():
-        for fallback in route.fallbacks:
-            if fallback not in models:
-                raise ConfigError(
-                    f"Config 'models.{route.name}.fallbacks' names unknown model {fallback!r}."
-                )
+        for key in ("fallbacks", "context_fallbacks"):
+            for fallback in getattr(route, key):
+                if fallback not in models:
+                    raise ConfigError(
+                        f"Config 'models.{route.name}.{key}' names unknown model {fallback!r}."
+                    )
     return models
+
+
+def _flag(table: Mapping[str, Any], key: str, where: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"Config '{where}.{key}' has value {value!r}. Not a bool.")
+    return value
+
+
+def _prefill_flag(table: Mapping[str, Any], where: str) -> str:
+    value = table.get("prefill_flag", "")
+    if value not in PREFILL_FLAGS:
+        raise ConfigError(
+            f"Config '{where}.prefill_flag' has value {value!r}. Use one of {PREFILL_FLAGS}."
+        )
+    return str(value)
+
+
+def _failover(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A model's failover settings (issue 15): its own first-token deadline, timeout
+    retries, context fallbacks, continuation after a cut, prefill support."""
+    timeouts = table.get("timeouts", {})
+    if not isinstance(timeouts, dict) or set(timeouts) - {"first_token"}:
+        raise ConfigError(f"Config '{where}.timeouts' may only set first_token.")
+    first_token = None
+    if "first_token" in timeouts:
+        first_token = _number(f"{where}.timeouts.first_token", timeouts["first_token"], float)
+    context = table.get("context_fallbacks", [])
+    if not isinstance(context, list) or not all(isinstance(f, str) for f in context):
+        raise ConfigError(f"Config '{where}.context_fallbacks' must be a list of model names.")
+    prefill = table.get("supports_prefill")
+    if prefill is not None and not isinstance(prefill, bool):
+        raise ConfigError(f"Config '{where}.supports_prefill' has value {prefill!r}. Not a bool.")
+    return {
+        "first_token": first_token,
+        "retry_on_timeout": _flag(table, "retry_on_timeout", where),
+        "context_fallbacks": tuple(context),
+        "continue_after_cut": _flag(table, "continue_after_cut", where),
+        "supports_prefill": prefill,
+    }
 
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
@@ -710,6 +783,7 @@ def load_settings(
             p,
             timeouts=_env_overlay(p.timeouts, env, _TIMEOUT_ENV, "env"),
             retry=_env_overlay(p.retry, env, _RETRY_ENV, "env"),
+            breaker=_env_overlay(p.breaker, env, _BREAKER_ENV, "env"),
         )
         for name, p in providers.items()
     }

@@ -8,8 +8,10 @@ TokenRelayError (.code, .status, .retryable, .param)
     UpstreamConnectError                          connect refused / reset before a response
     UpstreamTimeout (.phase)                      connect, first_token, idle or total budget spent
     UpstreamStatusError (.status, .param)         non-2xx answer (429, 5xx, 4xx)
+      ContextTooLong                              a 400 meaning "context too long"
     UpstreamProtocolError                         a corrupt or malformed chunk
     UpstreamIncomplete                            the stream ended without [DONE]
+    UpstreamUnavailable (.retry_after)            -> 503: every route's breaker is open
   StreamError
     StreamNotFound                                -> 404 (unknown, expired or not yours)
     StreamClosed                                  -> 409
@@ -207,6 +209,28 @@ class RateLimited(TokenRelayError):
 
     def to_dict(self) -> dict[str, object]:
         return {**super().to_dict(), "limit": self.limit, "retry_after": self.retry_after}
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Every route of the model is skipped by its circuit breaker (issue 15)."""
+
+    code = "upstream_unavailable"
+    status = 503
+    retryable = True
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "retry_after": self.retry_after}
+
+
+class ContextTooLong(UpstreamStatusError):
+    """The upstream refused the request as longer than the model's context window."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.code = "context_length_exceeded"
+        self.retryable = False  # never resent unchanged to the same model
 
 
 # -- OpenAI's error shape, for every answer under /v1 ------------------------------------

@@ -26,6 +26,7 @@ TOOL_CALL = "tool_call"
 RETRY = "retry"
 DONE = "done"
 ERROR = "error"
+CONTINUED = "continued"  # a cut answer goes on from another request (issue 15)
 
 # Final states of an answer.
 STREAMING = "streaming"

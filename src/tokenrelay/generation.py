@@ -29,7 +29,13 @@ from tokenrelay.config import ModelRoute
 from tokenrelay.errors import JournalFull, TokenRelayError, UpstreamError
 from tokenrelay.journal.base import Journal
 from tokenrelay.store.base import AssistantResult, Store
-from tokenrelay.upstream import RetryNotice, UpstreamClient
+from tokenrelay.upstream import (
+    AttemptRecord,
+    ContinueNotice,
+    RetryNotice,
+    UpstreamClient,
+    attempt_usage,
+)
 
 log = logging.getLogger("tokenrelay.generation")
 
@@ -49,6 +55,7 @@ class Generation:
         "_finishing",
         "_relaying",
         "accepted",
+        "attempts",
         "body",
         "cancel_reason",
         "checkpoint_s",
@@ -130,6 +137,7 @@ class Generation:
         self.finished = _Flag()
         self.accepted = False  # an upstream answered 200 (see ``answered``)
         self._answered: _Flag | None = None  # made only for a reader that waits for it
+        self.attempts: list[AttemptRecord] = []  # every upstream request, for accounting
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -174,6 +182,8 @@ class Generation:
                 # stream (bench/memory_probe.py).
                 call = self.upstream.call(self.route, self.body, on_retry=self._on_retry,
                                           on_accept=self._on_accept)
+                call.answer = self
+                self.attempts = call.records
                 self._relaying = True
                 try:
                     try:
@@ -185,7 +195,12 @@ class Generation:
                         )
                         self.state = ev.COMPLETE
                     finally:
-                        self.model_used = call.route_used.name
+                        # The last model that relayed something (a continuation that
+                        # failed before any text did not answer), else the last tried.
+                        self.model_used = next(
+                            (a.route for a in reversed(call.records) if a.relayed),
+                            call.route_used.name,
+                        )
                         self.content_chunks = call.content_chunks
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
@@ -315,6 +330,25 @@ class Generation:
         if self.observer is not None:
             self.observer.retry(self, notice)
 
+    async def on_continue(self, notice: ContinueNotice) -> None:
+        self.seq += 1
+        payload = {"attempt": notice.attempt, "model": notice.model, "reason": notice.reason,
+                   "offset": notice.offset}
+        await self.journal.append(self.stream_id,
+                                  [ev.frame(self.seq, ev.CONTINUED, ev.dumps(payload))])
+        log.info("stream %s continued by %s after %s", self.stream_id[:8], notice.model,
+                 notice.reason)
+        if self.observer is not None:
+            self.observer.continued(self, notice)
+
+    def partial(self) -> tuple[str, bool]:
+        """The answer text so far, and whether tool calls began (never continued)."""
+        return "".join(self.text), bool(self.tool_calls)
+
+    def progress(self) -> tuple[ev.Usage | None, int]:
+        """The last usage seen and the characters relayed: read at attempt boundaries."""
+        return self.usage, sum(map(len, self.text)) + sum(map(len, self.reasoning))
+
     # -- the end -------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -334,6 +368,10 @@ class Generation:
         }
 
     def completion_tokens(self) -> int:
+        """What was generated: the sum over the attempts (continuations included; an
+        attempt that generated nothing counts 0), else the old single-request estimate."""
+        if self.attempts:
+            return sum(attempt_usage(a)[0] for a in self.attempts)
         if self.usage is not None:
             return self.usage.completion_tokens
         if self.content_chunks:
@@ -341,21 +379,64 @@ class Generation:
         chars = sum(len(t) for t in self.text) + sum(len(t) for t in self.reasoning)
         return max(1, round(chars / 4)) if chars else 0
 
+    def usage_source(self) -> str:
+        """``provider`` when every attempt that generated something reported its usage,
+        else ``estimated`` if any was estimated from characters, else ``counted``."""
+        sources = {attempt_usage(a)[1] for a in self.attempts
+                   if a.usage is not None or a.relayed}
+        if not self.attempts:
+            sources = {"provider" if self.usage is not None else "estimated"}
+        elif not sources:
+            return "counted"  # nothing was generated: zero, counted
+        for source in ("estimated", "counted"):
+            if source in sources:
+                return source
+        return "provider"
+
+    def models(self) -> list[str]:
+        """The models that answered, in order (a continuation may add one)."""
+        names: list[str] = []
+        for a in self.attempts:
+            if a.relayed and a.route not in names:
+                names.append(a.route)
+        return names or [self.model_used]
+
+    def attempt_dicts(self) -> list[dict[str, Any]]:
+        """The attempts as stored with the message."""
+        out = []
+        for a in self.attempts:
+            tokens, source = attempt_usage(a)
+            out.append({
+                "route": a.route, "provider": a.provider, "upstream_model": a.upstream_model,
+                "continuation": a.continuation, "status": a.status, "outcome": a.outcome,
+                "started_ms": a.started_ms, "elapsed_ms": a.elapsed_ms,
+                "usage": {"prompt_tokens": a.usage.prompt_tokens if a.usage else None,
+                          "completion_tokens": tokens, "source": source},
+            })
+        return out
+
     def _usage_payload(self) -> dict[str, Any]:
+        source = self.usage_source()
         if self.usage is not None:
             u = self.usage
+            completion = self.completion_tokens()
+            # The provider's own total, unless continuations added to its completion count.
+            total = (u.total_tokens if completion == u.completion_tokens
+                     else u.prompt_tokens + completion)
             return {
                 "prompt_tokens": u.prompt_tokens,
-                "completion_tokens": u.completion_tokens,
-                "total_tokens": u.total_tokens,
-                "estimated": False,
+                "completion_tokens": completion,
+                "total_tokens": total,
+                "estimated": source != "provider",
+                "source": source,
             }
         tokens = self.completion_tokens()
         return {
             "prompt_tokens": None,
             "completion_tokens": tokens,
             "total_tokens": None,
-            "estimated": True,
+            "estimated": source != "provider",
+            "source": source,
         }
 
     async def _finish(self, error: TokenRelayError | None) -> None:
@@ -368,6 +449,7 @@ class Generation:
                 "finish_reason": self.finish_reason
                 or ("cancelled" if self.state == ev.CANCELLED else None),
                 "model": self.model_used,
+                "models": self.models(),
                 "usage": self._usage_payload(),
                 "stats": stats,
             }
@@ -384,6 +466,7 @@ class Generation:
                 "error": error.to_dict(),
                 "state": self.state,
                 "model": self.model_used,
+                "models": self.models(),
                 "usage": self._usage_payload(),
                 "stats": stats,
             }
@@ -400,7 +483,8 @@ class Generation:
                 model_used=self.model_used,
                 prompt_tokens=usage.prompt_tokens if usage else None,
                 completion_tokens=self.completion_tokens(),
-                usage_estimated=usage is None,
+                usage_estimated=self.usage_source() != "provider",
+                attempts=self.attempt_dicts() or None,
                 ttft_ms=stats["ttft_ms"],
                 tokens_per_s=stats["tokens_per_s"],
                 error_code=error.code if error else None,

@@ -16,7 +16,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import INF, floatToGoString
 
 from tokenrelay.errors import BadRequest
@@ -26,7 +31,7 @@ if TYPE_CHECKING:
     from tokenrelay.errors import TokenRelayError
     from tokenrelay.generation import Generation
     from tokenrelay.hub import Hub
-    from tokenrelay.upstream import RetryNotice
+    from tokenrelay.upstream import ContinueNotice, RetryNotice
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -73,6 +78,25 @@ class _ReadCollector:
         yield gaps
 
 
+class _BreakerCollector:
+    """``tokenrelay_circuit_breaker_state{route}`` from the breakers' last known states
+    (the ``/metrics`` handler refreshes them first)."""
+
+    def __init__(self, breakers: Any, gauge: dict[str, int]) -> None:
+        self._breakers = breakers
+        self._gauge = gauge
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "tokenrelay_circuit_breaker_state",
+            "Circuit breaker per route: 0 closed, 1 open, 2 half-open",
+            labels=["route"],
+        )
+        for route, state in sorted(self._breakers.last.items()):
+            family.add_metric([route], self._gauge[state])
+        yield family
+
+
 class Metrics:
     """The gateway's metrics; also the generations' ``observer``."""
 
@@ -95,6 +119,9 @@ class Metrics:
                                ["reason"], registry=r)
         self.resumes = Counter("tokenrelay_resumes", "Re-attachments with Last-Event-ID",
                                registry=r)
+        self.continuations = Counter("tokenrelay_continuations",
+                                     "Cut answers continued from their partial text",
+                                     ["reason"], registry=r)
         self._reads: dict[str, _ReadStats] = {}
         r.register(_ReadCollector(self._reads))
         # Per live generation: its model's stats and the time of its last read with tokens.
@@ -107,6 +134,12 @@ class Metrics:
         journal = hub.journal
         if hasattr(journal, "__len__"):  # the memory journal; Redis is sized by Redis
             self.journal_streams.set_function(lambda: len(journal))
+
+    def bind_breakers(self, breakers: Any) -> None:
+        """A gauge per route: 0 closed, 1 open, 2 half-open (issue 15)."""
+        from tokenrelay.breaker import GAUGE
+
+        self.registry.register(_BreakerCollector(breakers, GAUGE))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -137,6 +170,9 @@ class Metrics:
 
     def retry(self, gen: Generation, notice: RetryNotice) -> None:
         self.retries.labels(notice.reason).inc()
+
+    def continued(self, gen: Generation, notice: ContinueNotice) -> None:
+        self.continuations.labels(notice.reason).inc()
 
     def finished(self, gen: Generation, error: TokenRelayError | None) -> None:
         self._live.pop(id(gen), None)

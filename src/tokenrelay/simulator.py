@@ -490,6 +490,37 @@ def _content(
     return _answer(_rng(digest, 0), m, quote, length)
 
 
+def _prefill(spec: ModelSpec, messages: list[Any]) -> str | None:
+    """The assistant prefix a request ends with (prefill: continue that text), if any.
+    The tool-calling model refuses prefill with a 400, as providers without it do."""
+    last = messages[-1]
+    if len(messages) < 2 or last.get("role") != "assistant" or last.get("tool_calls"):
+        return None
+    text = _message_text(last.get("content"))
+    if not text:
+        return None
+    if spec.tools:
+        raise _HTTPError(400, "This model does not support assistant message prefill "
+                         "(simulated).", code="unsupported_prefill", param="messages")
+    return text
+
+
+def _after_prefix(tokens: list[str], prefix: str) -> list[str] | None:
+    """The tokens after ``prefix`` (the one it ends inside, cut there), or None when the
+    answer does not start with it (then the request is answered as a new turn)."""
+    if not "".join(tokens).startswith(prefix):
+        return None
+    rest: list[str] = []
+    seen = 0
+    for token in tokens:
+        if seen >= len(prefix):
+            rest.append(token)
+        elif seen + len(token) > len(prefix):
+            rest.append(token[len(prefix) - seen:])
+        seen += len(token)
+    return rest
+
+
 def _model(model: str | ModelSpec) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model
@@ -928,6 +959,14 @@ class Simulator:
         options = request.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
 
+        size = None if length is None else int(length)
+        prefix = _prefill(spec, messages)
+        rest = None  # prefill: the tokens after an assistant prefix of this very answer
+        if prefix is not None:
+            rest = _after_prefix(_content(self._material, spec, messages[:-1], seed, size),
+                                 prefix)
+            if rest is not None:
+                messages = messages[:-1]  # the turn being continued
         digest = _digest(spec.name, messages, seed)
         reasoning: list[str] = []
         content: list[str] = []
@@ -937,11 +976,11 @@ class Simulator:
             calls = build_tool_calls(spec, messages, seed, request.get("tools"))
             finish = "tool_calls"
         else:
-            if spec.reasoning:
+            if spec.reasoning and rest is None:  # a continuation does not think again
                 count = _reasoning_count(spec) if reasoning_n is None else int(reasoning_n)
                 reasoning = _thoughts(_rng(digest, 1), _quote(messages), count)
-            full = _content(self._material, spec, messages, seed,
-                            None if length is None else int(length))
+            full = rest if rest is not None else _content(self._material, spec, messages,
+                                                          seed, size)
             limit = len(full) if max_tokens is None else max_tokens
             cut, stopped = _cut_at_stop(full, stops)
             # A stop sequence counts if it begins within what max_tokens lets through.

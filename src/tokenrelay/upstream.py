@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import html
+import logging
 import random
 import re
 import time
@@ -39,22 +40,26 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin
 
 import orjson
 
 from tokenrelay import timerwheel
 from tokenrelay.bodydecoder import BodyDecoder
+from tokenrelay.breaker import Breakers
 from tokenrelay.chunks import completion_events
 from tokenrelay.config import ModelRoute, Provider, Settings
+from tokenrelay.contextwindow import is_context_overflow
 from tokenrelay.errors import (
+    ContextTooLong,
     UpstreamConnectError,
     UpstreamError,
     UpstreamIncomplete,
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeout,
+    UpstreamUnavailable,
     redact,
 )
 from tokenrelay.events import Event, Finish, ReasoningDelta, TextDelta, Usage
@@ -76,6 +81,48 @@ _TEXT_LIMIT = 200  # characters of an HTML or text error page kept in a message
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "tokenrelay"
 _AFTER_DONE_S = 1.0  # how long the end of a body may take after [DONE]
+MAX_CONTINUATIONS = 3  # cuts one answer may be continued after
+log = logging.getLogger("tokenrelay.upstream")
+
+
+@dataclass(slots=True)
+class ContinueNotice:
+    """A cut answer being continued by a route, announced as a ``continued`` event."""
+
+    attempt: int  # the call's attempt number (1-based, across routes)
+    model: str  # the model continuing
+    reason: str  # the cut's error code, e.g. upstream_incomplete
+    offset: int  # characters of answer text it continues after
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    """One upstream request of an answer, for accounting (stored with the message)."""
+
+    route: str
+    provider: str
+    upstream_model: str
+    continuation: bool
+    status: int | None  # HTTP status, None when no answer came
+    outcome: str  # "ok", "cancelled", or an error code
+    started_ms: float  # since the call began
+    elapsed_ms: float
+    relayed: bool
+    content_chunks: int  # upstream chunks with text: the "counted" tokens
+    usage: Usage | None  # what the provider reported for this request
+    chars: int  # characters of text and reasoning relayed
+
+
+def attempt_usage(attempt: AttemptRecord) -> tuple[int, str]:
+    """Completion tokens of one attempt and their source: the provider's own count (an
+    explicit zero included), else the chunks with text counted, else characters / 4."""
+    if attempt.usage is not None:
+        return attempt.usage.completion_tokens, "provider"
+    if attempt.content_chunks:
+        return attempt.content_chunks, "counted"
+    if attempt.chars:
+        return max(1, round(attempt.chars / 4)), "estimated"
+    return 0, "counted"
 
 
 @dataclass(slots=True)
@@ -248,9 +295,11 @@ class UpstreamClient:
         settings: Settings,
         pool: Pool,
         base_urls: Mapping[str, str] | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
+        self.breakers = breakers if breakers is not None else Breakers(settings)
         self._base_urls = dict(base_urls or {})
         self._secrets = settings.secrets
         self._targets: dict[str, _ChatTarget] = {}
@@ -309,6 +358,8 @@ class UpstreamClient:
             origin.proxy.display if origin.proxy is not None else "",
         )
         message = self.redact(message)
+        if is_context_overflow(resp.status, body):  # routed to context_fallbacks (issue 15)
+            return ContextTooLong(resp.status, message)
         return UpstreamStatusError(
             resp.status, message,
             retry_after=parse_retry_after(resp.headers),
@@ -358,8 +409,28 @@ class UpstreamClient:
         return [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
+class AnswerState(Protocol):
+    """What a call asks of the answer it feeds (the generation), if it has one."""
+
+    async def on_continue(self, notice: ContinueNotice) -> None:
+        """Announce a continuation (before its first new text)."""
+
+    def partial(self) -> tuple[str, bool]:
+        """The answer text so far, and whether tool calls began."""
+
+    def progress(self) -> tuple[Usage | None, int]:
+        """The last usage seen and the characters (text and reasoning) relayed."""
+
+
 class UpstreamCall:
-    """One answer's upstream request, with retries and fallbacks before the first token."""
+    """One answer's upstream request: retries and fallbacks before the first token, and,
+    where the model opts in, continuation of a cut answer (see :meth:`run`)."""
+
+    # Slots: one call lives under every open stream.
+    __slots__ = ("_before", "_began", "_continuing", "_deadline", "_started", "answer",
+                 "attempts", "body", "client", "content_chunks", "http_status", "on_accept",
+                 "on_retry",
+                 "records", "relayed", "route", "route_used", "upstream_model")
 
     def __init__(
         self,
@@ -380,6 +451,14 @@ class UpstreamCall:
         self.attempts = 0
         self.content_chunks = 0  # upstream chunks that carried text (a token estimate)
         self.relayed = False  # the current attempt has handed events to the sink
+        self.answer: AnswerState | None = None  # set by the generation
+        self.records: list[AttemptRecord] = []
+        self.http_status: int | None = None  # of the current attempt's response
+        self._continuing: ContinueNotice | None = None
+        self._before: tuple[Usage | None, int] = (None, 0)
+        self._began = 0.0
+        self._started = 0.0
+        self._deadline = float("inf")  # monotonic: the whole call's total budget
 
     def _chain(self) -> list[ModelRoute]:
         chain = [self.route]
@@ -389,54 +468,253 @@ class UpstreamCall:
                 chain.append(fallback)
         return chain
 
+    def _context_chain(self, route: ModelRoute) -> list[ModelRoute]:
+        """Where a "context too long" refusal of ``route`` goes: its context_fallbacks, else
+        the requested model's."""
+        names = route.context_fallbacks or self.route.context_fallbacks
+        found = (self.client.settings.route(name) for name in names)
+        return [r for r in found if r is not None]
+
     async def run(
         self,
         sink: Callable[[list[Event]], Awaitable[None]],
         sink_now: Callable[[list[Event]], None] | None = None,
     ) -> None:
         """Hand each read's events to ``sink``; raises UpstreamError when the answer
-        cannot go on. Nothing is retried once ``sink`` has been called.
+        cannot go on. A route is never restarted once ``sink`` has been called: a cut
+        answer either ends with the error or (``continue_after_cut``) is continued from
+        its exact text by a route that takes an assistant prefix.
+
+        Routes are tried in the chain's order, each skipped while its circuit breaker is
+        open; a route's retryable failures are retried within its policy, except that a
+        first-token timeout moves on to the next route at once (``retry_on_timeout``
+        opts out), and a "context too long" refusal goes to ``context_fallbacks``.
 
         With ``sink_now`` (a sink that never waits), once the first token is relayed the
         rest of the body is parsed and handed over straight from the connection's data
-        callback: no task wake-up per read."""
+        callback: no task wake-up per read.
+
+        The attempts loop is written out here rather than in a per-route method: this
+        frame lies under every open stream (bench/memory_probe.py)."""
         chain = self._chain()
-        started = time.monotonic()
-        budget = self.client.provider(self.route).retry.budget
-        for index, route in enumerate(chain):
+        self._started = time.monotonic()
+        self._deadline = self._started + self.client.provider(self.route).timeouts.total
+        breakers = self.client.breakers
+        tried: list[ModelRoute] = []
+        failure: UpstreamError | None = None
+        skipped: float | None = None  # the soonest a skipped route may be tried again
+        index = 0
+        while index < len(chain):
+            route = chain[index]
+            index += 1
+            if failure is not None and time.monotonic() >= self._deadline:
+                raise failure  # the total budget is spent: no route is tried any more
+            wait = await breakers.admit(route)
+            if wait is not None:
+                skipped = wait if skipped is None else min(skipped, wait)
+                continue
+            tried.append(route)
+            nxt = await self._next_open(chain[index:])
             provider = self.client.provider(route)
-            policy = provider.retry
             attempt = 0
-            while True:
+            while True:  # the attempts on this route
                 attempt += 1
-                self.attempts += 1
-                self.route_used = route
-                self.relayed = False
+                self._begin(route)
                 try:
                     await self._attempt(route, provider, sink, sink_now)
-                    return
-                except UpstreamError as exc:
-                    if self.relayed or not exc.retryable:
+                except BaseException as exc:
+                    self._end(route, exc, None)
+                    if not isinstance(exc, UpstreamError):
                         raise
-                    last_model = index == len(chain) - 1
-                    overloaded = isinstance(exc, UpstreamStatusError) and exc.overloaded
-                    spent = attempt >= policy.max_attempts
-                    if spent and last_model:
-                        raise
-                    fall_back = not last_model and (spent or (overloaded and attempt >= 2))
-                    wait = self._wait(exc, attempt, policy)
-                    if time.monotonic() - started + wait > budget:
-                        if last_model:
+                    if self.relayed:  # it answered, then broke: continue or end
+                        await breakers.record(route, True)
+                        await self._continue(exc, chain, route, sink, sink_now)
+                        return
+                    if isinstance(exc, ContextTooLong):
+                        rest = [r for r in self._context_chain(route) if r not in tried]
+                        if not rest:
                             raise
-                        fall_back = True
-                    next_route = chain[index + 1] if fall_back else route
-                    if fall_back:
-                        wait = min(wait, policy.base_delay)
-                    await self._announce(exc, attempt, policy.max_attempts, wait, route, next_route)
+                        await self._announce(exc, 1, 1, 0.0, route, rest[0],
+                                             "context_fallback")
+                        chain, index = tried + rest, len(tried)
+                        break
+                    step = self._after_failure(exc, attempt, route, provider, nxt)
+                    if step is None:  # nothing left to try
+                        if exc.retryable:  # not a 4xx or a broken configuration
+                            await _record_failure(breakers, route, exc)
+                        raise
+                    fall_back, wait = step
+                    await self._announce(exc, attempt, provider.retry.max_attempts, wait,
+                                         route, nxt if fall_back and nxt else route)
                     if wait > 0:
                         await asyncio.sleep(wait)
                     if fall_back:
+                        await _record_failure(breakers, route, exc)
+                        failure = exc
                         break
+                    continue
+                self._end(route, None, None)
+                await breakers.record(route, True)
+                return
+        if failure is not None:
+            raise failure
+        names = ", ".join(r.name for r in chain)
+        raise UpstreamUnavailable(
+            f"every route of this model is paused after repeated failures ({names})",
+            retry_after=skipped,
+        )
+
+    async def _next_open(self, rest: list[ModelRoute]) -> ModelRoute | None:
+        """The next route that its breaker lets through (a route with none to fall back
+        to is retried within its policy, as a single route is)."""
+        for route in rest:
+            if await self.client.breakers.peek(route) is None:
+                return route
+        return None
+
+    def _after_failure(
+        self,
+        exc: UpstreamError,
+        attempt: int,
+        route: ModelRoute,
+        provider: Provider,
+        next_route: ModelRoute | None,
+    ) -> tuple[bool, float] | None:
+        """What follows a failed attempt, before any text: None to give up (raise), else
+        (fall back to ``next_route`` rather than retry this route, seconds to wait)."""
+        if not exc.retryable:
+            return None
+        policy = provider.retry
+        last = next_route is None
+        spent = attempt >= policy.max_attempts or time.monotonic() >= self._deadline
+        if spent and last:
+            return None
+        overloaded = isinstance(exc, UpstreamStatusError) and exc.overloaded
+        # A silent route is left at once for the next one (issue 15): retrying it is what
+        # made a 30 s silence cost 92 s.
+        if (not last and not route.retry_on_timeout and isinstance(exc, UpstreamTimeout)
+                and exc.phase == "first_token"):
+            return True, 0.0
+        fall_back = not last and (spent or (overloaded and attempt >= 2))
+        wait = self._wait(exc, attempt, policy)
+        budget = self.client.provider(self.route).retry.budget
+        elapsed = time.monotonic() - self._started
+        if elapsed + wait > budget or time.monotonic() + wait >= self._deadline:
+            if last:
+                return None
+            fall_back = True
+        if fall_back:
+            return True, min(wait, policy.base_delay)
+        return False, wait
+
+    def _begin(self, route: ModelRoute) -> None:
+        """A new attempt on ``route``: count it, and note where the answer stood."""
+        self.attempts += 1
+        self.route_used = route
+        self.relayed = False
+        self.content_chunks = 0
+        self.http_status = None
+        answer = self.answer
+        self._before = answer.progress() if answer is not None else (None, 0)
+        self._began = time.monotonic()
+
+    def _end(self, route: ModelRoute, exc: BaseException | None, prefix: str | None) -> None:
+        """Record the attempt begun by :meth:`_begin` (accounting, issue 15 point 7).
+        Plain calls around ``_attempt`` rather than a wrapper coroutine: one frame less
+        under every open stream."""
+        if exc is None:
+            outcome = "ok"
+        elif isinstance(exc, UpstreamError):
+            outcome = exc.code
+        else:
+            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+        answer = self.answer
+        usage, chars = answer.progress() if answer is not None else (None, 0)
+        usage0, chars0 = self._before
+        self.records.append(AttemptRecord(
+            route=route.name,
+            provider=route.provider,
+            upstream_model=self.upstream_model or route.upstream_model,
+            continuation=prefix is not None,
+            status=self.http_status,
+            outcome=outcome,
+            started_ms=round((self._began - self._started) * 1000, 1),
+            elapsed_ms=round((time.monotonic() - self._began) * 1000, 1),
+            relayed=self.relayed,
+            content_chunks=self.content_chunks,
+            usage=usage if usage is not usage0 else None,
+            chars=max(0, chars - chars0),
+        ))
+
+    def _prefill(self, route: ModelRoute) -> bool:
+        if route.supports_prefill is not None:
+            return route.supports_prefill
+        return self.client.provider(route).supports_prefill
+
+    def _can_continue(self, cut: UpstreamError) -> str | None:
+        """The exact partial text to continue from, or None when this cut is final."""
+        if not self.route.continue_after_cut or self.answer is None:
+            return None
+        if isinstance(cut, UpstreamTimeout):
+            if cut.phase != "idle":  # the total budget is spent: nothing may go on
+                return None
+        elif not isinstance(cut, UpstreamIncomplete | UpstreamProtocolError):
+            return None  # an error the provider reported is its answer, not a cut
+        text, tool_calls = self.answer.partial()
+        if not text or tool_calls:  # never inside tool-call arguments
+            return None
+        limit = self.body.get("max_completion_tokens", self.body.get("max_tokens"))
+        if isinstance(limit, int) and sum(attempt_usage(a)[0] for a in self.records) >= limit:
+            return None  # the client's token limit is reached: nothing more to ask for
+        return text
+
+    async def _continue(
+        self,
+        cut: UpstreamError,
+        chain: list[ModelRoute],
+        route: ModelRoute,
+        sink: Callable[[list[Event]], Awaitable[None]],
+        sink_now: Callable[[list[Event]], None] | None,
+    ) -> None:
+        """Continue a cut answer: the same route again, then the others of the chain,
+        each only if it takes an assistant prefix (a route that does not is never asked,
+        so its 400 can never hide the cut). Raises ``cut`` when none can."""
+        breakers = self.client.breakers
+        for _ in range(MAX_CONTINUATIONS):
+            prefix = self._can_continue(cut)
+            if prefix is None:
+                raise cut
+            candidates = [route] + [r for r in chain if r is not route]
+            for candidate in candidates:
+                if not self._prefill(candidate) or time.monotonic() >= self._deadline:
+                    continue
+                if await breakers.admit(candidate) is not None:
+                    continue
+                self._continuing = ContinueNotice(self.attempts + 1, candidate.name,
+                                                  cut.code, len(prefix))
+                self._begin(candidate)
+                try:
+                    await self._attempt(candidate, self.client.provider(candidate),
+                                        sink, sink_now, prefix)
+                except BaseException as exc:
+                    self._end(candidate, exc, prefix)
+                    if not isinstance(exc, UpstreamError):
+                        raise
+                    if not self.relayed:
+                        log.info("route %s could not continue: %s", candidate.name, exc.code)
+                        await _record_failure(breakers, candidate, exc)
+                        continue
+                    await breakers.record(candidate, True)
+                    cut, route = exc, candidate  # it went on, then broke too
+                    break
+                finally:
+                    self._continuing = None
+                self._end(candidate, None, prefix)
+                await breakers.record(candidate, True)
+                return
+            else:
+                raise cut
+        raise cut
 
     def _wait(self, exc: UpstreamError, attempt: int, policy: Any) -> float:
         if exc.retry_after is not None:
@@ -452,13 +730,13 @@ class UpstreamCall:
         wait: float,
         route: ModelRoute,
         next_route: ModelRoute,
+        reason: str = "",
     ) -> None:
         if self.on_retry is None:
             return
         status = exc.upstream_status if isinstance(exc, UpstreamStatusError) else None
-        reason = exc.code
-        if next_route is not route:
-            reason = "fallback"
+        if not reason:
+            reason = "fallback" if next_route is not route else exc.code
         await self.on_retry(
             RetryNotice(
                 attempt, max_attempts, wait, reason, status, route.name, next_route.name,
@@ -466,8 +744,12 @@ class UpstreamCall:
             )
         )
 
-    def _request_body(self, route: ModelRoute) -> bytes:
+    def _request_body(self, route: ModelRoute, prefix: str | None = None) -> bytes:
         body = dict(self.body)
+        if prefix is not None:
+            used = sum(attempt_usage(a)[0] for a in self.records)
+            body.update(_prefill_body(self.body, prefix,
+                                      self.client.provider(route).prefill_flag, used))
         body["model"] = route.upstream_model
         body["stream"] = True
         options = body.get("stream_options")
@@ -509,24 +791,30 @@ class UpstreamCall:
         provider: Provider,
         sink: Callable[[list[Event]], Awaitable[None]],
         sink_now: Callable[[list[Event]], None] | None,
+        prefix: str | None = None,
     ) -> None:
-        """One HTTP request; the first call of ``sink`` marks the first token."""
+        """One HTTP request; the first call of ``sink`` marks the first token. With
+        ``prefix``, it asks the route to continue that partial answer."""
         timeouts = provider.timeouts
         target = self.client.chat_target(provider)
         loop = asyncio.get_running_loop()
         start = loop.time()
-        total_deadline = start + timeouts.total
-        first_deadline = min(start + timeouts.first_token, total_deadline)
+        # The whole call stays inside the requested model's total budget.
+        left = max(0.0, self._deadline - time.monotonic())
+        total_deadline = start + min(timeouts.total, left)
+        first_token = timeouts.first_token if route.first_token is None else route.first_token
+        first_deadline = min(start + first_token, total_deadline)
 
         def budget(phase: str) -> float:
-            return float(getattr(timeouts, phase))
+            return first_token if phase == "first_token" else float(getattr(timeouts, phase))
 
         with _map_errors("first_token", budget):
             # Only this await inside the timeout: it may cancel nothing else.
             async with asyncio.timeout_at(first_deadline):
                 resp = await self.client._send(
-                    target, self._request_body(route), timeouts.connect
+                    target, self._request_body(route, prefix), timeouts.connect
                 )
+        self.http_status = resp.status
         watchdog = _Watchdog(loop, first_deadline, "first_token", resp.close)
         complete = False
         try:
@@ -590,6 +878,9 @@ class UpstreamCall:
                     # (relay's idle budget: shorter if this read ended with [DONE])
                     watchdog.rearm(min(loop.time() + relay._idle, total_deadline))
                     self.upstream_model = relay.chunks.model
+                    if self._continuing is not None and self.answer is not None:
+                        # Announced once its first new text is here, before that text.
+                        await self.answer.on_continue(self._continuing)
                     if sink_now is not None:
                         resp.stream(relay.on_data)  # the next reads go straight to sink_now
                 relay.tick()
@@ -629,6 +920,37 @@ def _is_json(content_type: str) -> bool:
     """A JSON body where a stream was asked for (some servers ignore ``stream``)."""
     kind = content_type.split(";", 1)[0].strip().lower()
     return kind == "application/json" or kind.endswith("+json")
+
+
+async def _record_failure(breakers: Breakers, route: ModelRoute, exc: UpstreamError) -> None:
+    """Count a failure a retry could not fix against the route's breaker: connect
+    errors, timeouts, 5xx and broken streams; never a 4xx (429 included)."""
+    if isinstance(exc, UpstreamStatusError):
+        if exc.upstream_status < 500:
+            return
+    elif not isinstance(exc, UpstreamConnectError | UpstreamTimeout | UpstreamIncomplete
+                        | UpstreamProtocolError):
+        return
+    await breakers.record(route, False)
+
+
+def _prefill_body(
+    body: Mapping[str, Any], prefix: str, flag: str, used: int
+) -> dict[str, Any]:
+    """The fields of a continuation request: the messages plus the partial answer as the
+    last ``assistant`` message, with the provider's flag where it needs one, and what is
+    left of the client's token limit after the ``used`` tokens already generated."""
+    last: dict[str, Any] = {"role": "assistant", "content": prefix}
+    extra: dict[str, Any] = {}
+    if flag == "prefix":  # DeepSeek (beta base URL), Mistral
+        last["prefix"] = True
+    elif flag == "continue_final_message":  # vLLM
+        extra = {"continue_final_message": True, "add_generation_prompt": False}
+    for key in ("max_tokens", "max_completion_tokens"):
+        limit = body.get(key)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            extra[key] = max(1, limit - used)
+    return {"messages": [*body.get("messages", []), last], **extra}
 
 
 class _Relay:

@@ -70,7 +70,7 @@ async def test_migrations_run_from_an_empty_database(store: SQLStore) -> None:
     assert store._engine is not None
     async with store._engine.connect() as conn:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-        assert version == "0001"
+        assert version == "0002_message_attempts"
 
         def diff(sync_conn: Connection) -> list[Any]:
             return compare_metadata(MigrationContext.configure(sync_conn), metadata)
@@ -180,6 +180,16 @@ async def test_truncate_messages_keeps_the_head_and_the_owner_check(store: SQLSt
     assert await store.truncate_messages("alice", cid, 10) == 0
 
 
+ATTEMPTS = [
+    {"route": "fast", "provider": "p", "upstream_model": "fast-v1", "continuation": False,
+     "status": 200, "outcome": "upstream_incomplete", "started_ms": 0.0, "elapsed_ms": 80.5,
+     "usage": {"prompt_tokens": None, "completion_tokens": 1, "source": "counted"}},
+    {"route": "fast-v2", "provider": "p", "upstream_model": "fast-v2", "continuation": True,
+     "status": 200, "outcome": "ok", "started_ms": 81.0, "elapsed_ms": 40.0,
+     "usage": {"prompt_tokens": 12, "completion_tokens": 2, "source": "provider"}},
+]
+
+
 async def test_assistant_lifecycle(store: SQLStore) -> None:
     cid = await store.ensure_conversation("local", None, "t")
     user_id = await store.add_user_message("local", cid, "question")
@@ -204,6 +214,7 @@ async def test_assistant_lifecycle(store: SQLStore) -> None:
         "ttft_ms": None,
         "tokens_per_s": None,
         "error": None,
+        "attempts": None,
         "stream_id": "stream-1",
         "created_at": answer["created_at"],
     }
@@ -232,6 +243,7 @@ async def test_assistant_lifecycle(store: SQLStore) -> None:
             usage_estimated=True,
             ttft_ms=120.5,
             tokens_per_s=42.0,
+            attempts=ATTEMPTS,
         ),
     )
     # A checkpoint arriving late never overwrites the final answer.
@@ -249,6 +261,7 @@ async def test_assistant_lifecycle(store: SQLStore) -> None:
     assert message["finish_reason"] == "stop" and message["model_used"] == "fast-v2"
     assert message["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "estimated": True}
     assert (message["ttft_ms"], message["tokens_per_s"]) == (120.5, 42.0)
+    assert message["attempts"] == ATTEMPTS  # issue 15: every attempt, as stored JSON
     found = await store.get_conversation("local", cid)
     assert found is not None and parse_iso(found["updated_at"]) >= before
 
@@ -349,7 +362,8 @@ async def finished(
     await store.begin_assistant("local", cid, message_id, "s-" + message_id, model)
     await store.finish_assistant(
         message_id,
-        AssistantResult(state=state, content="x", model_used=model, ttft_ms=ttft, tokens_per_s=tps),
+        AssistantResult(state=state, content="x", model_used=model, ttft_ms=ttft, tokens_per_s=tps,
+                        completion_tokens=3),
     )
 
 
@@ -373,6 +387,7 @@ async def test_model_stats(store: SQLStore) -> None:
             "tokens_per_s_p50": 20.0,
             "error_rate": 0.25,
             "cancel_rate": 0.25,
+            "completion_tokens": 12,
         },
         {
             "model": "beta",
@@ -382,6 +397,7 @@ async def test_model_stats(store: SQLStore) -> None:
             "tokens_per_s_p50": None,
             "error_rate": 1.0,
             "cancel_rate": 0.0,
+            "completion_tokens": 3,
         },
     ]
 
@@ -594,6 +610,7 @@ async def test_routes_stats(client: tuple[httpx.AsyncClient, SQLStore]) -> None:
                 "tokens_per_s_p50": 10.0,
                 "error_rate": 0.0,
                 "cancel_rate": 0.0,
+                "completion_tokens": 3,
             }
         ]
     }

@@ -37,19 +37,23 @@ __all__ = [
     "FaultUpstream",
     "RecordedRequest",
     "Step",
+    "continues",
     "corrupt",
     "hang",
     "huge_chunk",
     "in_stream_error",
     "no_done",
+    "no_head",
     "ok",
     "refuse",
+    "rejects_prefill",
     "reset_after",
     "slow",
     "split_bytes",
     "stall_after",
     "stall_first",
     "status",
+    "zero_usage",
 ]
 
 CORRUPT_LINE = b'data: {"id":"chatcmpl-broken","choices":[{"index":0,"delta":{"content":"oops\n\n'
@@ -437,6 +441,8 @@ class FaultUpstream:
         kind = step.kind
         if kind in _COMPLETION_KINDS:  # the issue-15 block at the end of this module
             return await _respond_completion(self, conn, request, step, in_body)
+        if kind in _FAILOVER_KINDS:
+            return await _respond_failover(self, conn, request, step, in_body)
         if kind == "refuse":
             conn.close(hard=step.hard)
             return False
@@ -682,5 +688,100 @@ async def _respond_completion(
         return False
     if step.message == "stall":
         await conn.pause(None)
+    await conn.write(b"0\r\n\r\n")
+    return True
+
+
+# ---- issue 15: failover modes -------------------------------------------------------------
+# A provider that continues an assistant prefix exactly, one that refuses prefill with a
+# 400, one that never sends a response head, and one that reports zero usage.
+
+_FAILOVER_KINDS = frozenset({"continues", "rejects_prefill", "no_head", "zero_usage"})
+
+
+def continues(tokens: Iterable[str]) -> Step:
+    """A provider with assistant prefill: a request whose last message is ``assistant``
+    gets the rest of ``tokens``' text after that prefix (the token in which the prefix
+    ends is sent from there); without one, the whole answer. A prefix that is not the
+    start of the text gets a 400 (a test's gateway sent altered text)."""
+    return Step("continues", tuple(tokens))
+
+
+def rejects_prefill(tokens: Iterable[str]) -> Step:
+    """A provider without prefill: a last ``assistant`` message gets a 400; else ``ok``."""
+    return Step("rejects_prefill", tuple(tokens))
+
+
+def no_head() -> Step:
+    """Accept the request, then send nothing at all (no status line) until the client
+    leaves; the client's close counts in ``closed_by_client``."""
+    return Step("no_head")
+
+
+def zero_usage(tokens: Iterable[str]) -> Step:
+    """A normal stream whose usage chunk says ``completion_tokens: 0`` explicitly."""
+    return Step("zero_usage", tuple(tokens))
+
+
+def _prefix_of(request: RecordedRequest) -> str | None:
+    body = request.json if isinstance(request.json, dict) else {}
+    messages = body.get("messages") or []
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        return str(messages[-1].get("content") or "")
+    return None
+
+
+def _rest_after(tokens: Sequence[str], prefix: str) -> tuple[str, ...] | None:
+    """The tokens that follow ``prefix`` (the one it ends inside, cut), or None."""
+    if not "".join(tokens).startswith(prefix):
+        return None
+    rest, seen = [], 0
+    for token in tokens:
+        if seen >= len(prefix):
+            rest.append(token)
+        elif seen + len(token) > len(prefix):
+            rest.append(token[len(prefix) - seen:])
+        seen += len(token)
+    return tuple(rest)
+
+
+async def _respond_failover(
+    up: FaultUpstream, conn: _Conn, request: RecordedRequest, step: Step, in_body: list[bool]
+) -> bool:
+    kind = step.kind
+    if kind == "no_head":
+        in_body[0] = True  # so the client's close is counted
+        await conn.pause(None)
+        raise _ClientGone  # unreachable: pause(None) only returns by raising
+    prefix = _prefix_of(request)
+    tokens = step.tokens
+    if kind == "rejects_prefill" and prefix is not None:
+        await _write_plain(conn, 400, {"error": {
+            "message": "assistant message prefill is not supported",
+            "type": "invalid_request_error", "code": "unsupported_prefill"}}, ())
+        return True
+    if kind == "continues" and prefix is not None:
+        rest = _rest_after(tokens, prefix)
+        if rest is None:
+            await _write_plain(conn, 400, {"error": {
+                "message": "the assistant prefix is not the start of this answer",
+                "type": "invalid_request_error"}}, ())
+            return True
+        tokens = rest
+    ev = up._events(request)
+    await conn.write(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+        b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    in_body[0] = True
+    events = ev.full(Step("ok", tokens))
+    if kind == "zero_usage":
+        events[-2] = b"data: " + orjson.dumps({
+            "id": ev.id, "object": "chat.completion.chunk", "created": ev.created,
+            "model": ev.model, "choices": [],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5},
+        }) + b"\n\n"
+    for event in events:
+        await conn.chunk(event)
     await conn.write(b"0\r\n\r\n")
     return True

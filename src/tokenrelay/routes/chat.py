@@ -204,6 +204,10 @@ async def config(request: Request) -> JSONResponse:
     if "user" in caller:
         body["user"] = caller["user"]
         body["sign_out_url"] = state.settings.sign_out_url
+    if not body["auth_required"]:  # this route is public: with keys, routes show only in /metrics
+        # Circuit breaker per route (provider/upstream model): state, failures in a row,
+        # seconds until it may be tried again.
+        body["breakers"] = await state.upstream.breakers.states()
     return JSONResponse(body)
 
 

@@ -31,6 +31,7 @@ from tokenrelay.errors import (
     BadRequest,
     ServiceUnavailable,
     UpstreamError,
+    UpstreamUnavailable,
     openai_error_body,
 )
 from tokenrelay.generation import CANCEL_ABANDONED, Generation
@@ -67,6 +68,12 @@ def chunk_transform(
     use_model(model)
     open_tail = b',"finish_reason":null}]}\n\n'
 
+    def answered_by(name: str) -> None:
+        """Chunks after a fallback or a continuation name the model answering now."""
+        nonlocal head
+        base["model"] = name
+        head = b"data: " + ev.dumps(base)[:-1] + b',"choices":[{"index":0,"delta":'
+
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         tail = open_tail if finish is None else (
             b',"finish_reason":' + ev.dumps(finish) + b"}]}\n\n")
@@ -97,6 +104,10 @@ def chunk_transform(
                     use_model(payload["next_model"])
                 out.append(b": retry in %d ms (%s)\n\n" % (payload["wait_ms"],
                                                           payload["reason"].encode()))
+                if payload.get("next_model") and payload["next_model"] != base["model"]:
+                    answered_by(payload["next_model"])
+            elif name == ev.CONTINUED:
+                answered_by(payload["model"])
             elif name == ev.DONE:
                 if payload.get("model") and payload["model"] != base["model"]:
                     use_model(payload["model"])
@@ -128,6 +139,7 @@ async def chat_completions(request: Request) -> Any:
     hub: Hub = request.app.state.hub
     data = await read_json_body(request, settings.limits)
     chat = validate_chat(data, settings, default_stream=False)  # as OpenAI's API
+    await _check_breakers(request, chat.route)
     lease = await request.app.state.limiter.acquire(owner_of(request))
     try:
         gen = await hub.start(
@@ -194,6 +206,21 @@ async def _until(request: Request, gen: Generation, flag: Any) -> bool:
     # Nobody subscribed yet, so no grace timer runs: cancel here (SDKs do not resume).
     gen.cancel(CANCEL_ABANDONED)
     return False
+
+
+async def _check_breakers(request: Request, route: ModelRoute) -> None:
+    """Every route of the model paused by its circuit breaker: a 503 with Retry-After
+    before anything starts (the stream's 200 would come too early to say it)."""
+    settings = request.app.state.settings
+    breakers = request.app.state.upstream.breakers
+    names = [route.name, *route.fallbacks]
+    routes = [r for r in (settings.route(n) for n in names) if r is not None]
+    waits = [await breakers.peek(r) for r in routes]
+    if routes and all(w is not None for w in waits):
+        raise UpstreamUnavailable(
+            "every route of this model is paused after repeated failures",
+            retry_after=min(w for w in waits if w is not None),
+        )
 
 
 async def _disconnected(request: Request) -> None:

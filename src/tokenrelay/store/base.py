@@ -29,6 +29,8 @@ class AssistantResult:
     tokens_per_s: float | None = None
     error_code: str | None = None
     error_message: str | None = None
+    # Every upstream request of the answer: route, status, time, usage and its source.
+    attempts: list[dict[str, Any]] | None = None
 
 
 class Store(abc.ABC):

@@ -138,6 +138,7 @@ messages = Table(
     Column("tokens_per_s", Float, nullable=True),
     Column("error_code", String, nullable=True),
     Column("error_message", Text, nullable=True),
+    Column("attempts", JSON, nullable=True),  # migration 0002_message_attempts
     Column("stream_id", String, nullable=True),
     Column("instance_id", String, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
@@ -252,6 +253,7 @@ def _message_dict(row: Any) -> dict[str, Any]:
         "ttft_ms": row.ttft_ms,
         "tokens_per_s": row.tokens_per_s,
         "error": error,
+        "attempts": row.attempts,
         "stream_id": row.stream_id,
         "created_at": iso(row.created_at),
     }
@@ -703,7 +705,8 @@ class SQLStore(Store):
         Keys: ``model``, ``count``, ``error_rate`` (error or interrupted), ``cancel_rate``
         (exact, aggregated in SQL), and ``ttft_ms_p50``, ``ttft_ms_p95``,
         ``tokens_per_s_p50`` (computed in Python over the newest ``stats_window`` messages
-        of each model, so the rows read stay bounded; None when no values).
+        of each model, so the rows read stay bounded; None when no values), and
+        ``completion_tokens``: what was generated, cancelled and cut answers included.
         """
         done = (
             messages.c.role == "assistant",
@@ -721,13 +724,14 @@ class SQLStore(Store):
                         func.count(),
                         func.sum(failed),
                         func.sum(cancelled),
+                        func.sum(func.coalesce(messages.c.completion_tokens, 0)),
                     )
                     .where(*done)
                     .group_by(messages.c.model_used)
                 )
             ).all()
             stats = []
-            for model, count, errors, cancels in totals:
+            for model, count, errors, cancels, generated in totals:
                 sample = (
                     await conn.execute(
                         select(messages.c.ttft_ms, messages.c.tokens_per_s)
@@ -747,6 +751,7 @@ class SQLStore(Store):
                         "tokens_per_s_p50": _round(_percentile(speed, 0.50), 2),
                         "error_rate": round(int(errors or 0) / count, 4),
                         "cancel_rate": round(int(cancels or 0) / count, 4),
+                        "completion_tokens": int(generated or 0),
                     }
                 )
         stats.sort(key=lambda s: (-s["count"], s["model"]))
