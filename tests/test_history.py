@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from support.client import read_stream
 
 
@@ -57,3 +59,34 @@ async def test_history_disabled_is_a_clear_404(gateway_factory, http):
             assert (await resp.json())["error"]["code"] == "history_disabled"
         async with http.get(gw.base_url + "/api/config") as resp:
             assert (await resp.json())["history"] is False
+
+
+async def test_ids_in_the_headers_are_valid_at_once_and_history_shows_an_answer_right_after_done(
+        gateway, http):
+    """Issue 17: the first byte waits for no database write, yet the conversation id sent
+    at the start is readable at once, and the finished answer is stored before `done`."""
+
+    async def one(i: int) -> None:
+        body = {"model": "sim-fast", "messages": [{"role": "user", "content": f"q{i}"}],
+                "sim": {"tokens": 12}}
+        async with http.post(gateway.base_url + "/api/chat", json=body) as resp:
+            cid = resp.headers["X-Conversation-Id"]
+            message_id = resp.headers["X-Message-Id"]
+            async with http.get(f"{gateway.base_url}/api/conversations/{cid}") as early:
+                assert early.status == 200
+                found = await early.json()
+            assert [m["role"] for m in found["messages"]] == ["user", "assistant"]
+            assert found["messages"][1]["id"] == message_id
+            stream = await read_stream(resp)
+        assert stream.events[-1].event == "done"
+        messages = (await stored_full(http, gateway, cid))["messages"]
+        assert [(m["role"], m["content"], m["state"]) for m in messages] == [
+            ("user", f"q{i}", "complete"), ("assistant", stream.text, "complete")]
+
+    await asyncio.gather(*(one(i) for i in range(16)))
+
+
+async def stored_full(http, gateway, conversation_id):
+    async with http.get(f"{gateway.base_url}/api/conversations/{conversation_id}") as resp:
+        assert resp.status == 200
+        return await resp.json()

@@ -67,6 +67,7 @@ from sqlalchemy.types import TypeDecorator
 
 from tokenrelay.errors import BadRequest, ConfigError, ServiceUnavailable, TokenRelayError
 from tokenrelay.store.base import AssistantResult, Store, Turn
+from tokenrelay.store.sqlitefast import SQLiteRows
 from tokenrelay.store.writer import Writer
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -364,6 +365,7 @@ class SQLStore(Store):
         self._engine: AsyncEngine | None = None
         self._lock: asyncio.Lock | None = None
         self._writer: Writer | None = None
+        self._rows: SQLiteRows | None = None
         self._ts: Any = None  # datetime -> the driver's value of a UTCDateTime column
 
     def __repr__(self) -> str:
@@ -393,6 +395,13 @@ class SQLStore(Store):
                 "server_settings": {"application_name": "tokenrelay"},
             },
         )
+
+    def _sqlite_file(self) -> str | None:
+        """The path of a plain SQLite file database (not memory, not a ``file:`` URI)."""
+        if self.url.get_backend_name() != "sqlite" or _is_memory(self.url):
+            return None
+        database = self.url.database or ""
+        return None if database.startswith("file:") else database
 
     def _check_sqlite_directory(self) -> None:
         """A SQLite file in a missing directory is a configuration mistake, said plainly.
@@ -425,7 +434,12 @@ class SQLStore(Store):
                 )
             dialect = self._engine.dialect
             self._ts = UTCDateTime().bind_processor(dialect) or (lambda value: value)
-            self._writer = Writer(self._begin, _statements(dialect.name))
+            statements = _statements(dialect.name)
+            if dialect.name == "sqlite" and self._sqlite_file() is not None:
+                self._rows = SQLiteRows(self._sqlite_file() or "", statements,
+                                        self.command_timeout_s)
+            self._writer = Writer(self._begin, statements,
+                                  rows=self._rows.write if self._rows else None)
             self._writer.start()
             await self.interrupt_orphans(self.orphan_after_s)
         except BaseException:
@@ -437,6 +451,9 @@ class SQLStore(Store):
         writer, self._writer = self._writer, None
         if writer is not None:
             await writer.aclose()
+        rows, self._rows = self._rows, None
+        if rows is not None:
+            await rows.aclose()
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
