@@ -8,6 +8,10 @@ conversations, answers, checkpoints, finishes) is one call into one thread, whic
 its own ``sqlite3`` connection: ``BEGIN``, one ``executemany`` per statement, ``COMMIT``.
 Everything else (reads, and writes that need a result) stays on SQLAlchemy; the writer
 task runs one batch at a time, so the two connections never write concurrently.
+
+SQLite keeps the values last bound to each cached statement (Python's ``sqlite3`` resets a
+statement but does not clear its bindings) and up to its page cache: after a batch with a
+long text (``BIG``) the connection is closed, so a long answer's copies go with it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tokenrelay.errors import ServiceUnavailable
+from tokenrelay.memtrim import BIG
 
 
 class SQLiteRows:
@@ -50,6 +55,9 @@ class SQLiteRows:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        finally:
+            if _has_big_text(rows):
+                self._close()
 
     async def write(self, rows: dict[int, list[tuple[Any, ...]]]) -> None:
         loop = asyncio.get_running_loop()
@@ -58,7 +66,7 @@ class SQLiteRows:
         except sqlite3.OperationalError as exc:  # locked past the timeout, disk, I/O
             raise ServiceUnavailable("database unavailable") from exc
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # in this object's thread
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -67,3 +75,8 @@ class SQLiteRows:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._thread, self._close)
         self._thread.shutdown(wait=True)
+
+
+def _has_big_text(rows: dict[int, list[tuple[Any, ...]]]) -> bool:
+    return any(isinstance(value, str) and len(value) >= BIG // 4  # up to 4 bytes a char
+               for batch in rows.values() for row in batch for value in row)

@@ -159,12 +159,11 @@ class Writer:
             del self._queue[: len(batch)]
             self._busy = True
             try:
-                if await self._write(batch):
-                    backoff = 0.0
-                else:
-                    backoff = min(1.0, backoff * 2 or 0.05)
+                written = await self._write(batch)
             finally:
                 self._busy = False
+                del batch  # not kept while idle: its rows may hold a long answer's text
+            backoff = 0.0 if written else min(1.0, backoff * 2 or 0.05)
             if backoff:
                 await asyncio.sleep(backoff)
 
