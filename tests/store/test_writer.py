@@ -35,13 +35,43 @@ async def test_answers_started_together_are_written_in_one_transaction(store: SQ
     await asyncio.gather(*(store.begin_answer("local", t, f"m{i}", f"s{i}", "m")
                            for i, t in enumerate(turns)))
     await asyncio.gather(*(store.finish_assistant(f"m{i}", done(f"a{i}")) for i in range(32)))
-    # 32 answers: their conversations, questions and answers, then their 32 finishes.
-    assert store.writer.transactions - before == 2
+    # 32 answers: their conversations, questions and answers, then their 32 finishes
+    # (one transaction in all when the answers end while their starts are still held).
+    assert store.writer.transactions - before <= 2
     for i, t in enumerate(turns):
         found = await store.get_conversation("local", t.conversation_id)
         assert found is not None and found["title"] == "title"
         assert [(m["role"], m["content"], m["state"]) for m in found["messages"]] == [
             ("user", f"q{i}", "complete"), ("assistant", f"a{i}", "complete")]
+
+
+@pytest.mark.parametrize("hold_s", [0.25, 0.0])
+async def test_a_short_answer_costs_one_transaction_or_two_without_holding(
+        db_url: str, hold_s: float) -> None:
+    store = open_store(db_url, instance_id="a", orphan_after_s=3600)
+    assert isinstance(store, SQLStore)
+    store.hold_s = hold_s
+    await store.start()
+    try:
+        before = store.writer.transactions
+        t = turn("question")
+        await store.begin_answer("local", t, "m1", "s1", "model")
+        if not hold_s:
+            await store.writer.flush()  # the start alone: it is not held back for the end
+        await store.finish_assistant("m1", done("answer"))
+        assert store.writer.transactions - before == (1 if hold_s else 2)
+        found = await store.get_conversation("local", t.conversation_id)
+        assert found is not None and found["title"] == "title"
+        user, answer = found["messages"]
+        assert (user["content"], user["state"]) == ("question", "complete")
+        assert (answer["id"], answer["content"], answer["state"]) == ("m1", "answer", "complete")
+        assert (answer["stream_id"], answer["model_requested"], answer["model_used"]) == (
+            "s1", "model", "m")
+        assert answer["usage"] == {"prompt_tokens": None, "completion_tokens": 3,
+                                   "estimated": False}
+        assert found["updated_at"] >= found["created_at"]
+    finally:
+        await store.aclose()
 
 
 async def test_a_read_sees_a_write_that_nobody_waited_for(store: SQLStore) -> None:

@@ -284,7 +284,7 @@ _MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("owner", "instance_i
 
 # The writer's statements, by rank (see store/writer.py: rows of a batch run rank by rank,
 # one executemany each). Driver-level SQL: no compilation, no per-row type processing.
-R_CONVERSATION, R_MESSAGE, R_CHECKPOINT, R_FINISH, R_BUMP = range(5)
+R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP = range(6)
 _MESSAGE_INSERT = (
     "id", "conversation_id", "owner", "seq", "role", "content", "reasoning", "state",
     "model_requested", "stream_id", "instance_id", "usage_estimated", "created_at",
@@ -292,6 +292,9 @@ _MESSAGE_INSERT = (
 )
 # Every field of AssistantResult is a column of messages (finish_assistant stores them all).
 _RESULT_FIELDS = tuple(f.name for f in fields(AssistantResult))
+# An answer that ends while its start is still held (SQLStore.hold_s): inserted finished.
+_ANSWERED_INSERT = ("id", "conversation_id", "owner", "seq", "role", "model_requested",
+                    "stream_id", "instance_id", "created_at", "updated_at", *_RESULT_FIELDS)
 
 
 def _statements(dialect: str) -> list[str]:
@@ -303,6 +306,8 @@ def _statements(dialect: str) -> list[str]:
         f"VALUES ({values(6)})",
         f"INSERT INTO messages ({', '.join(_MESSAGE_INSERT)}) "
         f"VALUES ({values(len(_MESSAGE_INSERT))})",
+        f"INSERT INTO messages ({', '.join(_ANSWERED_INSERT)}) "
+        f"VALUES ({values(len(_ANSWERED_INSERT))})",
         "UPDATE messages SET content = ?, reasoning = ?, updated_at = ? "
         "WHERE id = ? AND state = 'streaming'",
         "UPDATE messages SET "
@@ -324,6 +329,19 @@ def _dollars(statement: str) -> str:
 def _json(value: Any) -> Any:
     """A driver-level JSON column value (both drivers take text); None stays NULL."""
     return json.dumps(value) if isinstance(value, list | dict) else value
+
+
+class _Held:
+    """A new conversation's first turn, not yet queued (see :meth:`SQLStore.begin_answer`)."""
+
+    __slots__ = ("conversation", "rows")
+
+    def __init__(self, conversation: tuple[Any, ...], rows: list[tuple[Any, ...]]) -> None:
+        self.conversation = conversation  # its row
+        self.rows = rows  # its messages' rows, in order, the streaming answer last
+
+    def parts(self) -> list[tuple[int, tuple[Any, ...]]]:
+        return [(R_CONVERSATION, self.conversation), *((R_MESSAGE, r) for r in self.rows)]
 
 
 def _rowcount(statement: Any) -> Callable[[AsyncConnection], Awaitable[int]]:
@@ -354,6 +372,7 @@ class SQLStore(Store):
         command_timeout_s: float = 30.0,
         pool_size: int = 10,
         stats_window: int = 10_000,
+        hold_s: float = 0.25,
     ) -> None:
         self.url = async_url(url)
         self.instance_id = instance_id or secrets.token_hex(8)
@@ -362,6 +381,9 @@ class SQLStore(Store):
         self.command_timeout_s = command_timeout_s
         self.pool_size = pool_size
         self.stats_window = stats_window
+        self.hold_s = hold_s
+        self._held: dict[str, _Held] = {}  # by assistant message id
+        self._release: asyncio.TimerHandle | None = None
         self._engine: AsyncEngine | None = None
         self._lock: asyncio.Lock | None = None
         self._writer: Writer | None = None
@@ -448,6 +470,7 @@ class SQLStore(Store):
 
     async def aclose(self) -> None:
         """Write what is queued, dispose of the pool; the store may be started again."""
+        self._release_held()
         writer, self._writer = self._writer, None
         if writer is not None:
             await writer.aclose()
@@ -460,9 +483,28 @@ class SQLStore(Store):
 
     @property
     def writer(self) -> Writer:
+        """The writer, with every held turn queued first (any use of it may depend on one)."""
+        if self._writer is None:
+            raise RuntimeError("the store is not started (call start() first)")
+        if self._held:
+            self._release_held()
+        return self._writer
+
+    def _writer_now(self) -> Writer:
+        """The writer without releasing the held turns (their order does not matter here)."""
         if self._writer is None:
             raise RuntimeError("the store is not started (call start() first)")
         return self._writer
+
+    def _release_held(self) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        held, self._held = self._held, {}
+        writer = self._writer
+        if writer is not None:
+            for turn in held.values():
+                writer.defer(turn.parts())
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
@@ -623,16 +665,25 @@ class SQLStore(Store):
                 for text in turn.user_messages]
         rows.append(self._assistant_row(owner, cid, message_id, 0, ts, stream_id,
                                         model_requested))
-        writer = self.writer
         if turn.new:
             conversation = (cid, owner, _clean_title(turn.title), len(rows), ts, ts)
-            parts = [(R_CONVERSATION, conversation)]
-            parts += [(R_MESSAGE, (*row[:3], seq, *row[4:])) for seq, row in enumerate(rows, 1)]
+            placed = [(*row[:3], seq, *row[4:]) for seq, row in enumerate(rows, 1)]
+            held = _Held(conversation, placed)
+            writer = self.writer
             if writer.down:
-                await writer.submit(parts)
-            else:
-                writer.defer(parts)
+                await writer.submit(held.parts())
+                return
+            if self.hold_s <= 0:
+                writer.defer(held.parts())
+                return
+            # Held a moment, not queued: a short answer that ends meanwhile is inserted
+            # finished (one row, no UPDATEs); anything else queues it first.
+            self._held[message_id] = held
+            if self._release is None:
+                loop = asyncio.get_running_loop()
+                self._release = loop.call_later(self.hold_s, self._release_held)
             return
+        writer = self.writer
         append = self._append(owner, cid, rows)
         if writer.down:
             await writer.submit(fn=append)
@@ -652,6 +703,16 @@ class SQLStore(Store):
         Retried through a short database outage (the writer's ``retry_s``)."""
         ts = self._ts(utcnow())
         values = tuple(_json(getattr(result, name)) for name in _RESULT_FIELDS)
+        held = self._held.pop(message_id, None)
+        if held is not None:
+            *asked, answer = held.rows
+            c = held.conversation
+            parts = [(R_CONVERSATION, (*c[:5], ts)), *((R_MESSAGE, row) for row in asked)]
+            # answer: id, conversation, owner, seq, role, ..., model_requested, stream_id,
+            # instance_id, usage_estimated, created_at (see _MESSAGE_INSERT)
+            parts.append((R_ANSWERED, (*answer[:5], *answer[8:11], answer[12], ts, *values)))
+            await self._writer_now().submit(parts, retry=True)
+            return
         await self.writer.submit(
             [(R_FINISH, (*values, ts, message_id)), (R_BUMP, (ts, message_id))], retry=True
         )
