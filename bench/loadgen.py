@@ -448,10 +448,9 @@ async def resume(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     return out
 
 
-async def requests(spec: dict[str, Any], target: Target) -> dict[str, Any]:
-    """Short answers back to back, ``concurrency`` at a time, a new connection each (the
-    issue's raw-socket client) -> requests/s and time to first token."""
-    n, conc = spec["requests"], spec["concurrency"]
+async def _short_answers(target: Target, spec: dict[str, Any], n: int) -> list[Stream]:
+    """``n`` short answers, ``concurrency`` at a time, a new connection each."""
+    conc = spec["concurrency"]
     sim = {"tokens": spec["tokens"], "tokens_per_s": 0, "first_token_delay_s": 0}
     done: list[Stream] = []
 
@@ -462,22 +461,49 @@ async def requests(spec: dict[str, Any], target: Target) -> dict[str, Any]:
             await s.done
             done.append(s)
 
-    async def drive(total: int) -> None:
-        share = [total // conc + (1 if k < total % conc else 0) for k in range(conc)]
-        starts = [sum(share[:k]) for k in range(conc)]
-        await asyncio.gather(*(worker(a, c) for a, c in zip(starts, share, strict=True) if c))
+    share = [n // conc + (1 if k < n % conc else 0) for k in range(conc)]
+    starts = [sum(share[:k]) for k in range(conc)]
+    await asyncio.gather(*(worker(a, c) for a, c in zip(starts, share, strict=True) if c))
+    return done
 
-    await drive(min(n, max(conc * 4, 20)))  # warm: imports, pools, the store's statements
-    done.clear()
-    window = CPUWindow(spec["pids"])
-    await drive(n)
-    out = window.stop()
-    ttft = [(s.t_first - s.t_start) * 1e3 for s in done if s.t_first is not None]
-    complete = sum(1 for s in done if s.complete)
-    out.update(requests=n, complete=complete, errors=n - complete,
-               requests_per_s=complete / out["wall_s"],
-               ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99))
-    return out
+
+async def requests(spec: dict[str, Any], targets: dict[str, Target]) -> dict[str, Any]:
+    """Short answers back to back against every target, interleaved: ``rounds`` rounds,
+    each giving every target ``requests / rounds`` answers in turn (the order rotating),
+    so a shared machine's drift hits all targets alike -> requests/s (and the ratio of
+    each to the first gateway, round by round) and time to first token."""
+    rounds = max(1, spec.get("rounds", 1))
+    per = max(1, spec["requests"] // rounds)
+    names = list(targets)
+    acc: dict[str, dict[str, Any]] = {
+        name: {"streams": [], "wall_s": 0.0, "rps_rounds": [], "cpu": {}} for name in names}
+    for name in names:  # warm: imports, pools, the store's statements
+        await _short_answers(targets[name], spec, max(spec["concurrency"] * 4, 20))
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            window = CPUWindow(spec["pids_of"][name])
+            done = await _short_answers(targets[name], spec, per)
+            out = window.stop()
+            a = acc[name]
+            a["streams"] += done
+            wall = out.pop("wall_s")
+            a["wall_s"] += wall
+            for key, value in out.items():
+                a["cpu"][key] = a["cpu"].get(key, 0.0) + value
+            a["rps_rounds"].append(sum(1 for s in done if s.complete) / wall)
+    results: dict[str, Any] = {}
+    for name in names:
+        a = acc[name]
+        streams = a["streams"]
+        ttft = [(s.t_first - s.t_start) * 1e3 for s in streams if s.t_first is not None]
+        complete = sum(1 for s in streams if s.complete)
+        results[name] = {
+            **a["cpu"], "wall_s": a["wall_s"], "requests": len(streams), "complete": complete,
+            "errors": len(streams) - complete, "requests_per_s": complete / a["wall_s"],
+            "rps_rounds": a["rps_rounds"], "ttft_p50_ms": pct(ttft, 50),
+            "ttft_p99_ms": pct(ttft, 99),
+        }
+    return results
 
 
 async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
@@ -524,10 +550,21 @@ async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
 
 
 PHASES = {"throughput": throughput, "latency": latency, "capacity": capacity, "resume": resume,
-          "requests": requests, "ttft1": requests, "sustained": sustained}
+          "sustained": sustained}
 
 
 async def main(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["phase"] in ("requests", "ttft1"):  # all targets at once, interleaved
+        targets = {name: Target(name, url, spec["model"])
+                   for name, url in spec["targets"].items()}
+        pids_of = {}
+        for name in targets:
+            pids = dict(spec["pids"])
+            pids.pop("gateway", None)
+            if name in spec.get("gateway_pids", {}):
+                pids["gateway"] = spec["gateway_pids"][name]
+            pids_of[name] = pids
+        return await requests({**spec, "pids_of": pids_of}, targets)
     results: dict[str, Any] = {}
     for name, url in spec["targets"].items():
         target = Target(name, url, spec["model"])

@@ -3,7 +3,9 @@
 * ``requests``: short answers (16 tokens, unpaced), 32 concurrent, a new connection each,
   against the simulator directly and through ``/api/chat`` of three gateways side by side
   in one run: history off, SQLite history (the default), PostgreSQL history -> requests/s
-  (and the ratio to history off and to direct) and added TTFT p50/p99;
+  and added TTFT p50/p99. The targets take turns in rounds (order rotating) and the ratio
+  to history off is the median of the rounds' ratios, so a shared machine's drift hits
+  every target alike;
 * ``ttft1``: the same one request at a time -> added TTFT p50/p99 at concurrency 1;
 * ``sustained``: ramp concurrent 50 tok/s streams (one token per read) until a step's
   inter-token gap p99.9 exceeds twice the pace -> streams sustained per core, for one
@@ -29,13 +31,13 @@ from typing import Any
 PHASES = ("requests", "ttft1", "sustained")
 HISTORY = ("off", "sqlite", "postgresql")
 FULL = {
-    "requests": {"requests": 2000, "concurrency": 32, "tokens": 16},
-    "ttft1": {"requests": 300, "concurrency": 1, "tokens": 16},
+    "requests": {"requests": 2000, "concurrency": 32, "tokens": 16, "rounds": 5},
+    "ttft1": {"requests": 300, "concurrency": 1, "tokens": 16, "rounds": 3},
     "sustained": {"rate": 50.0, "step": 50, "step_s": 3.0, "settle_s": 1.0, "max_steps": 40},
 }
 QUICK = {
-    "requests": {"requests": 40, "concurrency": 4, "tokens": 16},
-    "ttft1": {"requests": 10, "concurrency": 1, "tokens": 16},
+    "requests": {"requests": 40, "concurrency": 4, "tokens": 16, "rounds": 2},
+    "ttft1": {"requests": 10, "concurrency": 1, "tokens": 16, "rounds": 2},
     "sustained": {"rate": 50.0, "step": 5, "step_s": 1.0, "settle_s": 0.5, "max_steps": 2},
 }
 PG_ADMIN = os.environ.get("TOKENRELAY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -162,10 +164,15 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for name in HISTORY:
             put(f"{phase}_{name}_rps", _values(runs, phase, name, "requests_per_s"))
             put(f"{phase}_{name}_errors", _values(runs, phase, name, "errors"))
-            put(f"{phase}_{name}_ratio", [
-                r[phase][name]["requests_per_s"] / r[phase]["off"]["requests_per_s"]
+            put(f"{phase}_{name}_cpu_us", [  # gateway CPU (all its threads) per request
+                r[phase][name]["cpu_gateway_s"] / r[phase][name]["requests"] * 1e6
                 for r in runs if phase in r and name in r[phase]
-                and r[phase]["off"]["requests_per_s"]])
+                and "cpu_gateway_s" in r[phase][name]])
+            put(f"{phase}_{name}_ratio", [  # within a run: the median of its rounds' ratios
+                statistics.median(x / o for x, o in zip(r[phase][name]["rps_rounds"],
+                                                        r[phase]["off"]["rps_rounds"],
+                                                        strict=True) if o)
+                for r in runs if phase in r and name in r[phase]])
             for q in ("ttft_p50_ms", "ttft_p99_ms"):  # added to direct, run by run
                 put(f"{phase}_{name}_added_{q}", [
                     r[phase][name][q] - r[phase]["direct"][q] for r in runs
@@ -218,6 +225,9 @@ def rows(s: dict[str, Any], sizes: dict[str, dict[str, Any]]) -> list[tuple[str,
                         _cell(s, f"{phase}_{name}_rps", "{:,.0f}"),
                         "" if name == "off" else _cell(s, f"{phase}_{name}_ratio", "x{:.2f}"),
                         target, met))
+            if phase == "requests":
+                out.append((f"  {labels[name]}: gateway CPU µs per request", "",
+                            _cell(s, f"{phase}_{name}_cpu_us", "{:,.0f}"), "", "", ""))
             for q, label in (("ttft_p50_ms", "added TTFT p50 ms"),
                              ("ttft_p99_ms", "added TTFT p99 ms")):
                 key = f"{phase}_{name}_added_{q}"
