@@ -543,8 +543,12 @@ async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
         for s in open_:
             s.abort()
     out = window.stop()
-    out.update(sustained=sustained_n, steps=steps, limit_ms=limit_ms,
+    reads = sum(s.tokens for s in open_)  # one token per read
+    out.update(sustained=sustained_n, steps=steps, limit_ms=limit_ms, reads=reads,
                reached_max=sustained_n == spec["step"] * spec["max_steps"])
+    if reads and "cpu_gateway_s" in out:  # what the gateway's CPU alone would allow
+        out["cpu_us_per_read"] = out["cpu_gateway_s"] / reads * 1e6
+        out["cpu_bound_streams"] = 1e6 / (out["cpu_us_per_read"] * rate)
     await asyncio.sleep(1.0)  # let the servers notice the aborts
     return out
 

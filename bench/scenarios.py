@@ -183,6 +183,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             put(f"sustained_{name}", _values(runs, "sustained", name, "sustained"))
             put(f"sustained_{name}_per_core",
                 [v / cores for v in _values(runs, "sustained", name, "sustained")])
+        put("sustained_cpu_us_per_read", _values(runs, "sustained", "gateway", "cpu_us_per_read"))
+        put("sustained_cpu_bound", _values(runs, "sustained", "gateway", "cpu_bound_streams"))
     return s
 
 
@@ -250,6 +252,10 @@ def rows(s: dict[str, Any], sizes: dict[str, dict[str, Any]]) -> list[tuple[str,
         out.append(("  streams sustained per core, one process", "",
                     _cell(s, "sustained_gateway_per_core", "{:,.0f}"), "", ">= 500",
                     _ok(s.get("sustained_gateway_per_core"), 500, True)))
+        out.append(("  gateway CPU µs per read during the ramp => streams one core could "
+                    "carry", "", _cell(s, "sustained_cpu_us_per_read", "{:.1f}"),
+                    _cell(s, "sustained_cpu_bound", "{:,.0f}"), "<= 30 µs",
+                    _ok(s.get("sustained_cpu_us_per_read"), 30)))
         if "sustained_workers2" in s:
             out.append(("  streams sustained per core, --workers 2 (Redis journal)", "",
                         _cell(s, "sustained_workers2_per_core", "{:,.0f}"), "", "", ""))
