@@ -28,8 +28,10 @@ pool (``pool_pre_ping``) reconnects by itself once the database is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import fields
@@ -344,6 +346,21 @@ class _Held:
         return [(R_CONVERSATION, self.conversation), *((R_MESSAGE, r) for r in self.rows)]
 
 
+KEEP_IDLE_S = 30.0  # the writer's kept connection, unused longer than this, is replaced
+
+
+def _raise_unavailable(exc: Exception) -> None:
+    """Raise :class:`ServiceUnavailable` from ``exc`` if it means the database is gone."""
+    if isinstance(exc, TokenRelayError):
+        return
+    if isinstance(exc, DBAPIError):
+        if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+            raise ServiceUnavailable("database unavailable") from exc
+        return
+    if isinstance(exc, OSError | TimeoutError):
+        raise ServiceUnavailable("database unavailable") from exc
+
+
 def _rowcount(statement: Any) -> Callable[[AsyncConnection], Awaitable[int]]:
     """A writer function: execute ``statement``, return how many rows it changed."""
 
@@ -387,6 +404,8 @@ class SQLStore(Store):
         self._engine: AsyncEngine | None = None
         self._lock: asyncio.Lock | None = None
         self._writer: Writer | None = None
+        self._kept: AsyncConnection | None = None  # the writer's (see _begin_kept)
+        self._kept_at = 0.0
         self._rows: SQLiteRows | None = None
         self._ts: Any = None  # datetime -> the driver's value of a UTCDateTime column
 
@@ -414,7 +433,11 @@ class SQLStore(Store):
             connect_args={
                 "timeout": self.connect_timeout_s,
                 "command_timeout": self.command_timeout_s,
-                "server_settings": {"application_name": "tokenrelay"},
+                # A commit does not wait for the WAL flush (PostgreSQL's own equivalent of
+                # SQLite's synchronous=NORMAL): a crash of the database server may lose
+                # the last fraction of a second of history, never consistency (README).
+                "server_settings": {"application_name": "tokenrelay",
+                                    "synchronous_commit": "off"},
             },
         )
 
@@ -460,7 +483,7 @@ class SQLStore(Store):
             if dialect.name == "sqlite" and self._sqlite_file() is not None:
                 self._rows = SQLiteRows(self._sqlite_file() or "", statements,
                                         self.command_timeout_s)
-            self._writer = Writer(self._begin, statements,
+            self._writer = Writer(self._begin_kept, statements,
                                   rows=self._rows.write if self._rows else None)
             self._writer.start()
             await self.interrupt_orphans(self.orphan_after_s)
@@ -477,6 +500,10 @@ class SQLStore(Store):
         rows, self._rows = self._rows, None
         if rows is not None:
             await rows.aclose()
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            with contextlib.suppress(Exception):
+                await kept.close()
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
@@ -513,28 +540,54 @@ class SQLStore(Store):
         if engine is None:
             raise RuntimeError("the store is not started (call start() first)")
         async with self._lock or nullcontext():
-            try:
-                conn = await engine.connect()
-            except (DBAPIError, PoolTimeout, OSError, TimeoutError) as exc:
-                # Whatever stops us from getting a connection (refused, timeout, auth,
-                # "too many clients", "starting up", pool exhausted) means unavailable.
-                raise ServiceUnavailable("database unavailable") from exc
+            conn = await self._connect(engine)
             try:
                 try:
                     async with conn.begin():
                         yield conn
                 finally:
                     await conn.close()
-            except TokenRelayError:
+            except Exception as exc:
+                _raise_unavailable(exc)
                 raise
-            except DBAPIError as exc:
-                if isinstance(exc, OperationalError | InterfaceError) or (
-                    exc.connection_invalidated
-                ):
-                    raise ServiceUnavailable("database unavailable") from exc
-                raise
-            except (OSError, TimeoutError) as exc:
-                raise ServiceUnavailable("database unavailable") from exc
+
+    @staticmethod
+    async def _connect(engine: AsyncEngine) -> AsyncConnection:
+        try:
+            return await engine.connect()
+        except (DBAPIError, PoolTimeout, OSError, TimeoutError) as exc:
+            # Whatever stops us from getting a connection (refused, timeout, auth,
+            # "too many clients", "starting up", pool exhausted) means unavailable.
+            raise ServiceUnavailable("database unavailable") from exc
+
+    @asynccontextmanager
+    async def _begin_kept(self) -> AsyncIterator[AsyncConnection]:
+        """The writer's transaction, on a connection it keeps between batches: no pool
+        checkout, ping and reset round trips per batch. Dropped after any failure or
+        ``KEEP_IDLE_S`` unused (a server may have closed it); the next batch reconnects."""
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("the store is not started (call start() first)")
+        if self._lock is not None:  # one shared in-memory connection: no keeping
+            async with self._begin() as conn:
+                yield conn
+            return
+        conn, self._kept = self._kept, None
+        if conn is not None and time.monotonic() - self._kept_at > KEEP_IDLE_S:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            conn = None
+        if conn is None:
+            conn = await self._connect(engine)
+        try:
+            async with conn.begin():
+                yield conn
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            _raise_unavailable(exc)
+            raise
+        self._kept, self._kept_at = conn, time.monotonic()
 
     # -- streaming leftovers ------------------------------------------------------------
 
