@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from tokenrelay import __version__
 from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError, UpstreamError
-from tokenrelay.hub import Hub, new_id
+from tokenrelay.hub import Hub, new_id, new_sortable_id
 from tokenrelay.idempotency import check_key, fingerprint
 from tokenrelay.routes.common import Endpoint, JSONResponse, header, owner_of
 from tokenrelay.store.base import Turn
@@ -55,7 +55,7 @@ async def record_request(request: Request, chat: ChatRequest) -> Turn | None:
             if m["role"] in ("user", "assistant")]
     title = _title(chat.messages)
     if chat.conversation_id is None:
-        return Turn(new_id(), True, title, [c for role, c in said if role == "user"])
+        return Turn(new_sortable_id(), True, title, [c for role, c in said if role == "user"])
     try:
         conversation_id: str = await store.ensure_conversation(
             owner, chat.conversation_id, title
@@ -94,7 +94,7 @@ async def chat(request: Request) -> Any:
             if earlier is not None:
                 await lease.finish()
                 return await _attach_existing(request, hub, earlier)
-        message_id = new_id("m-")
+        message_id = new_sortable_id("m-")
         turn = await record_request(request, chat_request)
         conversation_id = turn.conversation_id if turn else chat_request.conversation_id
         gen = await hub.start(
