@@ -244,7 +244,7 @@ class Target:
         self.host, port = hostport.rsplit(":", 1)
         self.port = int(port)
         self.model = model
-        self.gateway = name == "gateway"
+        self.gateway = name != "direct"  # gateway, or one of several (history off, sqlite, ...)
 
     def chat(self, i: int, sim: dict[str, Any], *, keep_body: bool = False,
              gaps: bool = False) -> Stream:
@@ -448,14 +448,133 @@ async def resume(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     return out
 
 
-PHASES = {"throughput": throughput, "latency": latency, "capacity": capacity, "resume": resume}
+async def _short_answers(target: Target, spec: dict[str, Any], n: int) -> list[Stream]:
+    """``n`` short answers, ``concurrency`` at a time, a new connection each."""
+    conc = spec["concurrency"]
+    sim = {"tokens": spec["tokens"], "tokens_per_s": 0, "first_token_delay_s": 0}
+    done: list[Stream] = []
+
+    async def worker(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            s = target.chat(i, sim)
+            await target.open(s)
+            await s.done
+            done.append(s)
+
+    share = [n // conc + (1 if k < n % conc else 0) for k in range(conc)]
+    starts = [sum(share[:k]) for k in range(conc)]
+    await asyncio.gather(*(worker(a, c) for a, c in zip(starts, share, strict=True) if c))
+    return done
+
+
+async def requests(spec: dict[str, Any], targets: dict[str, Target]) -> dict[str, Any]:
+    """Short answers back to back against every target, interleaved: ``rounds`` rounds,
+    each giving every target ``requests / rounds`` answers in turn (the order rotating),
+    so a shared machine's drift hits all targets alike -> requests/s (and the ratio of
+    each to the first gateway, round by round) and time to first token."""
+    rounds = max(1, spec.get("rounds", 1))
+    per = max(1, spec["requests"] // rounds)
+    names = list(targets)
+    acc: dict[str, dict[str, Any]] = {
+        name: {"streams": [], "wall_s": 0.0, "rps_rounds": [], "cpu": {}} for name in names}
+    for name in names:  # warm: imports, pools, the store's statements
+        await _short_answers(targets[name], spec, max(spec["concurrency"] * 4, 20))
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            window = CPUWindow(spec["pids_of"][name])
+            done = await _short_answers(targets[name], spec, per)
+            out = window.stop()
+            a = acc[name]
+            a["streams"] += done
+            wall = out.pop("wall_s")
+            a["wall_s"] += wall
+            for key, value in out.items():
+                a["cpu"][key] = a["cpu"].get(key, 0.0) + value
+            a["rps_rounds"].append(sum(1 for s in done if s.complete) / wall)
+    results: dict[str, Any] = {}
+    for name in names:
+        a = acc[name]
+        streams = a["streams"]
+        ttft = [(s.t_first - s.t_start) * 1e3 for s in streams if s.t_first is not None]
+        complete = sum(1 for s in streams if s.complete)
+        results[name] = {
+            **a["cpu"], "wall_s": a["wall_s"], "requests": len(streams), "complete": complete,
+            "errors": len(streams) - complete, "requests_per_s": complete / a["wall_s"],
+            "rps_rounds": a["rps_rounds"], "ttft_p50_ms": pct(ttft, 50),
+            "ttft_p99_ms": pct(ttft, 99),
+        }
+    return results
+
+
+async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
+    """Ramp long 50 tok/s streams (one token per read) by ``step`` every ``step_s`` until
+    the inter-token gap p99.9 of a step exceeds twice the pace -> the last count held."""
+    rate = spec["rate"]
+    limit_ms = 2 * 1000 / rate
+    long_sim = {"tokens": int(rate * spec["step_s"] * (spec["max_steps"] + 2)),
+                "tokens_per_s": rate, "first_token_delay_s": 0}
+    open_: list[Stream] = []
+    steps: list[dict[str, Any]] = []
+    sustained_n = 0
+    window = CPUWindow(spec["pids"])
+    try:
+        for _ in range(spec["max_steps"]):
+            new = [target.chat(len(open_) + i, long_sim, gaps=True)
+                   for i in range(spec["step"])]
+            for s in new:
+                await target.open(s)
+            open_ += new
+            await asyncio.sleep(spec["settle_s"])  # the new streams' first tokens
+            t0 = time.perf_counter()
+            for s in open_:  # only this step's gaps (and bounded memory)
+                s.gaps.clear()
+                s.gap_at.clear()
+            await asyncio.sleep(spec["step_s"])
+            gaps = [g * 1e3 for s in open_ for g, at in zip(s.gaps, s.gap_at, strict=False)
+                    if at >= t0]
+            broken = sum(1 for s in open_ if s.ended)
+            p999 = pct(gaps, 99.9)
+            steps.append({"streams": len(open_), "gap_p999_ms": p999,
+                          "gap_max_ms": max(gaps, default=None), "ended": broken})
+            if broken or p999 is None or p999 > limit_ms:
+                break
+            sustained_n = len(open_)
+    finally:
+        for s in open_:
+            s.abort()
+    out = window.stop()
+    reads = sum(s.tokens for s in open_)  # one token per read
+    out.update(sustained=sustained_n, steps=steps, limit_ms=limit_ms, reads=reads,
+               reached_max=sustained_n == spec["step"] * spec["max_steps"])
+    if reads and "cpu_gateway_s" in out:  # what the gateway's CPU alone would allow
+        out["cpu_us_per_read"] = out["cpu_gateway_s"] / reads * 1e6
+        out["cpu_bound_streams"] = 1e6 / (out["cpu_us_per_read"] * rate)
+    await asyncio.sleep(1.0)  # let the servers notice the aborts
+    return out
+
+
+PHASES = {"throughput": throughput, "latency": latency, "capacity": capacity, "resume": resume,
+          "sustained": sustained}
 
 
 async def main(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["phase"] in ("requests", "ttft1"):  # all targets at once, interleaved
+        targets = {name: Target(name, url, spec["model"])
+                   for name, url in spec["targets"].items()}
+        pids_of = {}
+        for name in targets:
+            pids = dict(spec["pids"])
+            pids.pop("gateway", None)
+            if name in spec.get("gateway_pids", {}):
+                pids["gateway"] = spec["gateway_pids"][name]
+            pids_of[name] = pids
+        return await requests({**spec, "pids_of": pids_of}, targets)
     results: dict[str, Any] = {}
     for name, url in spec["targets"].items():
         target = Target(name, url, spec["model"])
         pids = dict(spec["pids"])
+        if name in spec.get("gateway_pids", {}):  # several gateways side by side
+            pids["gateway"] = spec["gateway_pids"][name]
         if name == "direct":
             pids.pop("gateway", None)
         results[name] = await PHASES[spec["phase"]]({**spec, "pids": pids}, target)

@@ -172,9 +172,16 @@ class Generation:
         return True
 
     async def run(self) -> None:
-        checkpointer = None
+        # The checkpoint task starts after the first period: an answer shorter than that
+        # costs a timer handle, not a task (issue 17).
+        checkpointer: list[asyncio.Task[None]] = []
+        timer = None
         if self.store is not None and self.checkpoint_s > 0:
-            checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(
+                self.checkpoint_s,
+                lambda: checkpointer.append(loop.create_task(self._checkpoints())),
+            )
         error: TokenRelayError | None = None
         try:
             if self.cancel_reason is None:
@@ -224,10 +231,12 @@ class Generation:
             self.state = ev.FAILED
         finally:
             self._finishing = True
-            if checkpointer is not None:
-                checkpointer.cancel()
+            if timer is not None:
+                timer.cancel()
+            for task in checkpointer:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await checkpointer
+                    await task
             await asyncio.shield(self._finish(error))
 
     # -- events -> frames (the hot path) -------------------------------------------------
@@ -515,18 +524,17 @@ class Generation:
         so a long silent think never looks like an orphan to another instance's sweep."""
         assert self.store is not None
         last = time.monotonic()
-        while True:
+        while True:  # started one period in (see run())
+            if self._dirty or time.monotonic() - last >= CHECKPOINT_KEEPALIVE_S:
+                self._dirty = False
+                last = time.monotonic()
+                try:
+                    await self.store.checkpoint(
+                        self.message_id, "".join(self.text), "".join(self.reasoning)
+                    )
+                except Exception:
+                    log.warning("checkpoint of message %s failed", self.message_id[:8])
             await asyncio.sleep(self.checkpoint_s)
-            if not self._dirty and time.monotonic() - last < CHECKPOINT_KEEPALIVE_S:
-                continue
-            self._dirty = False
-            last = time.monotonic()
-            try:
-                await self.store.checkpoint(
-                    self.message_id, "".join(self.text), "".join(self.reasoning)
-                )
-            except Exception:
-                log.warning("checkpoint of message %s failed", self.message_id[:8])
 
 
 class _Flag:
