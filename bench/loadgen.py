@@ -244,7 +244,7 @@ class Target:
         self.host, port = hostport.rsplit(":", 1)
         self.port = int(port)
         self.model = model
-        self.gateway = name == "gateway"
+        self.gateway = name != "direct"  # gateway, or one of several (history off, sqlite, ...)
 
     def chat(self, i: int, sim: dict[str, Any], *, keep_body: bool = False,
              gaps: bool = False) -> Stream:
@@ -448,7 +448,83 @@ async def resume(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     return out
 
 
-PHASES = {"throughput": throughput, "latency": latency, "capacity": capacity, "resume": resume}
+async def requests(spec: dict[str, Any], target: Target) -> dict[str, Any]:
+    """Short answers back to back, ``concurrency`` at a time, a new connection each (the
+    issue's raw-socket client) -> requests/s and time to first token."""
+    n, conc = spec["requests"], spec["concurrency"]
+    sim = {"tokens": spec["tokens"], "tokens_per_s": 0, "first_token_delay_s": 0}
+    done: list[Stream] = []
+
+    async def worker(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            s = target.chat(i, sim)
+            await target.open(s)
+            await s.done
+            done.append(s)
+
+    async def drive(total: int) -> None:
+        share = [total // conc + (1 if k < total % conc else 0) for k in range(conc)]
+        starts = [sum(share[:k]) for k in range(conc)]
+        await asyncio.gather(*(worker(a, c) for a, c in zip(starts, share, strict=True) if c))
+
+    await drive(min(n, max(conc * 4, 20)))  # warm: imports, pools, the store's statements
+    done.clear()
+    window = CPUWindow(spec["pids"])
+    await drive(n)
+    out = window.stop()
+    ttft = [(s.t_first - s.t_start) * 1e3 for s in done if s.t_first is not None]
+    complete = sum(1 for s in done if s.complete)
+    out.update(requests=n, complete=complete, errors=n - complete,
+               requests_per_s=complete / out["wall_s"],
+               ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99))
+    return out
+
+
+async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
+    """Ramp long 50 tok/s streams (one token per read) by ``step`` every ``step_s`` until
+    the inter-token gap p99.9 of a step exceeds twice the pace -> the last count held."""
+    rate = spec["rate"]
+    limit_ms = 2 * 1000 / rate
+    long_sim = {"tokens": int(rate * spec["step_s"] * (spec["max_steps"] + 2)),
+                "tokens_per_s": rate, "first_token_delay_s": 0}
+    open_: list[Stream] = []
+    steps: list[dict[str, Any]] = []
+    sustained_n = 0
+    window = CPUWindow(spec["pids"])
+    try:
+        for _ in range(spec["max_steps"]):
+            new = [target.chat(len(open_) + i, long_sim, gaps=True)
+                   for i in range(spec["step"])]
+            for s in new:
+                await target.open(s)
+            open_ += new
+            await asyncio.sleep(spec["settle_s"])  # the new streams' first tokens
+            t0 = time.perf_counter()
+            for s in open_:  # only this step's gaps (and bounded memory)
+                s.gaps.clear()
+                s.gap_at.clear()
+            await asyncio.sleep(spec["step_s"])
+            gaps = [g * 1e3 for s in open_ for g, at in zip(s.gaps, s.gap_at, strict=False)
+                    if at >= t0]
+            broken = sum(1 for s in open_ if s.ended)
+            p999 = pct(gaps, 99.9)
+            steps.append({"streams": len(open_), "gap_p999_ms": p999,
+                          "gap_max_ms": max(gaps, default=None), "ended": broken})
+            if broken or p999 is None or p999 > limit_ms:
+                break
+            sustained_n = len(open_)
+    finally:
+        for s in open_:
+            s.abort()
+    out = window.stop()
+    out.update(sustained=sustained_n, steps=steps, limit_ms=limit_ms,
+               reached_max=sustained_n == spec["step"] * spec["max_steps"])
+    await asyncio.sleep(1.0)  # let the servers notice the aborts
+    return out
+
+
+PHASES = {"throughput": throughput, "latency": latency, "capacity": capacity, "resume": resume,
+          "requests": requests, "ttft1": requests, "sustained": sustained}
 
 
 async def main(spec: dict[str, Any]) -> dict[str, Any]:
@@ -456,6 +532,8 @@ async def main(spec: dict[str, Any]) -> dict[str, Any]:
     for name, url in spec["targets"].items():
         target = Target(name, url, spec["model"])
         pids = dict(spec["pids"])
+        if name in spec.get("gateway_pids", {}):  # several gateways side by side
+            pids["gateway"] = spec["gateway_pids"][name]
         if name == "direct":
             pids.pop("gateway", None)
         results[name] = await PHASES[spec["phase"]]({**spec, "pids": pids}, target)

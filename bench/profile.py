@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,6 +55,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--history", choices=("off", "sqlite"), default="off",
+                        help="the gateway's history store (requests phase: sqlite)")
     args = parser.parse_args()
     spy = shutil.which("py-spy", path=str(run.BIN)) or shutil.which("py-spy")
     if spy is None:
@@ -62,10 +65,12 @@ def main() -> int:
     cpus = sorted(run.os.sched_getaffinity(0))
     gw_cpus, load_cpus = run.cores(cpus)
     sizes = run.QUICK if args.quick else run.FULL
-    out = run.HERE / "results" / f"profile-{args.phase}.txt"
+    out = run.HERE / "results" / f"profile-{args.phase}-{args.history}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="tokenrelay-profile-")
+    database = "none" if args.history == "off" else f"sqlite:///{tmp}/history.db"
     with run.simulator(load_cpus) as (sim_url, sim), \
-            run.gateway(sim_url, gw_cpus, 5.0) as (gw_url, gw):
+            run.gateway(sim_url, gw_cpus, 5.0, database_url=database) as (gw_url, gw):
         spec = {**sizes[args.phase], "phase": args.phase, "model": "sim-fast",
                 "heartbeat_s": 5.0, "targets": {"gateway": gw_url},
                 "pids": {"gateway": gw.pid, "upstream": sim.pid}}

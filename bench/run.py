@@ -45,22 +45,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import scenarios  # bench/ is the script's directory, first on sys.path
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = Path(sys.executable).parent
-PHASES = ("throughput", "latency", "capacity", "resume")
+
+PHASES = ("throughput", "latency", "capacity", "resume", *scenarios.PHASES)
 
 FULL = {
     "throughput": {"streams": 50, "tokens": 500, "rounds": 10},
     "latency": {"streams": 200, "tokens": 150, "rate": 50.0, "ramp_s": 1.0},
     "capacity": {"streams": 10_000, "max_opening": 200},
     "resume": {"streams": 100, "tokens": 100, "rate": 20.0, "ramp_s": 1.0},
+    **scenarios.FULL,
 }
 QUICK = {
     "throughput": {"streams": 5, "tokens": 50, "rounds": 1},
     "latency": {"streams": 10, "tokens": 20, "rate": 50.0, "ramp_s": 0.2},
     "capacity": {"streams": 100, "max_opening": 50},
     "resume": {"streams": 5, "tokens": 40, "rate": 50.0, "ramp_s": 0.2},
+    **scenarios.QUICK,
 }
 TARGETS = {  # the goals, for the last column
     "cpu_batched": 6.0, "cpu_per_read": 30.0, "ttft_p99": 5.0, "gap_p99": 2.0,
@@ -134,13 +139,14 @@ def simulator(cpus: set[int]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 
 
 @contextlib.contextmanager
-def gateway(upstream: str, cpus: set[int], heartbeat_s: float) -> Iterator[
+def gateway(upstream: str, cpus: set[int], heartbeat_s: float, database_url: str = "none",
+            workers: int = 1, env_extra: dict[str, str] | None = None) -> Iterator[
         tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     env = {
         **os.environ,
         "TOKENRELAY_UPSTREAM_URL": upstream,
-        "TOKENRELAY_DATABASE_URL": "none",
+        "TOKENRELAY_DATABASE_URL": database_url,
         "TOKENRELAY_HEARTBEAT_S": str(heartbeat_s),
         "TOKENRELAY_FIRST_TOKEN_TIMEOUT_S": "3600",
         "TOKENRELAY_TOTAL_TIMEOUT_S": "7200",
@@ -150,8 +156,12 @@ def gateway(upstream: str, cpus: set[int], heartbeat_s: float) -> Iterator[
     }
     env.pop("TOKENRELAY_CONFIG", None)
     env.pop("TOKENRELAY_REDIS_URL", None)
+    env.update(env_extra or {})
+    command = [str(BIN / "tokenrelay"), "serve"]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     proc = subprocess.Popen(
-        [str(BIN / "tokenrelay"), "serve"], env=env, preexec_fn=_preexec(cpus),
+        command, env=env, preexec_fn=_preexec(cpus),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
@@ -186,6 +196,14 @@ def run_once(args: argparse.Namespace, sizes: dict[str, dict[str, Any]]) -> dict
         for phase in args.only:
             spec = {**sizes[phase], "phase": phase, "model": "sim-fast",
                     "heartbeat_s": args.heartbeat}
+            if phase in scenarios.PHASES:
+                t0 = time.monotonic()
+                out[phase] = scenarios.run_phase(phase, spec, sim_url, sim.pid, gw_cpus,
+                                                 load_cpus, args.heartbeat, args.phase_timeout)
+                out[phase]["elapsed_s"] = time.monotonic() - t0
+                out[phase]["spec"] = spec
+                print(f"  {phase}: done in {out[phase]['elapsed_s']:.1f} s", file=sys.stderr)
+                continue
             if phase == "capacity":
                 # Each relayed stream holds two sockets in the gateway (client + upstream).
                 room = (nofile_limit() - 200) // 2
@@ -273,6 +291,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         s["resume_p99"] = _get(runs, "resume", "gateway", "p99_ms")
         s["resume_n"] = _get(runs, "resume", "gateway", "resumes")
         s["resume_wrong"] = _get(runs, "resume", "gateway", "wrong_first_id")
+    s.update(scenarios.summarize(runs))
     return s
 
 
@@ -331,6 +350,7 @@ def table(s: dict[str, Any], sizes: dict[str, dict[str, Any]], header: str) -> s
                      _f(s["resume_p50"], "{:.2f}"), "", "", ""))
         rows.append(("resume: reconnect -> first replayed event p99 ms", "",
                      _f(s["resume_p99"], "{:.2f}"), "", "<= 20", _ok(s["resume_p99"], 20)))
+    rows += scenarios.rows(s, sizes)  # type: ignore[arg-type]
     head = ("measure", "direct", "tokenrelay", "added / ratio", "target", "met")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(6)]
 

@@ -31,7 +31,8 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def test_bench_run_quick_prints_its_table(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--results", str(tmp_path)],
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--results", str(tmp_path),
+         "--only", "throughput,latency,capacity,resume"],
         capture_output=True, text=True, timeout=120, env=_clean_env(), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +50,34 @@ def test_bench_run_quick_prints_its_table(tmp_path: Path) -> None:
     assert run["capacity"]["gateway"]["alive"] == run["capacity"]["gateway"]["streams"]
     assert run["resume"]["gateway"]["resumes"] == data["sizes"]["resume"]["streams"]
     assert run["resume"]["gateway"]["wrong_first_id"] == 0
+
+
+def test_bench_request_rate_and_sustained_scenarios_run_on_a_tiny_load(tmp_path: Path) -> None:
+    """Issue 17's scenarios: history off / SQLite / PostgreSQL side by side, one request
+    at a time, and the sustained-streams ramp (one process and --workers 2)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--results", str(tmp_path),
+         "--only", "requests,ttft1,sustained"],
+        capture_output=True, text=True, timeout=180, env=_clean_env(), cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for row in ("history off: requests/s", "SQLite history: requests/s",
+                "PostgreSQL history: requests/s", "SQLite history: added TTFT p99 ms",
+                "1 concurrent, SQLite history", "streams sustained per core, one process",
+                "--workers 2"):
+        assert row in out, row
+    [result] = list(tmp_path.glob("bench-*.json"))
+    data = json.loads(result.read_text())
+    run = data["runs"][0]
+    for phase in ("requests", "ttft1"):
+        for target in ("direct", "off", "sqlite", "postgresql"):
+            measured = run[phase][target]
+            assert measured["complete"] == measured["requests"] == data["sizes"][phase][
+                "requests"], (phase, target)
+    for target in ("direct", "gateway", "workers2"):
+        steps = run["sustained"][target]["steps"]
+        assert steps and steps[0]["streams"] == data["sizes"]["sustained"]["step"], target
 
 
 def test_tokenrelay_bench_compares_models_and_writes_a_chart(tmp_path: Path) -> None:

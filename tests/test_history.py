@@ -107,3 +107,34 @@ async def test_tokenrelay_bench_leaves_no_history(gateway, http, tmp_path):
     assert proc.returncode == 0, err.decode()[-2000:]
     assert (tmp_path / "chart.svg").exists()
     assert await _listing(http, gateway) == ([], [])
+
+
+async def test_ids_in_the_headers_are_valid_at_once_and_history_shows_an_answer_right_after_done(
+        gateway, http):
+    """Issue 17: the first byte waits for no database write, yet the conversation id sent
+    at the start is readable at once, and the finished answer is stored before `done`."""
+
+    async def one(i: int) -> None:
+        body = {"model": "sim-fast", "messages": [{"role": "user", "content": f"q{i}"}],
+                "sim": {"tokens": 12}}
+        async with http.post(gateway.base_url + "/api/chat", json=body) as resp:
+            cid = resp.headers["X-Conversation-Id"]
+            message_id = resp.headers["X-Message-Id"]
+            async with http.get(f"{gateway.base_url}/api/conversations/{cid}") as early:
+                assert early.status == 200
+                found = await early.json()
+            assert [m["role"] for m in found["messages"]] == ["user", "assistant"]
+            assert found["messages"][1]["id"] == message_id
+            stream = await read_stream(resp)
+        assert stream.events[-1].event == "done"
+        messages = (await stored_full(http, gateway, cid))["messages"]
+        assert [(m["role"], m["content"], m["state"]) for m in messages] == [
+            ("user", f"q{i}", "complete"), ("assistant", stream.text, "complete")]
+
+    await asyncio.gather(*(one(i) for i in range(16)))
+
+
+async def stored_full(http, gateway, conversation_id):
+    async with http.get(f"{gateway.base_url}/api/conversations/{conversation_id}") as resp:
+        assert resp.status == 200
+        return await resp.json()

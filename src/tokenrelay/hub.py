@@ -27,7 +27,7 @@ from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayErro
 from tokenrelay.generation import CANCEL_ABANDONED, CANCEL_SHUTDOWN, CANCEL_USER, Generation
 from tokenrelay.journal.base import Journal, StreamInfo
 from tokenrelay.limits import Lease
-from tokenrelay.store.base import Store
+from tokenrelay.store.base import Store, Turn
 from tokenrelay.upstream import UpstreamClient
 
 log = logging.getLogger("tokenrelay.hub")
@@ -119,13 +119,16 @@ class Hub:
         record: bool = False,
         stream_id: str | None = None,
         lease: Lease | None = None,
+        turn: Turn | None = None,
     ) -> Generation:
         """Create the stream, write its ``start`` event, and launch the generation.
 
         With ``record`` (and a store), the answer is stored as an assistant message of
         ``conversation_id``: created now as ``streaming``, checkpointed, then finished.
         A ``lease`` (from the limiter) is finished with the answer's token count when the
-        generation ends; if this method raises, the caller still owns it.
+        generation ends; if this method raises, the caller still owns it. ``turn`` (a
+        chat request's new conversation and user messages) is stored with the answer's
+        message, in one write that the first byte does not wait for.
         """
         if self.draining:
             raise ServiceUnavailable("this instance is shutting down; retry on another one")
@@ -161,9 +164,12 @@ class Hub:
         await self.journal.create(stream_id, meta)
         if store is not None and conversation_id is not None:
             try:
-                await store.begin_assistant(
-                    owner, conversation_id, gen.message_id, stream_id, route.name
-                )
+                if turn is not None:
+                    await store.begin_answer(owner, turn, gen.message_id, stream_id, route.name)
+                else:
+                    await store.begin_assistant(
+                        owner, conversation_id, gen.message_id, stream_id, route.name
+                    )
             except Exception as exc:
                 error = exc if isinstance(exc, TokenRelayError) else ServiceUnavailable(
                     "the database is unavailable; try again shortly"

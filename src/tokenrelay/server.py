@@ -25,6 +25,8 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from tokenrelay import memtrim
+
 _SLACK_S = 3.0  # time for subscribers to deliver the interrupted event and close
 
 
@@ -49,6 +51,8 @@ class DrainingServer(uvicorn.Server):
         # with it).
         gc.collect()
         gc.freeze()
+        # Buffers of 1 MB or more (a long answer's text) go back to the kernel when freed.
+        memtrim.fix_mmap_threshold()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         hub = getattr(self.app.state, "hub", None)

@@ -5,6 +5,11 @@ so a generation wakes its subscribers once per upstream read, not once per token
 reader that passed a *follower* is not even woken: the append hands it the new frames
 synchronously (``Follower.push``), so a caught-up subscriber costs no task switch per read.
 A slow reader only holds an index into the list: it never slows the writer or other readers.
+
+A finished stream leaves when its retention ends, not only when a reader or a new stream
+happens to notice: finished streams queue in finish order (they expire in that order), and
+one loop timer at a time waits for the oldest. So a long answer's frames are freed on time,
+and dropping a big one asks for a ``malloc_trim`` (``memtrim.py``) so the process shrinks.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Collection
 from typing import Any
 
 from tokenrelay import timerwheel
 from tokenrelay.errors import JournalFull, StreamNotFound
 from tokenrelay.journal.base import Follower, Journal, JournalLimits, ReadResult, StreamInfo
+from tokenrelay.memtrim import BIG, Trimmer
 
 
 class _Waiter:
@@ -78,24 +84,58 @@ class MemoryJournal(Journal):
         self.limits = limits or JournalLimits()
         # Insertion order = creation order, so eviction scans the oldest first.
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        self.trimmer = Trimmer()
+        # (expires_at, id, stream) in finish order; entries of streams already evicted
+        # are skipped when they come up.
+        self._expiring: deque[tuple[float, str, _Stream]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def _drop(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and stream.nbytes >= BIG:
+            self.trimmer.soon()
 
     def _get(self, stream_id: str) -> _Stream:
         stream = self._streams.get(stream_id)
         if stream is None or (stream.finished and stream.expires_at <= time.monotonic()):
             if stream is not None:
-                del self._streams[stream_id]
+                self._drop(stream_id)
             raise StreamNotFound("no such stream (unknown or expired)")
         return stream
+
+    def _queue_expiry(self, stream_id: str, stream: _Stream) -> None:
+        expiring = self._expiring
+        expiring.append((stream.expires_at, stream_id, stream))
+        if len(expiring) > 2 * self.limits.max_streams:  # evicted ones pile up: forget them
+            self._expiring = deque(e for e in expiring if self._streams.get(e[1]) is e[2])
+        if self._sweep is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        delay = max(0.0, self._expiring[0][0] - time.monotonic())
+        self._sweep = asyncio.get_running_loop().call_later(delay + 0.001, self._expire)
+
+    def _expire(self) -> None:
+        """The oldest finished streams' retention ended: drop them (the loop timer)."""
+        self._sweep = None
+        now = time.monotonic()
+        expiring = self._expiring
+        while expiring and expiring[0][0] <= now:
+            _, stream_id, stream = expiring.popleft()
+            if self._streams.get(stream_id) is stream:
+                self._drop(stream_id)
+        if expiring:
+            self._arm()
 
     def _evict(self) -> None:
         now = time.monotonic()
         for sid in [s for s, st in self._streams.items() if st.finished and st.expires_at <= now]:
-            del self._streams[sid]
+            self._drop(sid)
         if len(self._streams) < self.limits.max_streams:
             return
         for sid, st in self._streams.items():
             if st.finished:
-                del self._streams[sid]
+                self._drop(sid)
                 return
         raise JournalFull(
             f"too many live streams (journal max_streams={self.limits.max_streams})"
@@ -140,6 +180,7 @@ class MemoryJournal(Journal):
         stream.finished = True
         stream.state = state
         stream.expires_at = time.monotonic() + self.limits.retention_s
+        self._queue_expiry(stream_id, stream)
         stream.wake()
         return True
 
@@ -190,3 +231,8 @@ class MemoryJournal(Journal):
 
     def __len__(self) -> int:
         return len(self._streams)
+
+    async def aclose(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None

@@ -16,6 +16,7 @@ from tokenrelay.errors import BadRequest, ServiceUnavailable, StreamNotFound, To
 from tokenrelay.hub import Hub, new_id
 from tokenrelay.idempotency import check_key, fingerprint
 from tokenrelay.routes.common import Endpoint, JSONResponse, header, owner_of
+from tokenrelay.store.base import Turn
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import ChatRequest, read_json_body, validate_chat
 
@@ -38,40 +39,41 @@ def _text(content: Any) -> str:
     return "".join(p.get("text", "") for p in content if isinstance(p, dict))
 
 
-async def record_request(request: Request, chat: ChatRequest, message_id: str) -> str | None:
-    """Bring the stored conversation in line with the request; returns its id.
+async def record_request(request: Request, chat: ChatRequest) -> Turn | None:
+    """What the request adds to its stored conversation (None without history).
 
     The request carries the whole conversation so far. What is stored is kept up to the
     first difference (so a regenerate or an edit-and-resend replaces the old tail instead
-    of repeating it), then the request's new user messages are added.
+    of repeating it), then the request's new user messages are added, by the hub, with the
+    answer (:meth:`Store.begin_answer`). A new conversation needs no database round trip
+    here: its id is chosen now and its rows are written with the answer's.
     """
     store = request.app.state.store
     if store is None:
-        return chat.conversation_id
+        return None
     owner = owner_of(request)
     said = [(m["role"], _text(m["content"])) for m in chat.messages
             if m["role"] in ("user", "assistant")]
+    title = _title(chat.messages)
+    if chat.conversation_id is None:
+        return Turn(new_id(), True, title, [c for role, c in said if role == "user"])
     try:
         conversation_id: str = await store.ensure_conversation(
-            owner, chat.conversation_id, _title(chat.messages)
+            owner, chat.conversation_id, title
         )
+        found = await store.get_conversation(owner, conversation_id)
+        stored = [(m["role"], m["content"]) for m in (found or {}).get("messages", [])]
         keep = 0
-        if chat.conversation_id is not None:
-            found = await store.get_conversation(owner, conversation_id)
-            stored = [(m["role"], m["content"]) for m in (found or {}).get("messages", [])]
-            while keep < min(len(stored), len(said)) and stored[keep] == said[keep]:
-                keep += 1
-            if keep < len(stored):
-                await store.truncate_messages(owner, conversation_id, keep)
-        for role, content in said[keep:]:
-            if role == "user":
-                await store.add_user_message(owner, conversation_id, content)
+        while keep < min(len(stored), len(said)) and stored[keep] == said[keep]:
+            keep += 1
+        if keep < len(stored):
+            await store.truncate_messages(owner, conversation_id, keep)
     except TokenRelayError:
         raise
     except Exception as exc:
         log.warning("storing the request failed: %s", type(exc).__name__)
         raise ServiceUnavailable("the database is unavailable; try again shortly") from None
-    return conversation_id
+    return Turn(conversation_id, False, title, [c for role, c in said[keep:] if role == "user"])
 
 
 async def chat(request: Request) -> Any:
@@ -95,8 +97,8 @@ async def chat(request: Request) -> Any:
                 await lease.finish()
                 return await _attach_existing(request, hub, earlier)
         message_id = new_id("m-")
-        conversation_id = (await record_request(request, chat_request, message_id) if record
-                           else chat_request.conversation_id)
+        turn = await record_request(request, chat_request) if record else None
+        conversation_id = turn.conversation_id if turn else chat_request.conversation_id
         gen = await hub.start(
             owner=owner,
             route=chat_request.route,
@@ -104,6 +106,7 @@ async def chat(request: Request) -> Any:
             conversation_id=conversation_id,
             message_id=message_id,
             record=record,
+            turn=turn,
             stream_id=stream_id,
             lease=lease,
         )

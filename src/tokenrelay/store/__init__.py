@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from tokenrelay.store.base import AssistantResult, Store
+from tokenrelay.store.base import AssistantResult, Store, Turn
 
 
 def open_store(url: str, *, instance_id: str | None = None, orphan_after_s: float = 30.0) -> Store:
@@ -21,4 +21,4 @@ def open_store(url: str, *, instance_id: str | None = None, orphan_after_s: floa
     return SQLStore(url, instance_id=instance_id, orphan_after_s=orphan_after_s)
 
 
-__all__ = ["AssistantResult", "Store", "open_store"]
+__all__ = ["AssistantResult", "Store", "Turn", "open_store"]

@@ -8,6 +8,7 @@ Something that is not the caller's is reported exactly like something that does 
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,17 @@ class AssistantResult:
     tokens_per_s: float | None = None
     error_code: str | None = None
     error_message: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Turn:
+    """What a chat request adds to its conversation before the answer: the conversation
+    itself when ``new`` (id chosen by the caller, ``title``), then ``user_messages``."""
+
+    conversation_id: str
+    new: bool
+    title: str
+    user_messages: Sequence[str] = ()
 
 
 class Store(abc.ABC):
@@ -68,6 +80,18 @@ class Store(abc.ABC):
         model_requested: str,
     ) -> None:
         """Create the assistant message in state ``streaming``."""
+
+    @abc.abstractmethod
+    async def begin_answer(
+        self, owner: str, turn: Turn, message_id: str, stream_id: str, model_requested: str
+    ) -> None:
+        """Record ``turn`` and create the assistant message in state ``streaming``.
+
+        The hot path of ``POST /api/chat``: a store may return before the write is
+        committed (it is then queued, ahead of the message's checkpoints and finish, and
+        this store's reads wait for it). Raises
+        :class:`~tokenrelay.errors.ServiceUnavailable` when the database is known down.
+        """
 
     @abc.abstractmethod
     async def checkpoint(self, message_id: str, content: str, reasoning: str) -> None:

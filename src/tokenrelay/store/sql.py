@@ -28,10 +28,11 @@ pool (``pool_pre_ping``) reconnects by itself once the database is back.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,6 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    bindparam,
     case,
     delete,
     event,
@@ -68,7 +68,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.types import TypeDecorator
 
 from tokenrelay.errors import BadRequest, ConfigError, ServiceUnavailable, TokenRelayError
-from tokenrelay.store.base import AssistantResult, Store
+from tokenrelay.store.base import AssistantResult, Store, Turn
+from tokenrelay.store.sqlitefast import SQLiteRows
+from tokenrelay.store.writer import Writer
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 TITLE_MAX = 200
@@ -195,10 +197,16 @@ def _is_memory(url: URL) -> bool:
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    """Per-connection SQLite settings: enforce foreign keys (cascade), WAL for readers."""
+    """Per-connection SQLite settings: enforce foreign keys (cascade), WAL for readers.
+
+    ``synchronous=NORMAL``: in WAL mode a commit then writes the log without an fsync
+    (SQLite syncs at its WAL checkpoints), so a process crash loses nothing committed and
+    a power loss or OS crash may lose the last transactions (see README, Durability).
+    """
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
 
@@ -276,16 +284,57 @@ def _not_found() -> BadRequest:
 
 _MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("owner", "instance_id")]
 
-# The hot path (one UPDATE per checkpoint) is built once; SQLAlchemy caches its compilation.
-_CHECKPOINT = (
-    update(messages)
-    .where(messages.c.id == bindparam("b_id"), messages.c.state == "streaming")
-    .values(
-        content=bindparam("b_content"),
-        reasoning=bindparam("b_reasoning"),
-        updated_at=bindparam("b_now"),
-    )
+# The writer's statements, by rank (see store/writer.py: rows of a batch run rank by rank,
+# one executemany each). Driver-level SQL: no compilation, no per-row type processing.
+R_CONVERSATION, R_MESSAGE, R_CHECKPOINT, R_FINISH, R_BUMP = range(5)
+_MESSAGE_INSERT = (
+    "id", "conversation_id", "owner", "seq", "role", "content", "reasoning", "state",
+    "model_requested", "stream_id", "instance_id", "usage_estimated", "created_at",
+    "updated_at",
 )
+# Every field of AssistantResult is a column of messages (finish_assistant stores them all).
+_RESULT_FIELDS = tuple(f.name for f in fields(AssistantResult))
+
+
+def _statements(dialect: str) -> list[str]:
+    def values(n: int) -> str:
+        return ", ".join("?" * n)
+
+    sql = [
+        "INSERT INTO conversations (id, owner, title, last_seq, created_at, updated_at) "
+        f"VALUES ({values(6)})",
+        f"INSERT INTO messages ({', '.join(_MESSAGE_INSERT)}) "
+        f"VALUES ({values(len(_MESSAGE_INSERT))})",
+        "UPDATE messages SET content = ?, reasoning = ?, updated_at = ? "
+        "WHERE id = ? AND state = 'streaming'",
+        "UPDATE messages SET "
+        + ", ".join(f"{name} = ?" for name in (*_RESULT_FIELDS, "updated_at"))
+        + " WHERE id = ?",
+        "UPDATE conversations SET updated_at = ? "
+        "WHERE id = (SELECT conversation_id FROM messages WHERE id = ?)",
+    ]
+    if dialect == "postgresql":  # asyncpg numbers its parameters
+        sql = [_dollars(statement) for statement in sql]
+    return sql
+
+
+def _dollars(statement: str) -> str:
+    parts = statement.split("?")
+    return "".join(p + (f"${i}" if i < len(parts) else "") for i, p in enumerate(parts, 1))
+
+
+def _json(value: Any) -> Any:
+    """A driver-level JSON column value (both drivers take text); None stays NULL."""
+    return json.dumps(value) if isinstance(value, list | dict) else value
+
+
+def _rowcount(statement: Any) -> Callable[[AsyncConnection], Awaitable[int]]:
+    """A writer function: execute ``statement``, return how many rows it changed."""
+
+    async def run(conn: AsyncConnection) -> int:
+        return int((await conn.execute(statement)).rowcount or 0)
+
+    return run
 
 
 class SQLStore(Store):
@@ -317,6 +366,9 @@ class SQLStore(Store):
         self.stats_window = stats_window
         self._engine: AsyncEngine | None = None
         self._lock: asyncio.Lock | None = None
+        self._writer: Writer | None = None
+        self._rows: SQLiteRows | None = None
+        self._ts: Any = None  # datetime -> the driver's value of a UTCDateTime column
 
     def __repr__(self) -> str:
         return f"SQLStore({self.url.render_as_string(hide_password=True)!r})"
@@ -345,6 +397,13 @@ class SQLStore(Store):
                 "server_settings": {"application_name": "tokenrelay"},
             },
         )
+
+    def _sqlite_file(self) -> str | None:
+        """The path of a plain SQLite file database (not memory, not a ``file:`` URI)."""
+        if self.url.get_backend_name() != "sqlite" or _is_memory(self.url):
+            return None
+        database = self.url.database or ""
+        return None if database.startswith("file:") else database
 
     def _check_sqlite_directory(self) -> None:
         """A SQLite file in a missing directory is a configuration mistake, said plainly.
@@ -375,16 +434,37 @@ class SQLStore(Store):
                 await conn.execute(
                     self._interrupt_stmt().where(messages.c.instance_id == self.instance_id)
                 )
+            dialect = self._engine.dialect
+            self._ts = UTCDateTime().bind_processor(dialect) or (lambda value: value)
+            statements = _statements(dialect.name)
+            if dialect.name == "sqlite" and self._sqlite_file() is not None:
+                self._rows = SQLiteRows(self._sqlite_file() or "", statements,
+                                        self.command_timeout_s)
+            self._writer = Writer(self._begin, statements,
+                                  rows=self._rows.write if self._rows else None)
+            self._writer.start()
             await self.interrupt_orphans(self.orphan_after_s)
         except BaseException:
             await self.aclose()
             raise
 
     async def aclose(self) -> None:
-        """Dispose of the pool; the store may be started again afterwards."""
+        """Write what is queued, dispose of the pool; the store may be started again."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.aclose()
+        rows, self._rows = self._rows, None
+        if rows is not None:
+            await rows.aclose()
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
+
+    @property
+    def writer(self) -> Writer:
+        if self._writer is None:
+            raise RuntimeError("the store is not started (call start() first)")
+        return self._writer
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
@@ -439,48 +519,82 @@ class SQLStore(Store):
         lead may also call it periodically to clean up after instances that died while
         this one keeps running.
         """
-        cutoff = utcnow() - timedelta(seconds=older_than_s)
-        async with self._begin() as conn:
-            result = await conn.execute(
-                self._interrupt_stmt().where(messages.c.updated_at < cutoff)
-            )
-        return int(result.rowcount or 0)
+        statement = self._interrupt_stmt().where(
+            messages.c.updated_at < utcnow() - timedelta(seconds=older_than_s)
+        )
+        return int(await self.writer.submit(fn=_rowcount(statement)) or 0)
 
     async def mark_interrupted(
         self, message_id: str, content: str | None = None, reasoning: str | None = None
     ) -> bool:
         """Mark one message ``interrupted`` if it is still ``streaming`` (text kept, or
         replaced by ``content`` and ``reasoning``: see :meth:`Store.mark_interrupted`)."""
-        async with self._begin() as conn:
-            result = await conn.execute(self._interrupt_stmt().where(messages.c.id == message_id))
+        statement = self._interrupt_stmt().where(messages.c.id == message_id)
+
+        async def run(conn: AsyncConnection) -> int:
+            changed = int((await conn.execute(statement)).rowcount or 0)
             if content is not None:
                 await conn.execute(
                     update(messages)
                     .where(messages.c.id == message_id, messages.c.state == "interrupted")
                     .values(content=content, reasoning=reasoning or "")
                 )
-        return bool(result.rowcount)
+            return changed
 
-    # -- writes -----------------------------------------------------------------------
+        return bool(await self.writer.submit(fn=run))
+
+    # -- writes (all through the one writer task, store/writer.py) ------------------------
+
+    def _message_row(
+        self, owner: str, conversation_id: str, message_id: str, seq: int, ts: Any, *,
+        role: str, content: str = "", state: str = "complete", model_requested: str | None = None,
+        stream_id: str | None = None,
+    ) -> tuple[Any, ...]:
+        instance = self.instance_id if role == "assistant" else None
+        return (message_id, conversation_id, owner, seq, role, content, "", state,
+                model_requested, stream_id, instance, False, ts, ts)
+
+    def _assistant_row(
+        self, owner: str, conversation_id: str, message_id: str, seq: int, ts: Any,
+        stream_id: str, model_requested: str,
+    ) -> tuple[Any, ...]:
+        return self._message_row(owner, conversation_id, message_id, seq, ts, role="assistant",
+                                 state="streaming", model_requested=model_requested,
+                                 stream_id=stream_id)
+
+    def _append(self, owner: str, conversation_id: str,
+                rows: list[tuple[Any, ...]]) -> Callable[[AsyncConnection], Awaitable[None]]:
+        """A writer function: take the next ``len(rows)`` positions of the conversation
+        (owner-checked: 404 otherwise) and insert ``rows`` there (their ``seq`` is set)."""
+        writer = self.writer
+
+        async def append(conn: AsyncConnection) -> None:
+            now = utcnow()
+            last = await conn.scalar(
+                update(conversations)
+                .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+                .values(last_seq=conversations.c.last_seq + len(rows), updated_at=now)
+                .returning(conversations.c.last_seq)
+            )
+            if last is None:
+                raise _not_found()
+            first = int(last) - len(rows) + 1
+            placed = [(*row[:3], first + i, *row[4:]) for i, row in enumerate(rows)]
+            await conn.exec_driver_sql(writer.statements[R_MESSAGE], placed)
+
+        return append
 
     async def ensure_conversation(self, owner: str, conversation_id: str | None, title: str) -> str:
         """Create a conversation when ``conversation_id`` is None (title stripped, ≤ 200
         chars, ``"New conversation"`` if blank); otherwise check it is the owner's."""
+        if conversation_id is None:
+            conversation_id = new_id()
+            ts = self._ts(utcnow())
+            row = (conversation_id, owner, _clean_title(title), 0, ts, ts)
+            await self.writer.submit([(R_CONVERSATION, row)])
+            return conversation_id
+        await self.writer.flush()
         async with self._begin() as conn:
-            if conversation_id is None:
-                now = utcnow()
-                conversation_id = new_id()
-                await conn.execute(
-                    conversations.insert().values(
-                        id=conversation_id,
-                        owner=owner,
-                        title=_clean_title(title),
-                        last_seq=0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                return conversation_id
             found = await conn.scalar(
                 select(conversations.c.id).where(
                     conversations.c.id == conversation_id, conversations.c.owner == owner
@@ -490,50 +604,11 @@ class SQLStore(Store):
             raise _not_found()
         return conversation_id
 
-    @staticmethod
-    async def _next_seq(
-        conn: AsyncConnection, owner: str, conversation_id: str, now: datetime
-    ) -> int:
-        """Take the next message position and bump ``updated_at`` in one atomic UPDATE.
-
-        It doubles as the owner check: not the owner's conversation -> 404.
-        """
-        seq = await conn.scalar(
-            update(conversations)
-            .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
-            .values(last_seq=conversations.c.last_seq + 1, updated_at=now)
-            .returning(conversations.c.last_seq)
-        )
-        if seq is None:
-            raise _not_found()
-        return int(seq)
-
-    async def _append_message(
-        self, owner: str, conversation_id: str, message_id: str, **columns: Any
-    ) -> None:
-        """Insert a message at the conversation's next position (owner-checked)."""
-        now = utcnow()
-        async with self._begin() as conn:
-            seq = await self._next_seq(conn, owner, conversation_id, now)
-            await conn.execute(
-                messages.insert().values(
-                    id=message_id,
-                    conversation_id=conversation_id,
-                    owner=owner,
-                    seq=seq,
-                    reasoning="",
-                    usage_estimated=False,
-                    created_at=now,
-                    updated_at=now,
-                    **columns,
-                )
-            )
-
     async def add_user_message(self, owner: str, conversation_id: str, content: str) -> str:
         message_id = new_id()
-        await self._append_message(
-            owner, conversation_id, message_id, role="user", content=content, state="complete"
-        )
+        row = self._message_row(owner, conversation_id, message_id, 0, self._ts(utcnow()),
+                                role="user", content=content)
+        await self.writer.submit(fn=self._append(owner, conversation_id, [row]))
         return message_id
 
     async def begin_assistant(
@@ -544,77 +619,80 @@ class SQLStore(Store):
         stream_id: str,
         model_requested: str,
     ) -> None:
-        await self._append_message(
-            owner,
-            conversation_id,
-            message_id,
-            role="assistant",
-            content="",
-            state="streaming",
-            model_requested=model_requested,
-            stream_id=stream_id,
-            instance_id=self.instance_id,
-        )
+        row = self._assistant_row(owner, conversation_id, message_id, 0, self._ts(utcnow()),
+                                  stream_id, model_requested)
+        await self.writer.submit(fn=self._append(owner, conversation_id, [row]))
+
+    async def begin_answer(
+        self, owner: str, turn: Turn, message_id: str, stream_id: str, model_requested: str
+    ) -> None:
+        """Queue the turn and the ``streaming`` assistant message as one write, without
+        waiting for it (retried through a short outage). A new conversation needs no read
+        in the transaction: its rows are plain inserts, batched with other answers'.
+
+        While the database is known down, the write is awaited instead, so the request
+        gets a 503 before anything streams (or succeeds, and the store is up again).
+        """
+        cid = turn.conversation_id
+        ts = self._ts(utcnow())
+        rows = [self._message_row(owner, cid, new_id(), 0, ts, role="user", content=text)
+                for text in turn.user_messages]
+        rows.append(self._assistant_row(owner, cid, message_id, 0, ts, stream_id,
+                                        model_requested))
+        writer = self.writer
+        if turn.new:
+            conversation = (cid, owner, _clean_title(turn.title), len(rows), ts, ts)
+            parts = [(R_CONVERSATION, conversation)]
+            parts += [(R_MESSAGE, (*row[:3], seq, *row[4:])) for seq, row in enumerate(rows, 1)]
+            if writer.down:
+                await writer.submit(parts)
+            else:
+                writer.defer(parts)
+            return
+        append = self._append(owner, cid, rows)
+        if writer.down:
+            await writer.submit(fn=append)
+        else:
+            writer.defer(fn=append)
 
     async def checkpoint(self, message_id: str, content: str, reasoning: str) -> None:
-        """One UPDATE; ignored once the message left ``streaming`` (or was deleted)."""
-        params = {
-            "b_id": message_id,
-            "b_content": content,
-            "b_reasoning": reasoning,
-            "b_now": utcnow(),
-        }
-        async with self._begin() as conn:
-            await conn.execute(_CHECKPOINT, params)
+        """One UPDATE (batched); ignored once the message left ``streaming`` (or was
+        deleted)."""
+        row = (content, reasoning, self._ts(utcnow()), message_id)
+        await self.writer.submit([(R_CHECKPOINT, row)])
 
     async def finish_assistant(self, message_id: str, result: AssistantResult) -> None:
         """Record the final state, whatever the current one (it may have been marked
-        interrupted by another instance's orphan sweep), and bump the conversation."""
-        now = utcnow()
-        async with self._begin() as conn:
-            await conn.execute(
-                update(messages)
-                .where(messages.c.id == message_id)
-                .values(
-                    **asdict(result),  # its fields are the message's columns
-                    updated_at=now,
-                )
-            )
-            await conn.execute(
-                update(conversations)
-                .where(
-                    conversations.c.id
-                    == select(messages.c.conversation_id)
-                    .where(messages.c.id == message_id)
-                    .scalar_subquery()
-                )
-                .values(updated_at=now)
-            )
+        interrupted by another instance's orphan sweep), and bump the conversation.
+
+        Retried through a short database outage (the writer's ``retry_s``)."""
+        ts = self._ts(utcnow())
+        values = tuple(_json(getattr(result, name)) for name in _RESULT_FIELDS)
+        await self.writer.submit(
+            [(R_FINISH, (*values, ts, message_id)), (R_BUMP, (ts, message_id))], retry=True
+        )
 
     async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> bool:
         """Set the title (stripped, ≤ 200 chars); does not change ``updated_at``."""
-        async with self._begin() as conn:
-            result = await conn.execute(
-                update(conversations)
-                .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
-                .values(title=_clean_title(title))
-            )
-        return bool(result.rowcount)
+        statement = (
+            update(conversations)
+            .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+            .values(title=_clean_title(title))
+        )
+        return bool(await self.writer.submit(fn=_rowcount(statement)))
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         """Delete it and its messages (FK ``ON DELETE CASCADE``)."""
-        async with self._begin() as conn:
-            result = await conn.execute(
-                delete(conversations).where(
-                    conversations.c.id == conversation_id, conversations.c.owner == owner
-                )
-            )
-        return bool(result.rowcount)
+        statement = delete(conversations).where(
+            conversations.c.id == conversation_id, conversations.c.owner == owner
+        )
+        return bool(await self.writer.submit(fn=_rowcount(statement)))
 
     async def truncate_messages(self, owner: str, conversation_id: str, keep: int) -> int:
         """Delete every message of the conversation after its first ``keep``; returns how
         many were deleted (regenerate and edit-and-resend replace the tail)."""
-        async with self._begin() as conn:
+
+        async def truncate(conn: AsyncConnection) -> int:
             seqs = await conn.scalars(
                 select(messages.c.seq)
                 .where(messages.c.conversation_id == conversation_id,
@@ -633,13 +711,16 @@ class SQLStore(Store):
                     messages.c.seq >= first,
                 )
             )
-        return int(result.rowcount or 0)
+            return int(result.rowcount or 0)
+
+        return int(await self.writer.submit(fn=truncate))
 
     # -- reads ------------------------------------------------------------------------
 
     async def list_conversations(
         self, owner: str, limit: int = 50, offset: int = 0, query: str = ""
     ) -> list[dict[str, Any]]:
+        await self.writer.flush()
         found = select(conversations).where(conversations.c.owner == owner)
         if query:
             # Case-insensitive substring of the title or of any message's text; the
@@ -661,6 +742,7 @@ class SQLStore(Store):
             return [_summary(row) for row in rows]
 
     async def get_conversation(self, owner: str, conversation_id: str) -> dict[str, Any] | None:
+        await self.writer.flush()
         async with self._begin() as conn:
             row = (
                 await conn.execute(
@@ -684,6 +766,7 @@ class SQLStore(Store):
         Addition to the base interface: lets a resume whose journal has expired fall back to
         the stored answer.
         """
+        await self.writer.flush()
         async with self._begin() as conn:
             row = (
                 await conn.execute(
@@ -711,6 +794,7 @@ class SQLStore(Store):
         )
         failed = case((messages.c.state.in_(("error", "interrupted")), 1), else_=0)
         cancelled = case((messages.c.state == "cancelled", 1), else_=0)
+        await self.writer.flush()
         async with self._begin() as conn:
             totals = (
                 await conn.execute(

@@ -1,0 +1,142 @@
+"""The store's one writer (issue 17): batching, read-your-writes, failures, outages.
+
+Nothing here times anything: batching is proved by counting transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from tokenrelay.errors import ServiceUnavailable
+from tokenrelay.hub import new_id
+from tokenrelay.store import AssistantResult, Turn, open_store
+from tokenrelay.store.sql import SQLStore
+
+from .conftest import TcpProxy, pg_url
+
+
+def turn(question: str = "q", cid: str | None = None) -> Turn:
+    return Turn(cid or new_id(), True, "title", [question])
+
+
+def done(content: str) -> AssistantResult:
+    return AssistantResult(state="complete", content=content, model_used="m",
+                           completion_tokens=3, ttft_ms=1.5, tokens_per_s=10.0)
+
+
+async def test_answers_started_together_are_written_in_one_transaction(store: SQLStore) -> None:
+    before = store.writer.transactions
+    turns = [turn(f"q{i}") for i in range(32)]
+    await asyncio.gather(*(store.begin_answer("local", t, f"m{i}", f"s{i}", "m")
+                           for i, t in enumerate(turns)))
+    await asyncio.gather(*(store.finish_assistant(f"m{i}", done(f"a{i}")) for i in range(32)))
+    # 32 answers: their conversations, questions and answers, then their 32 finishes.
+    assert store.writer.transactions - before == 2
+    for i, t in enumerate(turns):
+        found = await store.get_conversation("local", t.conversation_id)
+        assert found is not None and found["title"] == "title"
+        assert [(m["role"], m["content"], m["state"]) for m in found["messages"]] == [
+            ("user", f"q{i}", "complete"), ("assistant", f"a{i}", "complete")]
+
+
+async def test_a_read_sees_a_write_that_nobody_waited_for(store: SQLStore) -> None:
+    t = turn()
+    await store.begin_answer("local", t, "m1", "s1", "model")
+    found = await store.get_conversation("local", t.conversation_id)
+    assert found is not None
+    assert [(m["role"], m["state"]) for m in found["messages"]] == [
+        ("user", "complete"), ("assistant", "streaming")]
+    assert found["messages"][1]["stream_id"] == "s1"
+    assert [c["id"] for c in await store.list_conversations("local")] == [t.conversation_id]
+
+
+async def test_a_turn_in_an_existing_conversation_takes_the_next_positions(
+        store: SQLStore) -> None:
+    cid = await store.ensure_conversation("local", None, "t")
+    await store.add_user_message("local", cid, "first")
+    await store.begin_answer("local", Turn(cid, False, "ignored", ["second", "third"]),
+                             "m1", "s1", "model")
+    await store.finish_assistant("m1", done("answer"))
+    found = await store.get_conversation("local", cid)
+    assert found is not None
+    assert [m["content"] for m in found["messages"]] == ["first", "second", "third", "answer"]
+    assert found["title"] == "t"
+
+
+async def test_one_bad_write_does_not_lose_the_others_of_its_batch(
+        store: SQLStore, caplog: pytest.LogCaptureFixture) -> None:
+    taken = turn()
+    await store.begin_answer("local", taken, "m0", "s0", "model")
+    await store.writer.flush()
+    good = [turn(f"q{i}") for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="tokenrelay.store"):
+        await store.begin_answer("local", good[0], "m1", "s1", "model")
+        await store.begin_answer("local", taken, "m-dup", "s-dup", "model")  # same conversation
+        await store.begin_answer("local", good[1], "m2", "s2", "model")
+        await store.finish_assistant("m1", done("one"))
+        await store.begin_answer("local", good[2], "m3", "s3", "model")
+        await store.writer.flush()
+    assert "store write failed" in caplog.text
+    assert await store.get_message("local", "m-dup") is None
+    for t in good:
+        assert await store.get_conversation("local", t.conversation_id) is not None
+    one = await store.get_message("local", "m1")
+    assert one is not None and (one["state"], one["content"]) == ("complete", "one")
+
+
+async def test_sqlite_commits_without_an_fsync_each(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'x.db'}")
+    assert isinstance(store, SQLStore)
+    await store.start()
+    try:
+        async with store._begin() as conn:
+            assert (await conn.scalar(text("PRAGMA synchronous"))) == 1  # NORMAL
+            assert (await conn.scalar(text("PRAGMA journal_mode"))) == "wal"
+    finally:
+        await store.aclose()
+
+
+async def test_closing_writes_what_is_queued(db_url: str) -> None:
+    first = open_store(db_url, instance_id="a", orphan_after_s=3600)
+    await first.start()
+    t = turn()
+    await first.begin_answer("local", t, "m1", "s1", "model")
+    await first.aclose()
+    again = open_store(db_url, instance_id="b", orphan_after_s=3600)
+    await again.start()
+    try:
+        message = await again.get_message("local", "m1")
+        assert message is not None and message["state"] == "streaming"
+    finally:
+        await again.aclose()
+
+
+async def test_a_deferred_write_waits_out_a_short_outage_and_a_known_outage_is_a_503(
+        pg_proxy: TcpProxy, pg_database: str) -> None:
+    proxied = open_store(pg_url(pg_database, pg_proxy.port))
+    assert isinstance(proxied, SQLStore)
+    await proxied.start()
+    try:
+        await pg_proxy.stop()
+        t = turn()
+        await proxied.begin_answer("local", t, "m1", "s1", "model")  # queued, not refused
+        with pytest.raises(ServiceUnavailable):  # a write someone waits for fails fast
+            await proxied.checkpoint("m1", "partial", "")
+        assert proxied.writer.down
+        with pytest.raises(ServiceUnavailable):  # the database is known down: refused
+            await proxied.begin_answer("local", turn(), "m2", "s2", "model")
+        await pg_proxy.start()
+        # The finish queues behind the kept write: once it is stored, both are.
+        await proxied.finish_assistant("m1", done("full"))
+        assert not proxied.writer.down
+        message = await proxied.get_message("local", "m1")
+        assert message is not None and (message["state"], message["content"]) == (
+            "complete", "full")
+        assert await proxied.get_message("local", "m2") is None
+    finally:
+        await proxied.aclose()
