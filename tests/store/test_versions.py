@@ -15,7 +15,7 @@ import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -124,6 +124,27 @@ async def test_the_same_messages_sent_again_find_the_branch_shown(store: SQLStor
     await store.set_active("local", cid, "a1b")
     assert (await store.find_continuation("local", cid, [("user", "q1"), ("assistant", "A1")]))[
         0] == "a1b"
+
+
+async def test_finding_where_a_request_continues_is_one_statement(store: SQLStore) -> None:
+    """Issue 17's budget: a request in an existing conversation reads once before it
+    streams (it used to be two reads: the owner check, then the messages)."""
+    cid = await first_turn(store)
+    await store.writer.flush()
+    assert store._engine is not None
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(store._engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        found = await store.find_continuation("local", cid, [("user", "q1")])
+    finally:
+        event.remove(store._engine.sync_engine, "before_cursor_execute", seen)
+    question = (await store.get_conversation("local", cid) or {})["messages"][0]["id"]
+    assert found == (question, 1)
+    assert len(statements) == 1 and statements[0].lstrip().upper().startswith("SELECT")
 
 
 async def test_switching_is_owner_scoped_and_checks_the_message(store: SQLStore) -> None:

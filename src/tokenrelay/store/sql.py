@@ -741,18 +741,26 @@ class SQLStore(Store):
         """Where a request's messages leave the stored conversation (one read; see
         :meth:`Tree.continuation`). Raises a 404 ``BadRequest`` when it is not the owner's."""
         await self.writer.flush()
+        # One statement: the conversation (owner-checked) joined to its messages' tree
+        # columns; a conversation without messages is one row of NULLs.
+        tree_columns = (messages.c.id, messages.c.parent_id, messages.c.seq, messages.c.role,
+                        messages.c.content)
+        statement = (
+            select(conversations.c.active_id, *tree_columns)
+            .select_from(conversations.outerjoin(
+                messages, messages.c.conversation_id == conversations.c.id))
+            .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+        )
         async with self._begin() as conn:
-            active = (
-                await conn.execute(
-                    select(conversations.c.active_id).where(
-                        conversations.c.id == conversation_id, conversations.c.owner == owner
-                    )
-                )
-            ).first()
-            if active is None:
-                raise _not_found()
-            tree = await _tree(conn, conversation_id)
-        return tree.continuation(active.active_id, said)
+            rows = (await conn.execute(statement)).all()
+        if not rows:
+            raise _not_found()
+        nodes = [
+            {"id": r.id, "parent_id": r.parent_id, "seq": r.seq, "role": r.role,
+             "content": r.content}
+            for r in rows if r.id is not None
+        ]
+        return Tree(nodes).continuation(rows[0].active_id, said)
 
     async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> bool:
         """Set the title (stripped, ≤ 200 chars); does not change ``updated_at``."""
