@@ -20,6 +20,13 @@ Each assistant message records the ``instance_id`` of the process that streams i
   may mark it interrupted; its :meth:`~SQLStore.finish_assistant` still records the true
   final state.
 
+A conversation's messages form a tree (``messages.parent_id``; migration 0002): the
+children of one message are the versions of the next turn (a regenerate, an
+edit-and-resend), and ``conversations.active_id`` is the last message of the branch shown.
+:meth:`SQLStore.get_conversation` returns that branch, :meth:`SQLStore.find_continuation`
+says where a chat request's messages leave it (store/tree.py), and nothing but deleting
+the conversation ever deletes a message.
+
 When the database is unreachable every method raises
 :class:`~tokenrelay.errors.ServiceUnavailable` quickly (short connect timeout), and the
 pool (``pool_pre_ping``) reconnects by itself once the database is back.
