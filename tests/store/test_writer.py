@@ -58,8 +58,8 @@ async def test_a_read_sees_a_write_that_nobody_waited_for(store: SQLStore) -> No
 async def test_a_turn_in_an_existing_conversation_takes_the_next_positions(
         store: SQLStore) -> None:
     cid = await store.ensure_conversation("local", None, "t")
-    first = await store.add_user_message("local", cid, "first")
-    await store.begin_answer("local", Turn(cid, False, "ignored", ["second", "third"], first),
+    await store.add_user_message("local", cid, "first")
+    await store.begin_answer("local", Turn(cid, False, "ignored", ["second", "third"]),
                              "m1", "s1", "model")
     await store.finish_assistant("m1", done("answer"))
     found = await store.get_conversation("local", cid)

@@ -32,19 +32,24 @@ class AssistantResult:
     error_message: str | None = None
 
 
+# Turn.parent_id of a turn that continues the branch shown (message ids are never empty).
+FOLLOW_ACTIVE = ""
+
+
 @dataclass(slots=True, frozen=True)
 class Turn:
     """What a chat request adds to its conversation before the answer: the conversation
     itself when ``new`` (id chosen by the caller, ``title``), then ``user_messages``,
-    the first following the stored message ``parent_id`` (None: a first message), each
-    next one the one before, and the answer the last. The answer's branch is then the one
-    shown."""
+    the first following the stored message ``parent_id`` (None: a first message, a new
+    version of the conversation's first turn; ``FOLLOW_ACTIVE``, the default: the last
+    message of the branch shown), each next one the one before, and the answer the last.
+    The answer's branch is then the one shown."""
 
     conversation_id: str
     new: bool
     title: str
     user_messages: Sequence[str] = ()
-    parent_id: str | None = None
+    parent_id: str | None = ""  # FOLLOW_ACTIVE
 
 
 class Store(abc.ABC):

@@ -75,7 +75,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.types import TypeDecorator
 
 from tokenrelay.errors import BadRequest, ConfigError, ServiceUnavailable, TokenRelayError
-from tokenrelay.store.base import AssistantResult, Store, Turn
+from tokenrelay.store.base import FOLLOW_ACTIVE, AssistantResult, Store, Turn
 from tokenrelay.store.sqlitefast import SQLiteRows
 from tokenrelay.store.tree import Tree
 from tokenrelay.store.writer import Writer
@@ -698,7 +698,8 @@ class SQLStore(Store):
             else:
                 writer.defer(parts)
             return
-        append = self._append(owner, cid, rows, turn.parent_id)
+        parent = _ACTIVE if turn.parent_id == FOLLOW_ACTIVE else turn.parent_id
+        append = self._append(owner, cid, rows, parent)
         if writer.down:
             await writer.submit(fn=append)
         else:
