@@ -19,13 +19,31 @@ async def ask(http, gateway, messages, conversation_id=None):
     return stream.events[0].data["conversation_id"], stream.text
 
 
-async def stored(http, gateway, conversation_id):
+async def conversation(http, gateway, conversation_id):
     async with http.get(f"{gateway.base_url}/api/conversations/{conversation_id}") as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def stored(http, gateway, conversation_id):
+    data = await conversation(http, gateway, conversation_id)
+    return [(m["role"], m["content"]) for m in data["messages"]]
+
+
+async def versions(http, gateway, conversation_id):
+    data = await conversation(http, gateway, conversation_id)
+    return [(m["version"], m["versions"]) for m in data["messages"]]
+
+
+async def switch(http, gateway, conversation_id, message_id):
+    async with http.patch(f"{gateway.base_url}/api/conversations/{conversation_id}",
+                          json={"active_message_id": message_id}) as resp:
+        assert resp.status == 200
         data = await resp.json()
     return [(m["role"], m["content"]) for m in data["messages"]]
 
 
-async def test_continue_regenerate_and_edit_keep_one_copy_of_each_message(gateway, http):
+async def test_regenerate_and_edit_add_versions_and_lose_nothing_issue_19(gateway, http):
     a = {"role": "user", "content": "first question"}
     cid, answer = await ask(http, gateway, [a])
     assert await stored(http, gateway, cid) == [("user", a["content"]), ("assistant", answer)]
@@ -38,20 +56,36 @@ async def test_continue_regenerate_and_edit_keep_one_copy_of_each_message(gatewa
         ("user", b["content"]), ("assistant", answer_b),
     ]
 
-    # Regenerate the last answer: same messages again -> the old answer is replaced.
+    # Regenerate the last answer (same messages again): a second version of it, shown.
     _, again = await ask(http, gateway, history, cid)
     assert await stored(http, gateway, cid) == [
         ("user", a["content"]), ("assistant", answer),
         ("user", b["content"]), ("assistant", again),
     ]
+    assert await versions(http, gateway, cid) == [(1, 1), (1, 1), (1, 1), (2, 2)]
+    first_b = (await conversation(http, gateway, cid))["messages"][3]["sibling_ids"][0]
 
-    # Edit the last question and resend: the old question and its answer are replaced.
+    # Edit the last question and resend: a second version of the question, with its answer.
     edited = {"role": "user", "content": "second question, edited"}
     _, answer_e = await ask(http, gateway, [*history[:2], edited], cid)
     assert await stored(http, gateway, cid) == [
         ("user", a["content"]), ("assistant", answer),
         ("user", edited["content"]), ("assistant", answer_e),
     ]
+    assert await versions(http, gateway, cid) == [(1, 1), (1, 1), (2, 2), (1, 1)]
+
+    # Every earlier version is still there: the first answer to the unedited question.
+    assert await switch(http, gateway, cid, first_b) == [
+        ("user", a["content"]), ("assistant", answer),
+        ("user", b["content"]), ("assistant", answer_b),
+    ]
+    assert await versions(http, gateway, cid) == [(1, 1), (1, 1), (1, 2), (1, 2)]
+    # The conversation continues from the branch shown.
+    c = {"role": "user", "content": "third question"}
+    _, answer_c = await ask(http, gateway, [*history, {"role": "assistant", "content": answer_b},
+                                            c], cid)
+    assert [content for _, content in await stored(http, gateway, cid)] == [
+        a["content"], answer, b["content"], answer_b, c["content"], answer_c]
 
 
 async def test_history_disabled_is_a_clear_404(gateway_factory, http):
@@ -138,3 +172,28 @@ async def stored_full(http, gateway, conversation_id):
     async with http.get(f"{gateway.base_url}/api/conversations/{conversation_id}") as resp:
         assert resp.status == 200
         return await resp.json()
+
+
+async def test_a_stopped_answer_stays_a_version_after_a_regenerate_issue_19(gateway, http):
+    question = {"role": "user", "content": "stop this one"}
+    body = {"model": "sim-chat", "messages": [question], "sim": {"tokens_per_s": 50}}
+    async with http.post(gateway.base_url + "/api/chat", json=body) as resp:
+        stream_id = resp.headers["X-Stream-Id"]
+        cid = resp.headers["X-Conversation-Id"]
+        before = await read_stream(resp, stop_after=4)
+        async with http.post(f"{gateway.base_url}/api/streams/{stream_id}/cancel") as c:
+            assert c.status == 202
+        rest = await read_stream(resp)
+    assert rest.events[-1].data["state"] == "cancelled"
+    stopped = "".join(e.data["content"] for e in before.events + rest.events
+                      if e.event == "message")
+
+    _, again = await ask(http, gateway, [question], cid)  # Regenerate
+    data = await conversation(http, gateway, cid)
+    answer = data["messages"][1]
+    assert (answer["content"], answer["state"], answer["version"], answer["versions"]) == (
+        again, "complete", 2, 2)
+    async with http.patch(f"{gateway.base_url}/api/conversations/{cid}",
+                          json={"active_message_id": answer["sibling_ids"][0]}) as resp:
+        first = (await resp.json())["messages"][1]
+    assert (first["content"], first["state"], first["version"]) == (stopped, "cancelled", 1)

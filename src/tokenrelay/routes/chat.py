@@ -42,11 +42,13 @@ def _text(content: Any) -> str:
 async def record_request(request: Request, chat: ChatRequest) -> Turn | None:
     """What the request adds to its stored conversation (None without history).
 
-    The request carries the whole conversation so far. What is stored is kept up to the
-    first difference (so a regenerate or an edit-and-resend replaces the old tail instead
-    of repeating it), then the request's new user messages are added, by the hub, with the
-    answer (:meth:`Store.begin_answer`). A new conversation needs no database round trip
-    here: its id is chosen now and its rows are written with the answer's.
+    The request carries the branch the client shows, ending with the user's message.
+    The stored conversation is a tree: the sent messages are followed down it as far as
+    they match (:meth:`Store.find_continuation`, one read), and the rest starts a new
+    branch there, so a regenerate or an edit-and-resend adds a version of that turn and
+    deletes nothing. The new user messages are added, by the hub, with the answer
+    (:meth:`Store.begin_answer`). A new conversation needs no database round trip here:
+    its id is chosen now and its rows are written with the answer's.
     """
     store = request.app.state.store
     if store is None:
@@ -58,22 +60,14 @@ async def record_request(request: Request, chat: ChatRequest) -> Turn | None:
     if chat.conversation_id is None:
         return Turn(new_sortable_id(), True, title, [c for role, c in said if role == "user"])
     try:
-        conversation_id: str = await store.ensure_conversation(
-            owner, chat.conversation_id, title
-        )
-        found = await store.get_conversation(owner, conversation_id)
-        stored = [(m["role"], m["content"]) for m in (found or {}).get("messages", [])]
-        keep = 0
-        while keep < min(len(stored), len(said)) and stored[keep] == said[keep]:
-            keep += 1
-        if keep < len(stored):
-            await store.truncate_messages(owner, conversation_id, keep)
+        parent, matched = await store.find_continuation(owner, chat.conversation_id, said)
     except TokenRelayError:
         raise
     except Exception as exc:
         log.warning("storing the request failed: %s", type(exc).__name__)
         raise ServiceUnavailable("the database is unavailable; try again shortly") from None
-    return Turn(conversation_id, False, title, [c for role, c in said[keep:] if role == "user"])
+    new = [c for role, c in said[matched:] if role == "user"]
+    return Turn(chat.conversation_id, False, title, new, parent)
 
 
 async def chat(request: Request) -> Any:

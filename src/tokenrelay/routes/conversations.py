@@ -20,6 +20,7 @@ from tokenrelay.validation import read_json_body
 LIST_LIMIT_MAX = 200
 TITLE_MAX = 200
 QUERY_MAX = 200
+MESSAGE_ID_MAX = 100
 
 
 def _store(request: Request) -> Store:
@@ -66,24 +67,47 @@ async def get_conversation(request: Request) -> Response:
     return JSONResponse(found)
 
 
-async def _title_from(request: Request) -> str:
-    data = await read_json_body(request, request.app.state.settings.limits)
+def _title_of(data: object) -> str:
     title = data.get("title") if isinstance(data, dict) else None
     if not isinstance(title, str) or not 1 <= len(title.strip()) <= TITLE_MAX:
         raise BadRequest(f"title must be a string of 1 to {TITLE_MAX} characters")
     return title.strip()
 
 
-async def rename_conversation(request: Request) -> Response:
+def _message_id_of(data: dict[str, object]) -> str:
+    value = data["active_message_id"]
+    if not isinstance(value, str) or not 1 <= len(value) <= MESSAGE_ID_MAX:
+        raise BadRequest(
+            f"active_message_id must be a message id (a string of 1 to {MESSAGE_ID_MAX} "
+            "characters)"
+        )
+    return value
+
+
+async def patch_conversation(request: Request) -> Response:
+    """``{"title": ...}`` renames (answers the summary); ``{"active_message_id": ...}``
+    shows the branch through that message, i.e. switches a turn's version (answers the
+    conversation as GET does). Both are checked before either is applied."""
     conversation_id = request.path_params["conversation_id"]
-    title = await _title_from(request)
+    data = await read_json_body(request, request.app.state.settings.limits)
+    switch = isinstance(data, dict) and "active_message_id" in data
+    message_id = _message_id_of(data) if switch else None
+    title = _title_of(data) if not switch or "title" in data else None
     store, owner = _store(request), owner_of(request)
-    if not await store.rename_conversation(owner, conversation_id, title):
+    if message_id is not None:
+        switched = await store.set_active(owner, conversation_id, message_id)
+        if switched is None:
+            raise _not_found()
+        if not switched:
+            raise BadRequest("message not found in this conversation",
+                             code="message_not_found", status=404)
+    if title is not None and not await store.rename_conversation(owner, conversation_id, title):
         raise _not_found()
     found = await store.get_conversation(owner, conversation_id)
     if found is None:  # deleted between the two calls
         raise _not_found()
-    found.pop("messages")
+    if message_id is None:
+        found.pop("messages")
     return JSONResponse(found)
 
 
@@ -104,7 +128,7 @@ async def stats(request: Request) -> Response:
 routes: list[BaseRoute] = [
     Route("/api/conversations", list_conversations, methods=["GET"]),
     Route("/api/conversations/{conversation_id}", get_conversation, methods=["GET"]),
-    Route("/api/conversations/{conversation_id}", rename_conversation, methods=["PATCH"]),
+    Route("/api/conversations/{conversation_id}", patch_conversation, methods=["PATCH"]),
     Route("/api/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
     Route("/api/stats", stats, methods=["GET"]),
 ]

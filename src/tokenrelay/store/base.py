@@ -34,15 +34,24 @@ class AssistantResult:
     attempts: list[dict[str, Any]] | None = None
 
 
+# Turn.parent_id of a turn that continues the branch shown (message ids are never empty).
+FOLLOW_ACTIVE = ""
+
+
 @dataclass(slots=True, frozen=True)
 class Turn:
     """What a chat request adds to its conversation before the answer: the conversation
-    itself when ``new`` (id chosen by the caller, ``title``), then ``user_messages``."""
+    itself when ``new`` (id chosen by the caller, ``title``), then ``user_messages``,
+    the first following the stored message ``parent_id`` (None: a first message, a new
+    version of the conversation's first turn; ``FOLLOW_ACTIVE``, the default: the last
+    message of the branch shown), each next one the one before, and the answer the last.
+    The answer's branch is then the one shown."""
 
     conversation_id: str
     new: bool
     title: str
     user_messages: Sequence[str] = ()
+    parent_id: str | None = ""  # FOLLOW_ACTIVE
 
 
 class Store(abc.ABC):
@@ -69,8 +78,18 @@ class Store(abc.ABC):
         """Store a user message; returns its id."""
 
     @abc.abstractmethod
-    async def truncate_messages(self, owner: str, conversation_id: str, keep: int) -> int:
-        """Delete the conversation's messages after its first ``keep``; returns the count."""
+    async def find_continuation(
+        self, owner: str, conversation_id: str, said: Sequence[tuple[str, str]]
+    ) -> tuple[str | None, int]:
+        """Where the ``(role, text)`` messages a request sends leave the stored
+        conversation: ``(parent_id, matched)``, the last stored message they follow and
+        how many of them are already stored (one read). A 404 ``BadRequest`` when the
+        conversation is not the owner's."""
+
+    @abc.abstractmethod
+    async def set_active(self, owner: str, conversation_id: str, message_id: str) -> bool | None:
+        """Show the branch through ``message_id`` (down to its newest leaf). None when the
+        conversation is not the owner's, False when the message is not in it."""
 
     @abc.abstractmethod
     async def begin_assistant(
@@ -127,7 +146,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_conversation(self, owner: str, conversation_id: str) -> dict[str, Any] | None:
-        """The conversation with its messages in order, or None."""
+        """The conversation with the messages of the branch shown, in order, or None.
+
+        Each message has ``parent_id`` and its turn's ``version`` (1-based),
+        ``versions`` and ``sibling_ids`` (oldest first)."""
 
     @abc.abstractmethod
     async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> bool:

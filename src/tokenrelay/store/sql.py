@@ -20,6 +20,13 @@ Each assistant message records the ``instance_id`` of the process that streams i
   may mark it interrupted; its :meth:`~SQLStore.finish_assistant` still records the true
   final state.
 
+A conversation's messages form a tree (``messages.parent_id``; migration 0002): the
+children of one message are the versions of the next turn (a regenerate, an
+edit-and-resend), and ``conversations.active_id`` is the last message of the branch shown.
+:meth:`SQLStore.get_conversation` returns that branch, :meth:`SQLStore.find_continuation`
+says where a chat request's messages leave it (store/tree.py), and nothing but deleting
+the conversation ever deletes a message.
+
 When the database is unreachable every method raises
 :class:`~tokenrelay.errors.ServiceUnavailable` quickly (short connect timeout), and the
 pool (``pool_pre_ping``) reconnects by itself once the database is back.
@@ -70,8 +77,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.types import TypeDecorator
 
 from tokenrelay.errors import BadRequest, ConfigError, ServiceUnavailable, TokenRelayError
-from tokenrelay.store.base import AssistantResult, Store, Turn
+from tokenrelay.store.base import FOLLOW_ACTIVE, AssistantResult, Store, Turn
 from tokenrelay.store.sqlitefast import SQLiteRows
+from tokenrelay.store.tree import Tree
 from tokenrelay.store.writer import Writer
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -112,6 +120,7 @@ conversations = Table(
     Column("last_seq", Integer, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("active_id", String, nullable=True),  # the last message of the branch shown
     Index("ix_conversations_owner_updated", "owner", "updated_at"),
 )
 
@@ -147,6 +156,7 @@ messages = Table(
     Column("instance_id", String, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("parent_id", String, nullable=True),  # the message it follows (store/tree.py)
     UniqueConstraint("conversation_id", "seq", name="uq_messages_conversation_seq"),
     Index("ix_messages_state_updated", "state", "updated_at"),
     Index("ix_messages_model_created", "model_used", "created_at"),
@@ -267,6 +277,7 @@ def _message_dict(row: Any) -> dict[str, Any]:
         "attempts": row.attempts,
         "stream_id": row.stream_id,
         "created_at": iso(row.created_at),
+        "parent_id": row.parent_id,
     }
 
 
@@ -287,6 +298,19 @@ def _not_found() -> BadRequest:
     return BadRequest("conversation not found", code="conversation_not_found", status=404)
 
 
+# Marks an append whose first row follows the conversation's active message.
+_ACTIVE = object()
+
+
+async def _tree(conn: AsyncConnection, conversation_id: str) -> Tree:
+    """The conversation's messages as a tree (only what matching and branches need)."""
+    rows = await conn.execute(
+        select(messages.c.id, messages.c.parent_id, messages.c.seq, messages.c.role,
+               messages.c.content).where(messages.c.conversation_id == conversation_id)
+    )
+    return Tree(row._asdict() for row in rows)
+
+
 _MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("owner", "instance_id")]
 
 # The writer's statements, by rank (see store/writer.py: rows of a batch run rank by rank,
@@ -295,13 +319,14 @@ R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP = range(6)
 _MESSAGE_INSERT = (
     "id", "conversation_id", "owner", "seq", "role", "content", "reasoning", "state",
     "model_requested", "stream_id", "instance_id", "usage_estimated", "created_at",
-    "updated_at",
+    "updated_at", "parent_id",
 )
 # Every field of AssistantResult is a column of messages (finish_assistant stores them all).
 _RESULT_FIELDS = tuple(f.name for f in fields(AssistantResult))
 # An answer that ends while its start is still held (SQLStore.hold_s): inserted finished.
 _ANSWERED_INSERT = ("id", "conversation_id", "owner", "seq", "role", "model_requested",
-                    "stream_id", "instance_id", "created_at", "updated_at", *_RESULT_FIELDS)
+                    "stream_id", "instance_id", "created_at", "updated_at", *_RESULT_FIELDS,
+                    "parent_id")
 
 
 def _statements(dialect: str) -> list[str]:
@@ -309,8 +334,8 @@ def _statements(dialect: str) -> list[str]:
         return ", ".join("?" * n)
 
     sql = [
-        "INSERT INTO conversations (id, owner, title, last_seq, created_at, updated_at) "
-        f"VALUES ({values(6)})",
+        "INSERT INTO conversations (id, owner, title, last_seq, created_at, updated_at, "
+        f"active_id) VALUES ({values(7)})",
         f"INSERT INTO messages ({', '.join(_MESSAGE_INSERT)}) "
         f"VALUES ({values(len(_MESSAGE_INSERT))})",
         f"INSERT INTO messages ({', '.join(_ANSWERED_INSERT)}) "
@@ -364,6 +389,18 @@ def _raise_unavailable(exc: Exception) -> None:
         return
     if isinstance(exc, OSError | TimeoutError):
         raise ServiceUnavailable("database unavailable") from exc
+
+
+class _Row:
+    """Attribute access to a row read as a dict (for :func:`_message_dict`)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Any) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        return self._data[name]
 
 
 def _rowcount(statement: Any) -> Callable[[AsyncConnection], Awaitable[int]]:
@@ -650,7 +687,7 @@ class SQLStore(Store):
     ) -> tuple[Any, ...]:
         instance = self.instance_id if role == "assistant" else None
         return (message_id, conversation_id, owner, seq, role, content, "", state,
-                model_requested, stream_id, instance, False, ts, ts)
+                model_requested, stream_id, instance, False, ts, ts, None)
 
     def _assistant_row(
         self, owner: str, conversation_id: str, message_id: str, seq: int, ts: Any,
@@ -660,24 +697,34 @@ class SQLStore(Store):
                                  state="streaming", model_requested=model_requested,
                                  stream_id=stream_id)
 
-    def _append(self, owner: str, conversation_id: str,
-                rows: list[tuple[Any, ...]]) -> Callable[[AsyncConnection], Awaitable[None]]:
+    def _append(self, owner: str, conversation_id: str, rows: list[tuple[Any, ...]],
+                parent: Any = _ACTIVE) -> Callable[[AsyncConnection], Awaitable[None]]:
         """A writer function: take the next ``len(rows)`` positions of the conversation
-        (owner-checked: 404 otherwise) and insert ``rows`` there (their ``seq`` is set)."""
+        (owner-checked: 404 otherwise) and insert ``rows`` there (their ``seq`` is set),
+        each following the one before, the first following ``parent`` (by default the
+        conversation's active message); the last becomes the active message."""
         writer = self.writer
+        owned = (conversations.c.id == conversation_id, conversations.c.owner == owner)
 
         async def append(conn: AsyncConnection) -> None:
             now = utcnow()
+            after = parent
+            if after is _ACTIVE:
+                after = await conn.scalar(select(conversations.c.active_id).where(*owned))
             last = await conn.scalar(
                 update(conversations)
-                .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
-                .values(last_seq=conversations.c.last_seq + len(rows), updated_at=now)
+                .where(*owned)
+                .values(last_seq=conversations.c.last_seq + len(rows), updated_at=now,
+                        active_id=rows[-1][0])
                 .returning(conversations.c.last_seq)
             )
             if last is None:
                 raise _not_found()
             first = int(last) - len(rows) + 1
-            placed = [(*row[:3], first + i, *row[4:]) for i, row in enumerate(rows)]
+            placed = []
+            for i, row in enumerate(rows):
+                placed.append((*row[:3], first + i, *row[4:-1], after))
+                after = row[0]
             await conn.exec_driver_sql(writer.statements[R_MESSAGE], placed)
 
         return append
@@ -688,7 +735,7 @@ class SQLStore(Store):
         if conversation_id is None:
             conversation_id = new_id()
             ts = self._ts(utcnow())
-            row = (conversation_id, owner, _clean_title(title), 0, ts, ts)
+            row = (conversation_id, owner, _clean_title(title), 0, ts, ts, None)
             await self.writer.submit([(R_CONVERSATION, row)])
             return conversation_id
         await self.writer.flush()
@@ -738,8 +785,13 @@ class SQLStore(Store):
         rows.append(self._assistant_row(owner, cid, message_id, 0, ts, stream_id,
                                         model_requested))
         if turn.new:
-            conversation = (cid, owner, _clean_title(turn.title), len(rows), ts, ts)
-            placed = [(*row[:3], seq, *row[4:]) for seq, row in enumerate(rows, 1)]
+            # The active branch ends at the answer; each message follows the one before.
+            conversation = (cid, owner, _clean_title(turn.title), len(rows), ts, ts, message_id)
+            placed = []
+            parent = None
+            for seq, row in enumerate(rows, 1):
+                placed.append((*row[:3], seq, *row[4:-1], parent))
+                parent = row[0]
             held = _Held(conversation, placed)
             writer = self.writer
             if writer.down:
@@ -756,7 +808,8 @@ class SQLStore(Store):
                 self._release = loop.call_later(self.hold_s, self._release_held)
             return
         writer = self.writer
-        append = self._append(owner, cid, rows)
+        parent = _ACTIVE if turn.parent_id == FOLLOW_ACTIVE else turn.parent_id
+        append = self._append(owner, cid, rows, parent)
         if writer.down:
             await writer.submit(fn=append)
         else:
@@ -779,15 +832,65 @@ class SQLStore(Store):
         if held is not None:
             *asked, answer = held.rows
             c = held.conversation
-            parts = [(R_CONVERSATION, (*c[:5], ts)), *((R_MESSAGE, row) for row in asked)]
+            parts = [(R_CONVERSATION, (*c[:5], ts, c[6])), *((R_MESSAGE, row) for row in asked)]
             # answer: id, conversation, owner, seq, role, ..., model_requested, stream_id,
-            # instance_id, usage_estimated, created_at (see _MESSAGE_INSERT)
-            parts.append((R_ANSWERED, (*answer[:5], *answer[8:11], answer[12], ts, *values)))
+            # instance_id, usage_estimated, created_at, updated_at, parent_id (see
+            # _MESSAGE_INSERT)
+            parts.append((R_ANSWERED, (*answer[:5], *answer[8:11], answer[12], ts, *values,
+                                       answer[14])))
             await self._writer_now().submit(parts, retry=True)
             return
         await self.writer.submit(
             [(R_FINISH, (*values, ts, message_id)), (R_BUMP, (ts, message_id))], retry=True
         )
+
+    async def set_active(self, owner: str, conversation_id: str, message_id: str) -> bool | None:
+        """Show the branch through ``message_id`` (down to its newest leaf).
+
+        None when the conversation is not the owner's, False when the message is not
+        one of its messages."""
+
+        async def switch(conn: AsyncConnection) -> bool | None:
+            owned = (conversations.c.id == conversation_id, conversations.c.owner == owner)
+            if await conn.scalar(select(conversations.c.id).where(*owned)) is None:
+                return None
+            tree = await _tree(conn, conversation_id)
+            if message_id not in tree.by_id:
+                return False
+            await conn.execute(
+                update(conversations).where(*owned).values(active_id=tree.leaf_from(message_id))
+            )
+            return True
+
+        result: bool | None = await self.writer.submit(fn=switch)
+        return result
+
+    async def find_continuation(
+        self, owner: str, conversation_id: str, said: Sequence[tuple[str, str]]
+    ) -> tuple[str | None, int]:
+        """Where a request's messages leave the stored conversation (one read; see
+        :meth:`Tree.continuation`). Raises a 404 ``BadRequest`` when it is not the owner's."""
+        await self.writer.flush()
+        # One statement: the conversation (owner-checked) joined to its messages' tree
+        # columns; a conversation without messages is one row of NULLs.
+        tree_columns = (messages.c.id, messages.c.parent_id, messages.c.seq, messages.c.role,
+                        messages.c.content)
+        statement = (
+            select(conversations.c.active_id, *tree_columns)
+            .select_from(conversations.outerjoin(
+                messages, messages.c.conversation_id == conversations.c.id))
+            .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+        )
+        async with self._begin() as conn:
+            rows = (await conn.execute(statement)).all()
+        if not rows:
+            raise _not_found()
+        nodes = [
+            {"id": r.id, "parent_id": r.parent_id, "seq": r.seq, "role": r.role,
+             "content": r.content}
+            for r in rows if r.id is not None
+        ]
+        return Tree(nodes).continuation(rows[0].active_id, said)
 
     async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> bool:
         """Set the title (stripped, ≤ 200 chars); does not change ``updated_at``."""
@@ -804,33 +907,6 @@ class SQLStore(Store):
             conversations.c.id == conversation_id, conversations.c.owner == owner
         )
         return bool(await self.writer.submit(fn=_rowcount(statement)))
-
-    async def truncate_messages(self, owner: str, conversation_id: str, keep: int) -> int:
-        """Delete every message of the conversation after its first ``keep``; returns how
-        many were deleted (regenerate and edit-and-resend replace the tail)."""
-
-        async def truncate(conn: AsyncConnection) -> int:
-            seqs = await conn.scalars(
-                select(messages.c.seq)
-                .where(messages.c.conversation_id == conversation_id,
-                       messages.c.owner == owner)
-                .order_by(messages.c.seq)
-                .offset(max(0, keep))
-                .limit(1)
-            )
-            first = seqs.first()
-            if first is None:
-                return 0
-            result = await conn.execute(
-                delete(messages).where(
-                    messages.c.conversation_id == conversation_id,
-                    messages.c.owner == owner,
-                    messages.c.seq >= first,
-                )
-            )
-            return int(result.rowcount or 0)
-
-        return int(await self.writer.submit(fn=truncate))
 
     # -- reads ------------------------------------------------------------------------
 
@@ -871,11 +947,15 @@ class SQLStore(Store):
             if row is None:
                 return None
             found = await conn.execute(
-                select(*_MESSAGE_COLUMNS)
-                .where(messages.c.conversation_id == conversation_id)
-                .order_by(messages.c.seq)
+                select(*_MESSAGE_COLUMNS).where(messages.c.conversation_id == conversation_id)
             )
-            return {**_summary(row), "messages": [_message_dict(m) for m in found]}
+            tree = Tree(m._asdict() for m in found)
+        # The branch shown, each message with its turn's versions (store/tree.py).
+        shown = [
+            {**_message_dict(_Row(node)), **tree.versions(node)}
+            for node in tree.branch(row.active_id)
+        ]
+        return {**_summary(row), "messages": shown}
 
     async def get_message(self, owner: str, message_id: str) -> dict[str, Any] | None:
         """One message (as in :meth:`get_conversation`, plus ``conversation_id``), or None.

@@ -106,6 +106,14 @@ export class Api {
     return this.json(`/api/conversations/${encodeURIComponent(id)}`, { method: "PATCH", body: { title } });
   }
 
+  /** Show the branch through `messageId` (a version of its turn); the conversation back. */
+  switchVersion(id, messageId) {
+    return this.json(`/api/conversations/${encodeURIComponent(id)}`, {
+      method: "PATCH",
+      body: { active_message_id: messageId },
+    });
+  }
+
   deleteConversation(id) {
     return this.json(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
   }

@@ -8,12 +8,12 @@
 
 import { Api, ApiError } from "./api.js";
 import { download, fileName, toJSON, toMarkdown } from "./export.js";
-import { LocalHistory, newConversationId, openHistory } from "./history.js";
+import { LocalHistory, adoptVariants, branchAt, newConversationId, openHistory, switchLocal } from "./history.js";
 import { Renderer } from "./markdown.js";
 import { AnswerRun, isFinal, newAnswer } from "./run.js";
 import { SharedStreams } from "./shared.js";
 import { applyTheme, savedTheme, setTheme } from "./theme.js";
-import { AssistantView, UserView, waitingMs } from "./views.js";
+import { AssistantView, UserView, versionOf, waitingMs } from "./views.js";
 
 const ACTIVE_KEY = "tokenrelay.active"; // sessionStorage: the answer in progress
 const CURRENT_KEY = "tokenrelay.current"; // sessionStorage: the open conversation
@@ -73,6 +73,7 @@ class App {
     this.snapshotTimer = null;
     this.ticker = null;
     this.editing = null;
+    this.switching = false; // a version switch is on its way to the server
     this.mobile = window.matchMedia(MOBILE);
     this.ready = false;
     this.query = ""; // the history search
@@ -444,7 +445,8 @@ class App {
 
   // ------------------------------------------------------------------ conversation on screen
 
-  show(conv) {
+  show(conv, keepScroll = false) {
+    const top = this.dom.messages.scrollTop;
     this.cancelEdit();
     this.conv = conv;
     this.views = new WeakMap();
@@ -469,7 +471,13 @@ class App {
     }
     this.markCurrent();
     this.updateComposer();
-    this.scrollToBottom();
+    if (!keepScroll) {
+      this.scrollToBottom();
+      return;
+    }
+    this.dom.messages.scrollTop = top; // switching versions: the control stays in place
+    this.follow = this.isNearBottom();
+    this.updateJump();
   }
 
   viewFor(msg) {
@@ -525,14 +533,19 @@ class App {
     this.ask();
   }
 
-  /** Start an answer to the conversation as it stands (ends with the user's message). */
-  ask() {
+  /**
+   * Start an answer to the conversation as it stands (ends with the user's message).
+   * `variants`: the earlier versions of this answer's turn (a regenerate), kept in the
+   * browser when history is; the server keeps its own.
+   */
+  ask(variants = null) {
     const conv = this.conv;
     const history = conv.messages
       .filter((m) => m.role === "user" || (m.role === "assistant" && m.content))
       .map((m) => ({ role: m.role, content: m.content }));
     const model = this.currentModel();
     const msg = newAnswer(model);
+    if (variants && !this.history.server) adoptVariants(msg, variants);
     conv.messages.push(msg);
     this.append(msg);
     const request = { messages: history, model };
@@ -599,6 +612,29 @@ class App {
       interrupted: `Interrupted: ${msg.error ? msg.error.message : "the answer was cut off."}`,
     }[msg.state];
     this.announce(said || "");
+    if (this.history.server && conv && conv.id) this.refreshVersions(conv);
+  }
+
+  /**
+   * After an answer, the server's ids and versions of the messages shown (a regenerate or
+   * an edit made a new version: "‹ 2 / 2 ›"), merged into the messages on screen.
+   */
+  async refreshVersions(conv) {
+    let fresh = null;
+    try {
+      fresh = await this.history.get(conv.id);
+    } catch {
+      return; // the versions show on the next load
+    }
+    if (!fresh || this.conv !== conv) return;
+    const shown = conv.messages;
+    for (let i = 0; i < Math.min(shown.length, fresh.messages.length); i++) {
+      const m = fresh.messages[i];
+      if (m.role !== shown[i].role) break;
+      const { id, parent_id, version, versions, sibling_ids } = m;
+      Object.assign(shown[i], { id, parent_id, version, versions, sibling_ids });
+    }
+    this.updateComposer();
   }
 
   tick() {
@@ -650,6 +686,42 @@ class App {
     if (target.classList.contains("copy-btn")) this.copy(msg.content, target);
     else if (target.classList.contains("regen-btn") || target.classList.contains("retry-btn")) this.regenerate(msg);
     else if (target.classList.contains("edit-btn")) this.startEdit(msg);
+    else if (target.classList.contains("ver-prev")) this.switchVersion(msg, -1);
+    else if (target.classList.contains("ver-next")) this.switchVersion(msg, 1);
+  }
+
+  /** Show the previous (-1) or next (+1) version of a message's turn. */
+  async switchVersion(msg, delta) {
+    const conv = this.conv;
+    if (this.run || !conv || this.editing || this.switching) return;
+    const i = conv.messages.indexOf(msg);
+    if (i < 0) return;
+    let next = conv;
+    if (this.history.server) {
+      this.switching = true;
+      try {
+        next = await this.history.switchVersion(conv, msg, delta);
+      } catch (err) {
+        this.announce(`Could not show that version: ${err.message}`);
+        return;
+      } finally {
+        this.switching = false;
+      }
+      if (!next || this.conv !== conv || this.run) return;
+    } else {
+      if (!switchLocal(conv, i, delta)) return;
+      this.history.save(conv);
+    }
+    this.show(next, true);
+    const shown = next.messages[i];
+    const view = shown && this.views.get(shown);
+    if (!view) return;
+    // Focus stays on the arrow pressed, or its twin once the end is reached.
+    const same = view.el.querySelector(delta < 0 ? ".ver-prev" : ".ver-next");
+    const other = view.el.querySelector(delta < 0 ? ".ver-next" : ".ver-prev");
+    (same && !same.disabled ? same : other)?.focus({ preventScroll: true });
+    const { version, versions } = versionOf(shown);
+    this.announce(`Version ${version} of ${versions}`);
   }
 
   async copy(text, button) {
@@ -669,9 +741,10 @@ class App {
     if (this.run || !conv) return;
     const i = conv.messages.indexOf(msg);
     if (i < 0 || i !== conv.messages.length - 1) return;
-    conv.messages.splice(i, 1);
-    this.views.get(msg)?.el.remove();
-    this.ask();
+    // The answer shown becomes an earlier version (kept: here, or by the server).
+    const { tail, variants } = branchAt(conv, i);
+    for (const old of tail) this.views.get(old)?.el.remove();
+    this.ask(variants);
     this.dom.stop.focus(); // the button pressed is gone with its answer
   }
 
@@ -743,8 +816,11 @@ class App {
     this.editing = null;
     const i = conv.messages.indexOf(editing.msg);
     if (i < 0) return;
-    for (const later of conv.messages.splice(i)) this.views.get(later)?.el.remove();
+    // The question and what followed it become an earlier version of this turn.
+    const { tail, variants } = branchAt(conv, i);
+    for (const later of tail) this.views.get(later)?.el.remove();
     const user = { role: "user", content: text };
+    if (!this.history.server) adoptVariants(user, variants);
     conv.messages.push(user);
     this.append(user);
     this.dom.input.focus();
@@ -775,6 +851,7 @@ class App {
     for (const msg of msgs) {
       const view = this.views.get(msg);
       if (!view) continue;
+      view.renderVersions(busy || Boolean(this.editing));
       if (view instanceof UserView) view.setEditable(!busy && !this.editing && msg === lastUser);
       else {
         const can = !busy && msg === msgs[msgs.length - 1];

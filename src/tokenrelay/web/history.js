@@ -101,18 +101,19 @@ export class ServerHistory {
 
   async get(id) {
     try {
-      const data = await this.api.conversation(id);
-      return {
-        id: data.id,
-        title: data.title || "New chat",
-        created_at: data.created_at,
-        updated_at: data.updated_at,
-        messages: (data.messages || []).map(fromServer),
-      };
+      return fromServerConversation(await this.api.conversation(id));
     } catch (err) {
       if (err instanceof ApiError && err.status === 404) return null;
       throw err;
     }
+  }
+
+  /** Show another version of a turn: the branch through `messageId`. */
+  async switchVersion(conv, msg, delta) {
+    const ids = Array.isArray(msg.sibling_ids) ? msg.sibling_ids : [];
+    const target = ids[(msg.version || 1) - 1 + delta];
+    if (!target || !conv.id) return null;
+    return fromServerConversation(await this.api.switchVersion(conv.id, target));
   }
 
   async save() {
@@ -139,7 +140,69 @@ export async function openHistory(api, advertised) {
   }
 }
 
+function fromServerConversation(data) {
+  return {
+    id: data.id,
+    title: data.title || "New chat",
+    created_at: data.created_at,
+    updated_at: data.updated_at,
+    messages: (data.messages || []).map(fromServer),
+  };
+}
+
+// ------------------------------------------------------------------ versions in this browser
+//
+// A message of a browser-local conversation may keep `variants`: the branches of its turn
+// (each the list of messages from that turn to the end), with null in the slot of the
+// branch shown, which is conv.messages from that message on. Only the message shown at a
+// turn holds them, so nothing is cyclic and the whole conversation is plain JSON.
+
+/**
+ * Make room for a new version of the turn at `i` (a regenerate or an edit): the shown
+ * branch from `i` is kept as a variant and removed from conv.messages (returned). The
+ * caller pushes the new message and passes it to `adoptVariants`.
+ */
+export function branchAt(conv, i) {
+  const tail = conv.messages.splice(i);
+  const first = tail[0];
+  const variants = first && Array.isArray(first.variants) ? first.variants.slice() : [null];
+  if (first) delete first.variants;
+  variants[variants.indexOf(null)] = tail;
+  variants.push(null);
+  return { tail, variants };
+}
+
+export function adoptVariants(msg, variants) {
+  if (variants.length > 1) msg.variants = variants;
+}
+
+/** Show the branch `delta` versions away at turn `i`; false when there is none. */
+export function switchLocal(conv, i, delta) {
+  const msg = conv.messages[i];
+  const variants = msg && Array.isArray(msg.variants) ? msg.variants : null;
+  const from = variants ? variants.indexOf(null) : -1;
+  const to = from + delta;
+  if (!variants || from < 0 || to < 0 || to >= variants.length) return false;
+  const next = variants.slice();
+  const tail = conv.messages.splice(i);
+  delete msg.variants;
+  next[from] = tail;
+  const shown = next[to];
+  next[to] = null;
+  shown[0].variants = next;
+  conv.messages.push(...shown);
+  return true;
+}
+
 function storable(msg) {
+  const out = storableOne(msg);
+  if (Array.isArray(msg.variants)) {
+    out.variants = msg.variants.map((tail) => (tail ? tail.map(storable) : null));
+  }
+  return out;
+}
+
+function storableOne(msg) {
   if (msg.role !== "assistant") return { role: msg.role, content: msg.content };
   const out = {};
   for (const key of ["role", "content", "reasoning", "tool_calls", "state", "model", "stream_id",
@@ -155,6 +218,10 @@ function fromServer(m) {
     id: m.id,
     role: m.role,
     content: typeof m.content === "string" ? m.content : "",
+    parent_id: m.parent_id ?? null,
+    version: m.version || 1,
+    versions: m.versions || 1,
+    sibling_ids: Array.isArray(m.sibling_ids) ? m.sibling_ids : [m.id],
   };
   if (m.role !== "assistant") return msg;
   const toolCalls = Array.isArray(m.tool_calls) ? m.tool_calls : [];

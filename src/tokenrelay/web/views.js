@@ -62,6 +62,38 @@ function estimateTokens(msg) {
   return Math.max(msg.deltas || 0, Math.round((msg.content.length + msg.reasoning.length) / 4));
 }
 
+/**
+ * Which version of its turn a message is: {version (1-based), versions}. From the server
+ * (version, versions) or, in browser-local history, from the message's `variants` (the
+ * other branches of that turn, with null in the slot of the one shown).
+ */
+export function versionOf(msg) {
+  if (Array.isArray(msg.variants) && msg.variants.length > 1) {
+    return { version: msg.variants.indexOf(null) + 1, versions: msg.variants.length };
+  }
+  return { version: msg.version || 1, versions: msg.versions || 1 };
+}
+
+/** The "‹ 2 / 3 ›" control of a message with versions (buttons disabled at the ends). */
+class Versions {
+  constructor(el) {
+    this.el = el.querySelector(".versions");
+    this.prev = this.el.querySelector(".ver-prev");
+    this.next = this.el.querySelector(".ver-next");
+    this.label = this.el.querySelector(".ver-label");
+  }
+
+  render(msg, locked) {
+    const { version, versions } = versionOf(msg);
+    show(this.el, versions > 1);
+    if (versions <= 1) return;
+    setText(this.label, `${version} / ${versions}`);
+    this.el.setAttribute("aria-label", `Version ${version} of ${versions}`);
+    this.prev.disabled = locked || version <= 1;
+    this.next.disabled = locked || version >= versions;
+  }
+}
+
 export class UserView {
   constructor(msg) {
     this.msg = msg;
@@ -69,11 +101,18 @@ export class UserView {
     this.el.tokenrelay = msg;
     this.bubble = this.el.querySelector(".bubble");
     this.editBtn = this.el.querySelector(".edit-btn");
+    this.versions = new Versions(this.el);
     this.bubble.textContent = msg.content;
+    this.versions.render(msg, false);
   }
 
   setEditable(editable) {
     show(this.editBtn, editable);
+  }
+
+  /** `locked` while an answer streams: switching versions then would pull the rug. */
+  renderVersions(locked) {
+    this.versions.render(this.msg, locked);
   }
 }
 
@@ -100,6 +139,8 @@ export class AssistantView {
     this.stats = q(".stats");
     this.copyBtn = q(".copy-btn");
     this.regenBtn = q(".regen-btn");
+    this.versions = new Versions(el);
+    this.versionsLocked = false;
     this.md = new MarkdownView(renderer, q(".md"));
     this.pending = false;
     this.toolsKey = "";
@@ -160,7 +201,13 @@ export class AssistantView {
     this.renderStats(final);
     show(this.copyBtn, final && Boolean(msg.content));
     show(this.regenBtn, final && this.canRegenerate && !err);
+    this.versions.render(msg, this.versionsLocked);
     if (this.afterRender) this.afterRender(this);
+  }
+
+  renderVersions(locked) {
+    this.versionsLocked = locked;
+    this.versions.render(this.msg, locked);
   }
 
   /** The dots before any text, and "waiting for the model · 12 s" through any long silence. */
