@@ -28,6 +28,7 @@ services:
 
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 test: setup system-deps services lint
 	$(BIN)/pytest -n 2 --dist loadgroup

@@ -279,6 +279,7 @@ class CuttingRelay:
         self.writers: list[asyncio.StreamWriter] = []
         self.response_bytes = 0
         self.grew = asyncio.Event()
+        self.refuse = 0  # connections still to close at once (a gateway that is down)
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -295,6 +296,10 @@ class CuttingRelay:
         writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.writers += [writer, up_writer]
         await asyncio.gather(self._pipe(reader, up_writer, False),
@@ -311,9 +316,9 @@ class CuttingRelay:
         await self.server.wait_closed()
 
 
-async def test_a_dropped_connection_resumes_with_last_event_id_without_duplicates(
-    gateway: str,
-) -> None:
+async def _chat_through_a_cut(gateway: str, refuse: int) -> tuple[int | None, bytes, bytes]:
+    """``tokenrelay chat`` through a relay that cuts the connection mid-answer and then
+    refuses the next ``refuse`` connections: exit status, stdout, stderr."""
     relay = CuttingRelay(int(gateway.rsplit(":", 1)[1]))
     port = await relay.start()
     try:
@@ -324,14 +329,34 @@ async def test_a_dropped_connection_resumes_with_last_event_id_without_duplicate
         while relay.response_bytes < 4000:  # well into the answer (~5 s of text in all)
             relay.grew.clear()
             await asyncio.wait_for(relay.grew.wait(), TIMEOUT)
+        relay.refuse = refuse
         relay.cut()
         out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     finally:
         await relay.aclose()
-    assert proc.returncode == 0, err
+    assert relay.refuse == 0  # every refusal was met by a resume attempt
+    return proc.returncode, out, err
+
+
+async def test_a_dropped_connection_resumes_with_last_event_id_without_duplicates(
+    gateway: str,
+) -> None:
+    returncode, out, err = await _chat_through_a_cut(gateway, refuse=0)
+    assert returncode == 0, err
     expected = "".join(build_text("sim-chat", [{"role": "user", "content": "resume me"}]))
     assert out.decode() == expected + "\n"
     assert "[connection lost: resuming after event" in err.decode()
+    assert "[complete · sim-chat" in err.decode()
+
+
+async def test_a_resume_that_finds_the_gateway_down_is_tried_again_after_a_longer_wait(
+    gateway: str,
+) -> None:
+    returncode, out, err = await _chat_through_a_cut(gateway, refuse=2)
+    assert returncode == 0, err
+    expected = "".join(build_text("sim-chat", [{"role": "user", "content": "resume me"}]))
+    assert out.decode() == expected + "\n"
+    assert err.decode().count("[connection lost: resuming after event") == 1
     assert "[complete · sim-chat" in err.decode()
 
 

@@ -1,11 +1,16 @@
 """tokenrelay: a resumable streaming gateway and web chat for OpenAI-compatible LLM APIs."""
 
+from typing import TYPE_CHECKING
+
 from tokenrelay.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 __version__ = "0.1.0"
 
 
-def create_app(settings: Settings | None = None):  # type: ignore[no-untyped-def]
+def create_app(settings: Settings | None = None) -> "Starlette":
     """Build the ASGI application (imported lazily so ``import tokenrelay`` stays light)."""
     from tokenrelay.app import create_app as _create_app
 

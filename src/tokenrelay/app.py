@@ -291,7 +291,7 @@ class TokenRelayApp(Starlette):
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the tokenrelay ASGI app. Settings default to :func:`load_settings`."""
     settings = settings or load_settings()
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/", index, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

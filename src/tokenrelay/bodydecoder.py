@@ -246,7 +246,7 @@ class BodyDecoder:
         if text:
             self.chunks.content_chunks += count
             if out and type(last := out[-1]) is kind:
-                last.text += text  # type: ignore[union-attr]
+                last.text += text
             else:
                 out.append(kind(text))
 
@@ -295,15 +295,15 @@ def _template(
     out: list[Event] = []
     try:
         probe.feed(prefix + _PROBE + suffix, out)
+        first = out[0] if len(out) == 1 else None
         if (
-            len(out) != 1
-            or type(out[0]) not in (TextDelta, ReasoningDelta)
-            or out[0].text != _PROBE_TEXT  # type: ignore[union-attr]
+            not isinstance(first, (TextDelta, ReasoningDelta))  # neither has a subclass
+            or first.text != _PROBE_TEXT
             or probe.content_chunks != 1
             or probe.done
         ):
             return None
-        kind: type[TextDelta | ReasoningDelta] = type(out[0])  # type: ignore[assignment]
+        kind: type[TextDelta | ReasoningDelta] = type(first)
         out = []
         probe.feed(prefix + suffix, out)
     except UpstreamError:

@@ -87,8 +87,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from tokenrelay.app import announce_providers
 
         asyncio.run(announce_providers(settings))  # once, not per worker
+        # uvicorn annotates the timeout int, but hands it to asyncio.timeout: a float works.
         uvicorn.run("tokenrelay.app:create_app", factory=True, workers=args.workers,
-                    timeout_graceful_shutdown=settings.drain_s, **kwargs)
+                    timeout_graceful_shutdown=settings.drain_s,  # type: ignore[arg-type]
+                    **kwargs)
     else:
         from tokenrelay.app import create_app
 

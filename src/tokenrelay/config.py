@@ -470,7 +470,7 @@ def _parse_models(raw: Any, providers: Mapping[str, Provider]) -> dict[str, Mode
         if not isinstance(table, dict):
             raise ConfigError(f"Config '{where}' must be a table.")
         provider = table.get("provider")
-        if provider not in providers:
+        if not isinstance(provider, str) or provider not in providers:
             raise ConfigError(f"Config '{where}.provider' names unknown provider {provider!r}.")
         fallbacks = table.get("fallbacks", [])
         if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):

@@ -260,21 +260,23 @@ def openai_error_type(status: int) -> str:
 
 def openai_error_body(
     message: str, code: str, status: int, param: str | None = None
-) -> dict[str, object]:
+) -> dict[str, dict[str, object]]:
     """``{"error": {"message", "type", "param", "code"}}``: tokenrelay's own code stays in
     ``code``, so a client can tell ``rate_limited`` (ours) from ``upstream_rate_limited``."""
     return {"error": {"message": message, "type": openai_error_type(status), "param": param,
                       "code": code}}
 
 
-def openai_error(exc: TokenRelayError, status: int | None = None) -> dict[str, object]:
+def openai_error(
+    exc: TokenRelayError, status: int | None = None
+) -> dict[str, dict[str, object]]:
     """``exc`` as OpenAI's error body; ``status`` when the answer's differs from ``exc``'s.
     Data an error adds to tokenrelay's shape (a rate limit's ``limit`` and ``retry_after``)
     is kept beside OpenAI's four keys."""
     body = openai_error_body(exc.message, exc.code, status or exc.status, exc.param)
     extra = {k: v for k, v in exc.to_dict().items() if k not in _OURS}
     if extra:
-        body["error"].update(extra)  # type: ignore[attr-defined]
+        body["error"].update(extra)
     return body
 
 

@@ -260,22 +260,21 @@ class Generation:
         frames: list[bytes] = []
         seq = self.seq
         for item in batch:
-            kind = type(item)
-            if kind is ev.TextDelta:
+            if type(item) is ev.TextDelta:
                 seq += 1
-                frames.append(ev.text_frame(seq, item.text))  # type: ignore[union-attr]
-                self.text.append(item.text)  # type: ignore[union-attr]
-            elif kind is ev.ReasoningDelta:
+                frames.append(ev.text_frame(seq, item.text))
+                self.text.append(item.text)
+            elif type(item) is ev.ReasoningDelta:
                 seq += 1
-                frames.append(ev.frame(seq, ev.REASONING, ev.dumps({"reasoning": item.text})))  # type: ignore[union-attr]
-                self.reasoning.append(item.text)  # type: ignore[union-attr]
-            elif kind is ev.ToolCallDelta:
+                frames.append(ev.frame(seq, ev.REASONING, ev.dumps({"reasoning": item.text})))
+                self.reasoning.append(item.text)
+            elif type(item) is ev.ToolCallDelta:
                 seq += 1
-                frames.append(self._tool_frame(seq, item))  # type: ignore[arg-type]
-            elif kind is ev.Usage:
-                self.usage = item  # type: ignore[assignment]
-            elif kind is ev.Finish:
-                self.finish_reason = item.reason  # type: ignore[union-attr]
+                frames.append(self._tool_frame(seq, item))
+            elif type(item) is ev.Usage:
+                self.usage = item
+            elif type(item) is ev.Finish:
+                self.finish_reason = item.reason
         if frames:
             now = time.monotonic()
             if self.first_token_at is None:

@@ -47,7 +47,7 @@ import ssl
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -203,10 +203,10 @@ class _Deflate:
             wrapped = cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0  # a zlib header
             self._obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
             self._head = b""
-        return self._obj.decompress(data)  # type: ignore[no-any-return]
+        return self._obj.decompress(data)
 
     def flush(self) -> bytes:
-        return self._obj.flush() if self._obj is not None else b""  # type: ignore[no-any-return]
+        return self._obj.flush() if self._obj is not None else b""
 
 
 class _ProxyAnswer(asyncio.Protocol):
@@ -271,7 +271,7 @@ class Response(asyncio.Protocol):
     # -- asyncio protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's
 
     def data_received(self, data: bytes) -> None:
         if self._head is None:  # idle in the pool: nothing may arrive now
@@ -614,8 +614,9 @@ class Pool:
             raise ConnectFailed(f"TLS handshake failed ({exc.reason or 'ssl error'})") from None
         except OSError as exc:  # socket.gaierror included
             # asyncio's strerror is "Connect call failed (...)": the errno says why.
-            plain = exc.errno and exc.errno > 0 and not isinstance(exc, socket.gaierror)
-            reason = (os.strerror(exc.errno) if plain else exc.strerror) or type(exc).__name__
+            errno = None if isinstance(exc, socket.gaierror) else exc.errno
+            reason = (os.strerror(errno) if errno and errno > 0 else exc.strerror) \
+                or type(exc).__name__
             raise ConnectFailed(f"cannot connect to {where} ({reason})") from None
         except BaseException:
             conn.close()

@@ -14,7 +14,7 @@ import abc
 import hashlib
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -104,7 +104,8 @@ class RedisIdempotency(IdempotencyStore):
             ok = await self._redis.set(key, value, nx=True, ex=max(1, int(self.ttl_s)))
             if ok:
                 return None
-            existing = await self._redis.get(key)
+            # bytes, not str: the client does not decode responses.
+            existing = cast("bytes | None", await self._redis.get(key))
         except Exception as exc:  # redis.ConnectionError, TimeoutError, OSError
             raise ServiceUnavailable("redis unavailable") from exc
         return existing.decode() if existing is not None else None

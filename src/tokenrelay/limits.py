@@ -256,8 +256,8 @@ class RedisLimiter(Limiter):
     async def acquire(self, owner: str) -> Lease:
         limits = self.limits
         lease_id = secrets.token_hex(8)
-        args = [limits.requests_per_minute, limits.tokens_per_minute,
-                limits.concurrent_streams, lease_id, limits.stream_lease_s]
+        args: list[float | str] = [limits.requests_per_minute, limits.tokens_per_minute,
+                                   limits.concurrent_streams, lease_id, limits.stream_lease_s]
         try:
             admitted, limit, retry_after = await self._acquire(keys=self.keys(owner), args=args)
         except Exception as exc:  # redis.ConnectionError, TimeoutError, OSError

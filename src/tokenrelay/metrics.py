@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import ipaddress
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -184,7 +184,7 @@ class Metrics:
         self.resumes.inc()
 
 
-def metrics_refusal(settings: Settings, scope: dict[str, Any]) -> BadRequest | None:
+def metrics_refusal(settings: Settings, scope: Mapping[str, Any]) -> BadRequest | None:
     """Why ``/metrics`` is not served to this request, or None.
 
     With ``metrics_token``: only to ``Authorization: Bearer <metrics_token>`` (compared in

@@ -100,7 +100,7 @@ class Disconnect:
             callback()
 
 
-class _Pipeline(list):  # type: ignore[type-arg]
+class _Pipeline(list[Any]):
     """The pipelined-request queue as a list (uvicorn only appends left and pops right)."""
 
     __slots__ = ()
@@ -113,7 +113,7 @@ def _lean(event: asyncio.Event) -> None:
     """Swap an Event's empty waiter deque for a list, if it is still the kind we know."""
     waiters = getattr(event, "_waiters", None)
     if type(waiters) is collections.deque and not waiters:
-        event._waiters = []  # type: ignore[attr-defined]
+        event._waiters = []  # type: ignore[assignment]  # a list for the deque, knowingly
 
 
 def _json_response(status: int, code: str, message: str) -> bytes:
@@ -133,6 +133,7 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
     __slots__ = ("_deadline", "_discard_left", "_head_bytes", "_head_started", "_lingering",
                  "_refusal")
 
+    # uvicorn narrows the transport to asyncio.Transport (and ignores [override] itself).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: timerwheel.Deadline | None = None
         self._head_started = False
@@ -142,7 +143,7 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: _HeadRefused | None = None
         super().connection_made(transport)
         if type(self.pipeline) is collections.deque and not self.pipeline:
-            self.pipeline = _Pipeline()  # type: ignore[assignment]
+            self.pipeline = _Pipeline()  # type: ignore[assignment]  # a list for the deque
         flow = getattr(self, "flow", None)
         if flow is not None:
             _lean(flow._is_writable_event)
@@ -280,6 +281,7 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         if cycle is None or cycle is before:
             return  # an upgrade (websocket) request: no new request cycle
         _lean(cycle.message_event)
+        # A scope extension: not a key of uvicorn's HTTPScope TypedDict.
         cycle.scope[ON_DISCONNECT] = Disconnect()  # type: ignore[literal-required]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -288,6 +290,6 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         if cycle is not None and cycle.disconnected:
             # The client left before the response ended (what receive() would report).
-            hook = cycle.scope.get(ON_DISCONNECT)  # type: ignore[attr-defined]
-            if hook is not None:
+            hook = cycle.scope.get(ON_DISCONNECT)
+            if isinstance(hook, Disconnect):
                 hook.fire()

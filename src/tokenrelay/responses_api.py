@@ -101,7 +101,7 @@ class ResponseRequest:
 
 def _bad(message: str, param: str | None = None, code: str = "invalid_parameter") -> BadRequest:
     error = BadRequest(message, code=code)
-    error.param = param  # type: ignore[attr-defined]
+    error.param = param
     return error
 
 
@@ -129,7 +129,7 @@ def parse_request(
     if route is None:
         error = BadRequest(f"The model '{model}' does not exist (see GET /v1/models)",
                            code="model_not_found", status=404)
-        error.param = "model"  # type: ignore[attr-defined]
+        error.param = "model"
         raise error
     flags = {}
     for key, default in (("stream", False), ("background", False), ("store", True)):
@@ -281,7 +281,7 @@ def input_messages(items: Any) -> list[dict[str, Any]]:
         return [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise _bad("'input' must be a string or a non-empty list of items", "input")
-    out: list[Encoded] = []
+    out: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise _bad(f"input[{i}] must be an object", f"input[{i}]")
@@ -656,7 +656,8 @@ def input_items(messages: list[dict[str, Any]], stream_id: str) -> list[dict[str
             continue
         if content:
             kind = "output_text" if role == "assistant" else "input_text"
-            parts = [{"type": kind, "text": content}] if isinstance(content, str) else [
+            parts: list[dict[str, Any]] = [{"type": kind, "text": content}] \
+                if isinstance(content, str) else [
                 {"type": "input_image", "image_url": p["image_url"]["url"],
                  "detail": p["image_url"].get("detail", "auto")}
                 if p.get("type") == "image_url" else {"type": kind, "text": p.get("text", "")}

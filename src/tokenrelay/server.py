@@ -63,7 +63,10 @@ class DrainingServer(uvicorn.Server):
 
 def serve(app: Starlette, drain_s: float, **options: Any) -> None:
     """Run ``app`` until SIGTERM/SIGINT, then drain (see module docstring)."""
-    config = uvicorn.Config(app, timeout_graceful_shutdown=drain_s + _SLACK_S, **options)
+    # uvicorn annotates the timeout int, but hands it to asyncio.timeout: a float works.
+    config = uvicorn.Config(
+        app, timeout_graceful_shutdown=drain_s + _SLACK_S,  # type: ignore[arg-type]
+        **options)
     DrainingServer(config, app, drain_s).run()
 
 

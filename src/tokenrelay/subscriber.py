@@ -176,8 +176,8 @@ class SubscriberResponse:
                 if listening is not None:
                     listening.cancel()
                     await asyncio.wait((listening,))
-                elif not hook.gone:  # type: ignore[union-attr]
-                    hook.callbacks.remove(listener.disconnected)  # type: ignore[union-attr]
+                elif hook is not None and not hook.gone:
+                    hook.callbacks.remove(listener.disconnected)
             if completed and not listener.gone:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -205,6 +205,7 @@ class GatewayClient:
         """Stream one answer to ``printer``; resume after a dropped connection."""
         assert self.session is not None
         answer = Answer(conversation_id=body.get("conversation_id"))
+        resp: aiohttp.ClientResponse | None  # None while a resume attempt found no gateway
         try:
             resp = await self.session.post(self.url + "/api/chat", data=orjson.dumps(body),
                                            headers={**self.headers,
@@ -226,11 +227,12 @@ class GatewayClient:
                 turn.cancel_task = asyncio.ensure_future(self.cancel(turn.stream_id))
             for delay in (0.0, *RESUME_DELAYS):
                 if delay:
-                    resp.release()
+                    if resp is not None:
+                        resp.release()
                     await asyncio.sleep(delay)
                     resp = await self._resume(turn.stream_id, turn.last_id)
-                    if resp is None:
-                        continue
+                if resp is None:
+                    continue
                 try:
                     state = await _relay(resp, printer, text, turn)
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
@@ -245,7 +247,8 @@ class GatewayClient:
             else:
                 printer.note("[the gateway cannot be reached any more: answer lost]")
         finally:
-            resp.release()
+            if resp is not None:
+                resp.release()
             answer.text = "".join(text)
         return answer
 

@@ -1015,7 +1015,7 @@ class _Relay:
             out, failure = self.events(data)
             self.tick()
             if out:
-                self._sink_now(out)  # type: ignore[misc]
+                self._sink_now(out)  # type: ignore[misc]  # set: stream(on_data) needs it
             if failure is not None:
                 raise failure
         except Exception as exc:

@@ -162,9 +162,9 @@ def open_journal(url: str, limits: JournalLimits, **options: Any) -> Journal:
 
         return MemoryJournal(limits)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from tokenrelay.journal.redis import RedisJournal  # type: ignore[import-not-found]
+        from tokenrelay.journal.redis import RedisJournal
 
-        return RedisJournal(url, limits, **options)  # type: ignore[no-any-return]
+        return RedisJournal(url, limits, **options)
     from tokenrelay.errors import ConfigError
 
     raise ConfigError(f"journal_url {url!r}: expected memory:// or redis://")

@@ -37,7 +37,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -551,7 +551,7 @@ class RedisJournal(Journal):
             self._stream(stream_id),
             self._lease(stream_id),
         ]
-        args = [
+        args: list[bytes | str | float] = [
             stream_id,
             int(time.time() * 1000),
             self.limits.max_streams,
@@ -599,7 +599,8 @@ class RedisJournal(Journal):
     async def finish(self, stream_id: str, frame: bytes, state: str) -> bool:
         keys = [self._meta(stream_id), self._stream(stream_id), self._lease(stream_id)]
         tail = frame[frame.index(b"\n") :]
-        args = [tail, state, self._retention_ms, self._channel(stream_id)]
+        args: list[bytes | str | float] = [tail, state, self._retention_ms,
+                                           self._channel(stream_id)]
         with _unavailable():
             result = await self._finish(keys=keys, args=args)
         if result == -1:
@@ -669,7 +670,8 @@ class RedisJournal(Journal):
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         with _unavailable():
-            data = await self._redis.hgetall(self._meta(stream_id))
+            # bytes, not str: the client does not decode responses.
+            data = cast("dict[bytes, bytes]", await self._redis.hgetall(self._meta(stream_id)))
         if not data:
             return None
         finished = data.get(b"finished") == b"1"

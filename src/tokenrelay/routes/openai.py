@@ -199,8 +199,8 @@ async def _until(request: Request, gen: Generation, flag: Any) -> bool:
             listening.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listening
-        elif wake in hook.callbacks:  # type: ignore[union-attr]
-            hook.callbacks.remove(wake)  # type: ignore[union-attr]
+        elif hook is not None and wake in hook.callbacks:
+            hook.callbacks.remove(wake)
     if flag.is_set():
         return True
     # Nobody subscribed yet, so no grace timer runs: cancel here (SDKs do not resume).

@@ -66,7 +66,7 @@ def _openai_errors(func: Callable[[Request], Awaitable[Any]]) -> Callable[[Reque
 def _not_found(resp_id: str, param: str | None = None) -> StreamNotFound:
     error = StreamNotFound(f"No response found with id '{resp_id[:100]}' (unknown, expired, "
                            "deleted, not stored, or not yours)")
-    error.param = param  # type: ignore[attr-defined]
+    error.param = param
     return error
 
 
@@ -121,13 +121,13 @@ async def _history(request: Request, previous: Any) -> list[dict[str, Any]]:
     if not isinstance(previous, str):
         error = BadRequest("'previous_response_id' must be a response id",
                            code="invalid_parameter")
-        error.param = "previous_response_id"  # type: ignore[attr-defined]
+        error.param = "previous_response_id"
         raise error
     info = await _lookup(request, previous, "previous_response_id")
     if not info.finished:
         error = BadRequest(f"Previous response '{previous}' is still in progress",
                            code="previous_response_in_progress")
-        error.param = "previous_response_id"  # type: ignore[attr-defined]
+        error.param = "previous_response_id"
         raise error
     folder = await _folded(request.app.state.hub.journal, info)
     messages: list[dict[str, Any]] = info.meta[META_KEY].get("messages") or []
@@ -267,7 +267,7 @@ async def list_input_items(request: Request) -> JSONResponse:
     if order not in ("asc", "desc") or not limit.isdigit() or not 1 <= int(limit) <= 100:
         error = BadRequest("'order' must be asc or desc and 'limit' between 1 and 100",
                            code="invalid_parameter")
-        error.param = "order" if order not in ("asc", "desc") else "limit"  # type: ignore[attr-defined]
+        error.param = "order" if order not in ("asc", "desc") else "limit"
         raise error
     if order == "desc":
         items.reverse()

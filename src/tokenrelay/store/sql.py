@@ -610,6 +610,7 @@ class SQLStore(Store):
         engine = self._engine
         if engine is None:
             raise RuntimeError("the store is not started (call start() first)")
+        conn: AsyncConnection | None
         if self._lock is not None:  # one shared in-memory connection: no keeping
             async with self._begin() as conn:
                 yield conn
