@@ -8,18 +8,21 @@ import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from support.client import chat_body, read_stream
 from support.gateway import Gateway, serve_app
 from support.nginx import NGINX, running_nginx
 
-pytestmark = pytest.mark.skipif(not __import__("os").path.exists(NGINX),
-                                reason="nginx is installed by scripts/system-deps.sh")
+
+def test_nginx_is_installed():
+    # Not a skip: `make test` installs nginx (scripts/system-deps.sh); without it the
+    # auth_request tests below must fail, not vanish.
+    assert Path(NGINX).exists(), "nginx missing: run `bash scripts/system-deps.sh`"
 
 ALICE = {"Authorization": "Basic " + base64.b64encode(b"alice:alice-pw").decode()}
 BOB = {"Cookie": "theme=dark; session=bob-session"}
