@@ -371,6 +371,35 @@ async def test_many_waiting_readers_share_one_connection(redis_server: RedisServ
         await client.aclose()
 
 
+async def test_appends_and_reads_of_many_streams_share_round_trips(
+    redis_server: RedisServer,
+) -> None:
+    """Fifty streams appending at once cost a pipeline or two, not a round trip each, and
+    their woken readers share MULTIs too; a finished stream's error stays its own."""
+    journal = open_journal(redis_server.url, JournalLimits(), prefix="t:")
+    assert isinstance(journal, RedisJournal)
+    try:
+        ids = [f"s{i}" for i in range(50)]
+        for sid in [*ids, "done"]:
+            await journal.create(sid, {})
+        assert await journal.finish("done", terminal(1), ev.COMPLETE)
+        readers = [asyncio.create_task(journal.read(sid, 0, timeout=60)) for sid in ids]
+        await until(lambda: all(waiting(journal, sid) for sid in ids))
+        appends, fetches = journal.append_round_trips, journal.fetch_round_trips
+        outcomes = await asyncio.gather(
+            *(journal.append(sid, texts(1, 3)) for sid in [*ids, "done"]),
+            return_exceptions=True,
+        )
+        assert outcomes[:-1] == [None] * len(ids)
+        assert isinstance(outcomes[-1], StreamClosed)
+        assert journal.append_round_trips - appends <= 2
+        results = await asyncio.gather(*readers)
+        assert all(r.frames == texts(1, 3) for r in results)
+        assert journal.fetch_round_trips - fetches <= len(ids) // 5
+    finally:
+        await journal.aclose()
+
+
 async def test_redis_down_fails_fast_and_recovers(redis_server: RedisServer) -> None:
     prefix = f"trtest:{secrets.token_hex(6)}:"
     journal = open_journal(redis_server.url, JournalLimits(), prefix=prefix)
