@@ -288,6 +288,27 @@ class _Notifier:
         ch.waiters.append((after, limit, fut))
         return fut
 
+    def appended(self, channel: bytes, frames: list[bytes]) -> None:
+        """This process just appended ``frames``: hand them to the local waiters that are
+        right before them, without waiting for the announcement and an XRANGE (a request
+        reads the answer its own process generates). Others wait for the usual path."""
+        ch = self._channels.get(channel)
+        if ch is None or not ch.waiters:
+            return
+        low = _seq_of(frames[0]) - 1
+        got = _Range(frames, False, None, low + len(frames))
+        keep: list[_Waiter] = []
+        for after, limit, fut in ch.waiters:
+            if fut.done():
+                continue
+            if low <= after < got.last_seq:
+                fut.set_result(got.cut(low, after, limit))
+            else:
+                keep.append((after, limit, fut))
+        ch.waiters = keep
+        if not keep:
+            ch.idle_since = time.monotonic()
+
     def unregister(self, channel: bytes, fut: asyncio.Future[ReadResult | None]) -> None:
         if not fut.done():
             fut.cancel()
@@ -602,6 +623,8 @@ class RedisJournal(Journal):
             self._appender = asyncio.get_running_loop().create_task(self._send_appends())
         result = await fut
         if result >= 0:
+            if result > 0:  # 0: a retried append that had gone through (nothing new)
+                self._notifier.appended(self._channel(stream_id), frames)
             return
         if result == -1:
             raise StreamNotFound("no such stream (unknown or expired)")
