@@ -43,7 +43,23 @@ _ID = re.compile(rb"(?m)^id: (\d+)\n")
 # --------------------------------------------------------------------------- measuring
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants: ``serve --workers 2`` does its work in child processes."""
+    out = [pid]
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    out += family(int(child))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its descendants, all threads."""
+    return sum(_cpu_seconds(p) for p in family(pid))
+
+
+def _cpu_seconds(pid: int) -> float:
     """CPU time of every thread of ``pid`` (ns precision from schedstat, else clock ticks)."""
     total = 0.0
     try:
@@ -66,19 +82,24 @@ def rss_bytes(pid: int) -> int:
 
 
 def kernel_seconds(pid: int) -> float:
-    """System (kernel) CPU time of ``pid``, all threads (clock ticks from /proc stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    """System (kernel) CPU time of ``pid`` and its descendants (clock ticks, /proc stat)."""
+    total = 0.0
+    for p in family(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def wait_seconds(pid: int) -> float:
-    """Time ``pid``'s threads were runnable but waiting for a CPU (other processes)."""
+    """Time the threads of ``pid`` and its descendants were runnable but waiting for a
+    CPU (other processes)."""
     total = 0.0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[1]) / 1e9
+    for p in family(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[1]) / 1e9
     return total
 
 
