@@ -527,6 +527,29 @@ async def requests(spec: dict[str, Any], targets: dict[str, Target]) -> dict[str
     return results
 
 
+async def cancel_answers(target: Target, stream_ids: list[str | None],
+                         concurrency: int = 16) -> int:
+    """Cancel the gateway's answers (a closed /api/chat connection does not stop one), so
+    the simulator and this gateway go idle before the next target is measured."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(stream_id: str) -> bool:
+        async with sem:
+            reader, writer = await asyncio.open_connection(target.host, target.port)
+            try:
+                writer.write(http_request("POST", target.host, target.port,
+                                          f"/api/streams/{stream_id}/cancel", b"{}",
+                                          {"Connection": "close"}))
+                status = (await reader.readline()).split()
+                return len(status) > 1 and status[1] == b"202"
+            finally:
+                writer.close()
+
+    done = await asyncio.gather(*(one(sid) for sid in stream_ids if sid),
+                                return_exceptions=True)
+    return sum(1 for ok in done if ok is True)
+
+
 async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     """Ramp long 50 tok/s streams (one token per read) by ``step`` every ``step_s`` until
     the inter-token gap p99.9 of a step exceeds twice the pace -> the last count held."""
@@ -537,11 +560,14 @@ async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     open_: list[Stream] = []
     steps: list[dict[str, Any]] = []
     sustained_n = 0
+    # A target may ramp by finer steps (``step_<name>``): --workers 2 shares both cores
+    # with the simulator, load generator and Redis, so it holds fewer than one full step.
+    step = spec.get(f"step_{target.name}", spec["step"])
     window = CPUWindow(spec["pids"])
     try:
         for _ in range(spec["max_steps"]):
             new = [target.chat(len(open_) + i, long_sim, gaps=True)
-                   for i in range(spec["step"])]
+                   for i in range(step)]
             for s in new:
                 await target.open(s)
             open_ += new
@@ -564,9 +590,11 @@ async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
         for s in open_:
             s.abort()
     out = window.stop()
+    if target.gateway:  # answers outlive their readers: stop them before the next target
+        out["cancelled"] = await cancel_answers(target, [s.stream_id for s in open_])
     reads = sum(s.tokens for s in open_)  # one token per read
     out.update(sustained=sustained_n, steps=steps, limit_ms=limit_ms, reads=reads,
-               reached_max=sustained_n == spec["step"] * spec["max_steps"])
+               reached_max=sustained_n == step * spec["max_steps"])
     if reads and "cpu_gateway_s" in out:  # what the gateway's CPU alone would allow
         out["cpu_us_per_read"] = out["cpu_gateway_s"] / reads * 1e6
         out["cpu_bound_streams"] = 1e6 / (out["cpu_us_per_read"] * rate)
