@@ -43,7 +43,23 @@ _ID = re.compile(rb"(?m)^id: (\d+)\n")
 # --------------------------------------------------------------------------- measuring
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants: ``serve --workers 2`` does its work in child processes."""
+    out = [pid]
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    out += family(int(child))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its descendants, all threads."""
+    return sum(_cpu_seconds(p) for p in family(pid))
+
+
+def _cpu_seconds(pid: int) -> float:
     """CPU time of every thread of ``pid`` (ns precision from schedstat, else clock ticks)."""
     total = 0.0
     try:
@@ -66,19 +82,24 @@ def rss_bytes(pid: int) -> int:
 
 
 def kernel_seconds(pid: int) -> float:
-    """System (kernel) CPU time of ``pid``, all threads (clock ticks from /proc stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    """System (kernel) CPU time of ``pid`` and its descendants (clock ticks, /proc stat)."""
+    total = 0.0
+    for p in family(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def wait_seconds(pid: int) -> float:
-    """Time ``pid``'s threads were runnable but waiting for a CPU (other processes)."""
+    """Time the threads of ``pid`` and its descendants were runnable but waiting for a
+    CPU (other processes)."""
     total = 0.0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[1]) / 1e9
+    for p in family(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[1]) / 1e9
     return total
 
 
@@ -506,6 +527,29 @@ async def requests(spec: dict[str, Any], targets: dict[str, Target]) -> dict[str
     return results
 
 
+async def cancel_answers(target: Target, stream_ids: list[str | None],
+                         concurrency: int = 16) -> int:
+    """Cancel the gateway's answers (a closed /api/chat connection does not stop one), so
+    the simulator and this gateway go idle before the next target is measured."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(stream_id: str) -> bool:
+        async with sem:
+            reader, writer = await asyncio.open_connection(target.host, target.port)
+            try:
+                writer.write(http_request("POST", target.host, target.port,
+                                          f"/api/streams/{stream_id}/cancel", b"{}",
+                                          {"Connection": "close"}))
+                status = (await reader.readline()).split()
+                return len(status) > 1 and status[1] == b"202"
+            finally:
+                writer.close()
+
+    done = await asyncio.gather(*(one(sid) for sid in stream_ids if sid),
+                                return_exceptions=True)
+    return sum(1 for ok in done if ok is True)
+
+
 async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     """Ramp long 50 tok/s streams (one token per read) by ``step`` every ``step_s`` until
     the inter-token gap p99.9 of a step exceeds twice the pace -> the last count held."""
@@ -516,11 +560,14 @@ async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
     open_: list[Stream] = []
     steps: list[dict[str, Any]] = []
     sustained_n = 0
+    # A target may ramp by finer steps (``step_<name>``): --workers 2 shares both cores
+    # with the simulator, load generator and Redis, so it holds fewer than one full step.
+    step = spec.get(f"step_{target.name}", spec["step"])
     window = CPUWindow(spec["pids"])
     try:
         for _ in range(spec["max_steps"]):
             new = [target.chat(len(open_) + i, long_sim, gaps=True)
-                   for i in range(spec["step"])]
+                   for i in range(step)]
             for s in new:
                 await target.open(s)
             open_ += new
@@ -543,9 +590,11 @@ async def sustained(spec: dict[str, Any], target: Target) -> dict[str, Any]:
         for s in open_:
             s.abort()
     out = window.stop()
+    if target.gateway:  # answers outlive their readers: stop them before the next target
+        out["cancelled"] = await cancel_answers(target, [s.stream_id for s in open_])
     reads = sum(s.tokens for s in open_)  # one token per read
     out.update(sustained=sustained_n, steps=steps, limit_ms=limit_ms, reads=reads,
-               reached_max=sustained_n == spec["step"] * spec["max_steps"])
+               reached_max=sustained_n == step * spec["max_steps"])
     if reads and "cpu_gateway_s" in out:  # what the gateway's CPU alone would allow
         out["cpu_us_per_read"] = out["cpu_gateway_s"] / reads * 1e6
         out["cpu_bound_streams"] = 1e6 / (out["cpu_us_per_read"] * rate)

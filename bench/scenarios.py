@@ -33,7 +33,8 @@ HISTORY = ("off", "sqlite", "postgresql")
 FULL = {
     "requests": {"requests": 2000, "concurrency": 32, "tokens": 16, "rounds": 5},
     "ttft1": {"requests": 300, "concurrency": 1, "tokens": 16, "rounds": 3},
-    "sustained": {"rate": 50.0, "step": 100, "step_s": 2.0, "settle_s": 1.0, "max_steps": 20},
+    "sustained": {"rate": 50.0, "step": 100, "step_workers2": 25, "step_s": 2.0,
+                  "settle_s": 1.0, "max_steps": 20},
 }
 QUICK = {
     "requests": {"requests": 40, "concurrency": 4, "tokens": 16, "rounds": 2},

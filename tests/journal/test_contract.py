@@ -361,14 +361,75 @@ async def test_many_waiting_readers_share_one_connection(redis_server: RedisServ
             return int(stats.get("cmdstat_xrange", {}).get("calls", 0))
 
         before = await xranges()
-        for sid in ids:
-            await journal.append(sid, texts(1, 2))
+        # Another instance appends (its own appends reach this one's readers directly).
+        writer = open_journal(redis_server.url, JournalLimits(), prefix="t:")
+        try:
+            for sid in ids:
+                await writer.append(sid, texts(1, 2))
+        finally:
+            await writer.aclose()
         results = await asyncio.gather(*readers)
         assert all(r.frames == texts(1, 2) for r in results)
         assert await xranges() - before == len(ids)  # eleven readers, one XRANGE
     finally:
         await journal.aclose()
         await client.aclose()
+
+
+async def test_appends_and_reads_of_many_streams_share_round_trips(
+    redis_server: RedisServer,
+) -> None:
+    """Fifty streams appending at once cost a pipeline or two, not a round trip each, and
+    the readers they wake in another instance share MULTIs too; a finished stream's error
+    stays its own."""
+    writer = open_journal(redis_server.url, JournalLimits(), prefix="t:")
+    journal = open_journal(redis_server.url, JournalLimits(), prefix="t:")
+    assert isinstance(writer, RedisJournal) and isinstance(journal, RedisJournal)
+    try:
+        ids = [f"s{i}" for i in range(50)]
+        for sid in [*ids, "done"]:
+            await writer.create(sid, {})
+        assert await writer.finish("done", terminal(1), ev.COMPLETE)
+        readers = [asyncio.create_task(journal.read(sid, 0, timeout=60)) for sid in ids]
+        await until(lambda: all(waiting(journal, sid) for sid in ids))
+        appends, fetches = writer.append_round_trips, journal.fetch_round_trips
+        outcomes = await asyncio.gather(
+            *(writer.append(sid, texts(1, 3)) for sid in [*ids, "done"]),
+            return_exceptions=True,
+        )
+        assert outcomes[:-1] == [None] * len(ids)
+        assert isinstance(outcomes[-1], StreamClosed)
+        assert writer.append_round_trips - appends <= 2
+        results = await asyncio.gather(*readers)
+        assert all(r.frames == texts(1, 3) for r in results)
+        assert journal.fetch_round_trips - fetches <= len(ids) // 5
+    finally:
+        await writer.aclose()
+        await journal.aclose()
+
+
+async def test_a_reader_of_a_stream_this_process_appends_to_needs_no_xrange() -> None:
+    """The frames an instance appends reach its own waiting readers directly; a reader
+    in another instance still gets them (announcement, then its XRANGE)."""
+    prefix = f"trtest:{secrets.token_hex(6)}:"
+    owner = open_journal(SHARED_REDIS, JournalLimits(), prefix=prefix)
+    other = open_journal(SHARED_REDIS, JournalLimits(), prefix=prefix)
+    assert isinstance(owner, RedisJournal) and isinstance(other, RedisJournal)
+    try:
+        await owner.create("s", {})
+        local = asyncio.create_task(owner.read("s", 0, timeout=60, limit=1))
+        remote = asyncio.create_task(other.read("s", 0, timeout=60))
+        await until(lambda: waiting(owner, "s") and waiting(other, "s"))
+        fetches = owner.fetch_round_trips
+        await owner.append("s", texts(1, 3))
+        assert (await local).frames == texts(1, 2)  # its limit
+        assert owner.fetch_round_trips == fetches
+        assert (await remote).frames == texts(1, 3)
+        assert other.fetch_round_trips > 0
+    finally:
+        await owner.aclose()
+        await other.aclose()
+        await delete_prefix(SHARED_REDIS, prefix)
 
 
 async def test_redis_down_fails_fast_and_recovers(redis_server: RedisServer) -> None:
