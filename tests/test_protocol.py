@@ -241,7 +241,8 @@ async def test_a_body_nobody_reads_is_dropped_only_up_to_a_bound():
 
 def test_the_uvicorn_internals_the_protocol_relies_on_are_still_there():
     """protocol.py overrides and reads private parts of uvicorn's httptools protocol; an
-    upgrade of uvicorn that renames one must fail here, not silently stop a limit."""
+    upgrade of uvicorn that renames one must fail here, not silently stop a limit. (Each
+    is also listed in tokenrelay/couplings.py; this test checks how uvicorn uses them.)"""
     import inspect
 
     from uvicorn.protocols.http import httptools_impl

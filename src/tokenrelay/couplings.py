@@ -27,6 +27,10 @@ class Coupling:
     why: str
 
 
+_PROTOCOL = "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol"
+_CYCLE = "uvicorn.protocols.http.httptools_impl:RequestResponseCycle()"
+_OURS = "protocol.StreamingHttpToolsProtocol"
+
 COUPLINGS: tuple[Coupling, ...] = (
     Coupling(
         "asyncio", "asyncio:Event()", "_waiters", "protocol._lean",
@@ -66,6 +70,58 @@ COUPLINGS: tuple[Coupling, ...] = (
         "uvicorn", "uvicorn.protocols.http.httptools_impl:RequestResponseCycle()",
         "disconnected", "protocol.StreamingHttpToolsProtocol",
         "connection_lost fires the Disconnect callbacks only mid-response",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL + "()", "config", _OURS,
+        "read by the head limits (header timeout and count, lingering close)",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL + "()", "loop", _OURS,
+        "read by the head limits (header timeout and count, lingering close)",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL + "()", "headers", _OURS,
+        "read by the head limits (header timeout and count, lingering close)",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL + "()", "transport", _OURS,
+        "read by the head limits (header timeout and count, lingering close)",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL, "on_message_begin", _OURS,
+        "overridden or called by the head limits and the JSON 400",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL, "on_header", _OURS,
+        "overridden or called by the head limits and the JSON 400",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL, "on_body", _OURS,
+        "overridden or called by the head limits and the JSON 400",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL, "on_message_complete", _OURS,
+        "overridden or called by the head limits and the JSON 400",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL, "on_response_complete", _OURS,
+        "overridden or called by the head limits and the JSON 400",
+    ),
+    Coupling(
+        "uvicorn", _PROTOCOL, "send_400_response", _OURS,
+        "overridden or called by the head limits and the JSON 400",
+    ),
+    Coupling(
+        "uvicorn", _CYCLE, "more_body", _OURS,
+        "the unread body drained after an early answer",
+    ),
+    Coupling(
+        "uvicorn", _CYCLE, "response_complete", _OURS,
+        "the unread body drained after an early answer",
+    ),
+    Coupling(
+        "uvicorn", "uvicorn.protocols.http:httptools_impl", "STATUS_LINE",
+        "protocol.StreamingHttpToolsProtocol", "the status lines of the 408/431/400 answers",
     ),
     Coupling(
         "starlette", "starlette.applications:Starlette()", "middleware_stack", "app.TokenRelayApp",

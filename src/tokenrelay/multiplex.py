@@ -25,7 +25,7 @@ from typing import Any
 from tokenrelay import events as ev
 from tokenrelay.errors import BadRequest, StreamNotFound, TokenRelayError
 from tokenrelay.hub import Hub
-from tokenrelay.subscriber import SSE_HEADERS, _end_interrupted
+from tokenrelay.subscriber import SSE_HEADERS, end_interrupted
 
 log = logging.getLogger("tokenrelay.multiplex")
 
@@ -126,7 +126,7 @@ class MultiplexResponse:
                 return
             if (not result.frames and journal.distributed and stream_id not in hub.generations
                     and not await journal.owner_alive(stream_id)):
-                await _end_interrupted(hub, stream_id)
+                await end_interrupted(hub, stream_id)
 
     async def _heartbeats(self) -> None:
         heartbeat_s = self.hub.settings.heartbeat_s

@@ -159,7 +159,7 @@ class SubscriberResponse:
                         await write(self.heartbeat)
                     if lease_check is not None and self.stream_id not in hub.generations:
                         if not await lease_check(self.stream_id):
-                            await _end_interrupted(hub, self.stream_id)
+                            await end_interrupted(hub, self.stream_id)
                 completed = True
             except asyncio.CancelledError:
                 # Absorb only our own cancellations: the client left, or a write stuck
@@ -376,7 +376,7 @@ class _Listener:
                 return
 
 
-async def _end_interrupted(hub: Hub, stream_id: str) -> None:
+async def end_interrupted(hub: Hub, stream_id: str) -> None:
     """Write the terminal frame for a stream whose owning instance died."""
     info = await hub.journal.info(stream_id)
     if info is None or info.finished:
