@@ -29,12 +29,12 @@ import pytest_asyncio
 
 from support.client import chat_body, read_stream
 from support.gateway import serve_app
+from support.nginx import NGINX, prepare
 from support.processes import TOKENRELAY, Instance, Launcher, free_port
 from support.redis_server import RedisServer, delete_prefix
 from tokenrelay.simulator import Simulator, SimulatorConfig, build_text, create_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
-NGINX = "/usr/sbin/nginx"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "test"}
 LEASE_S = 1.0
@@ -336,11 +336,11 @@ async def test_redis_down_gives_503_then_recovers(
 
 # -- nginx in front of two instances ---------------------------------------------------------
 
-TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
-def nginx_config(template: str, *, port: int, upstreams: list[int], prefix: Path) -> str:
-    """``deploy/nginx.conf`` with test ports, a 2 s read timeout, and paths under ``prefix``."""
+def nginx_config(template: str, *, port: int, upstreams: list[int]) -> str:
+    """``deploy/nginx.conf`` with test ports and a 2 s read timeout (support.nginx.prepare
+    then moves its paths under a prefix)."""
     servers = "".join(f"        server 127.0.0.1:{p};\n" for p in upstreams)
     conf, n = re.subn(
         r"(upstream tokenrelay \{\n)(.*?)(\s*keepalive)",
@@ -353,21 +353,7 @@ def nginx_config(template: str, *, port: int, upstreams: list[int], prefix: Path
     assert n == 1
     conf, n = re.subn(r"proxy_read_timeout \d+s;", "proxy_read_timeout 2s;", conf)
     assert n == 1
-    conf = conf.replace("worker_processes auto;", "worker_processes 1;")
-    head = f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\ndaemon off;\n"
-    paths = "".join(f"    {kind}_temp_path {prefix}/{kind};\n" for kind in TEMP_KINDS)
-    paths += f"    access_log {prefix}/access.log;\n"
-    return head + conf.replace("http {\n", "http {\n" + paths, 1)
-
-
-def write_nginx_prefix(prefix: Path, conf: str) -> Path:
-    prefix.chmod(0o755)
-    for kind in TEMP_KINDS:
-        (prefix / kind).mkdir()
-        (prefix / kind).chmod(0o777)  # workers may run as another user than the master
-    path = prefix / "nginx.conf"
-    path.write_text(conf)
-    return path
+    return conf
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -378,10 +364,8 @@ async def nginx(
     with tempfile.TemporaryDirectory(prefix="tokenrelay-nginx-") as tmp:
         port = free_port()
         template = (ROOT / "deploy" / "nginx.conf").read_text()
-        conf = nginx_config(
-            template, port=port, upstreams=[i.port for i in cluster], prefix=Path(tmp)
-        )
-        path = write_nginx_prefix(Path(tmp), conf)
+        conf = nginx_config(template, port=port, upstreams=[i.port for i in cluster])
+        path = prepare(Path(tmp), conf)
         proc = await asyncio.create_subprocess_exec(
             NGINX,
             "-p",

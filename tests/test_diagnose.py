@@ -20,7 +20,7 @@ import pytest
 from support.client import chat_body, read_stream
 from support.fault_upstream import FaultUpstream, stall_first, status
 from support.gateway import running_gateway
-from support.processes import TOKENRELAY, free_port
+from support.processes import TOKENRELAY, free_port, wait_listening
 from support.servers import running_asgi
 from support.upstreams import chat_only_upstream, closed_port, plain_web_server, self_signed_files
 from tokenrelay.simulator import SimulatorConfig, build_text, create_simulator
@@ -168,14 +168,7 @@ async def simulate_process() -> AsyncIterator[str]:
         str(TOKENRELAY), "simulate", "--port", str(port), "--speed", "20", env=_env(),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
-        for _ in range(400):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            break
+        await wait_listening(port, "tokenrelay simulate", tries=400)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()

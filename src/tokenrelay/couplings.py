@@ -31,6 +31,12 @@ _PROTOCOL = "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol"
 _CYCLE = "uvicorn.protocols.http.httptools_impl:RequestResponseCycle()"
 _OURS = "protocol.StreamingHttpToolsProtocol"
 
+
+def _same(owner: str, attributes: tuple[str, ...], why: str) -> tuple[Coupling, ...]:
+    """Several attributes of one uvicorn owner that protocol.py relies on for one reason."""
+    return tuple(Coupling("uvicorn", owner, name, _OURS, why) for name in attributes)
+
+
 COUPLINGS: tuple[Coupling, ...] = (
     Coupling(
         "asyncio", "asyncio:Event()", "_waiters", "protocol._lean",
@@ -72,54 +78,6 @@ COUPLINGS: tuple[Coupling, ...] = (
         "connection_lost fires the Disconnect callbacks only mid-response",
     ),
     Coupling(
-        "uvicorn", _PROTOCOL + "()", "config", _OURS,
-        "read by the head limits (header timeout and count, lingering close)",
-    ),
-    Coupling(
-        "uvicorn", _PROTOCOL + "()", "loop", _OURS,
-        "read by the head limits (header timeout and count, lingering close)",
-    ),
-    Coupling(
-        "uvicorn", _PROTOCOL + "()", "headers", _OURS,
-        "read by the head limits (header timeout and count, lingering close)",
-    ),
-    Coupling(
-        "uvicorn", _PROTOCOL + "()", "transport", _OURS,
-        "read by the head limits (header timeout and count, lingering close)",
-    ),
-    Coupling(
-        "uvicorn", _PROTOCOL, "on_message_begin", _OURS,
-        "overridden or called by the head limits and the JSON 400",
-    ),
-    Coupling(
-        "uvicorn", _PROTOCOL, "on_header", _OURS,
-        "overridden or called by the head limits and the JSON 400",
-    ),
-    Coupling(
-        "uvicorn", _PROTOCOL, "on_body", _OURS,
-        "overridden or called by the head limits and the JSON 400",
-    ),
-    Coupling(
-        "uvicorn", _PROTOCOL, "on_message_complete", _OURS,
-        "overridden or called by the head limits and the JSON 400",
-    ),
-    Coupling(
-        "uvicorn", _PROTOCOL, "on_response_complete", _OURS,
-        "overridden or called by the head limits and the JSON 400",
-    ),
-    Coupling(
-        "uvicorn", _PROTOCOL, "send_400_response", _OURS,
-        "overridden or called by the head limits and the JSON 400",
-    ),
-    Coupling(
-        "uvicorn", _CYCLE, "more_body", _OURS,
-        "the unread body drained after an early answer",
-    ),
-    Coupling(
-        "uvicorn", _CYCLE, "response_complete", _OURS,
-        "the unread body drained after an early answer",
-    ),
-    Coupling(
         "uvicorn", "uvicorn.protocols.http:httptools_impl", "STATUS_LINE",
         "protocol.StreamingHttpToolsProtocol", "the status lines of the 408/431/400 answers",
     ),
@@ -127,4 +85,11 @@ COUPLINGS: tuple[Coupling, ...] = (
         "starlette", "starlette.applications:Starlette()", "middleware_stack", "app.TokenRelayApp",
         "Starlette.__call__ is inlined (scope['app'], lazy build_middleware_stack)",
     ),
+    *_same(_PROTOCOL + "()", ("config", "loop", "headers", "transport"),
+           "read by the head limits (header timeout and count, lingering close)"),
+    *_same(_PROTOCOL, ("on_message_begin", "on_header", "on_body", "on_message_complete",
+                       "on_response_complete", "send_400_response"),
+           "overridden or called by the head limits and the JSON 400"),
+    *_same(_CYCLE, ("more_body", "response_complete"),
+           "the unread body drained after an early answer"),
 )

@@ -28,7 +28,8 @@ def _prefixed(conf: str, prefix: Path) -> str:
     return head + conf.replace("http {\n", "http {\n" + paths, 1)
 
 
-def _prepare(prefix: Path, conf: str) -> Path:
+def prepare(prefix: Path, conf: str) -> Path:
+    """Write ``conf`` (pid, logs and temp files moved under ``prefix``) into ``prefix``."""
     prefix.chmod(0o755)
     for kind in TEMP_KINDS:
         (prefix / kind).mkdir()
@@ -45,7 +46,7 @@ async def running_nginx(name: str, rewrite: Callable[[str, int], str],
     once ``probe`` answers."""
     with tempfile.TemporaryDirectory(prefix="tokenrelay-nginx-") as tmp:
         port = free_port()
-        path = _prepare(Path(tmp), rewrite((DEPLOY / name).read_text(), port))
+        path = prepare(Path(tmp), rewrite((DEPLOY / name).read_text(), port))
         proc = await asyncio.create_subprocess_exec(
             NGINX, "-p", tmp, "-c", str(path),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -16,6 +16,20 @@ import aiohttp
 TOKENRELAY = Path(sys.executable).with_name("tokenrelay")
 
 
+async def wait_listening(port: int, what: str, tries: int = 200) -> None:
+    """Until 127.0.0.1:``port`` accepts a connection (another process started listening:
+    nothing to await but the port itself); ``tries`` x 50 ms at most, then RuntimeError."""
+    for _ in range(tries):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise RuntimeError(f"{what} did not start listening on port {port}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from support.processes import wait_listening
 from tokenrelay.simulator import SimulatorConfig, create_simulator
 
 NOT_FOUND_PAGE = (b"<!DOCTYPE html><html><head><title>404 Not Found</title></head>"
@@ -45,16 +46,7 @@ async def plain_web_server(directory: Path) -> AsyncIterator[str]:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        for _ in range(200):  # until it accepts connections (at most ~10 s)
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            break
-        else:
-            raise RuntimeError("http.server did not start")
+        await wait_listening(port, "http.server")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
