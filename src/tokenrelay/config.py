@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 from tokenrelay.errors import ConfigError
 from tokenrelay.journal.base import JournalLimits
+from tokenrelay.simulator.catalogue import DEFAULT_MODELS
 
 SIMULATOR = "simulator"
 
@@ -307,8 +308,6 @@ def _env_overlay(
 
 def simulator_models() -> dict[str, ModelRoute]:
     """Routes for the built-in simulator's models."""
-    from tokenrelay.simulator import DEFAULT_MODELS
-
     return {
         spec.name: ModelRoute(
             spec.name,

@@ -3,24 +3,53 @@
 What the demo, the tests and the benchmarks talk to when no real provider is configured.
 The rooms:
 
+- ``catalogue.py``: the simulated models (plain data) and the config that scales them.
 - ``app.py``: the ASGI app (:class:`Simulator`), its counters, and the entry points.
+
+Only the catalogue is imported with the package: ``config.py`` reads it at import time,
+and the rest (asyncio, the app) loads on first use of one of its names.
 """
 
 from __future__ import annotations
 
-from tokenrelay.simulator.app import (
-    DEFAULT_MODELS,
-    ModelSpec,
-    Simulator,
-    SimulatorConfig,
-    SimulatorStats,
-    build_reasoning,
-    build_text,
-    build_tool_calls,
-    create_simulator,
-    run_simulator,
-    serve_simulator,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from tokenrelay.simulator.catalogue import DEFAULT_MODELS, ModelSpec, SimulatorConfig
+
+if TYPE_CHECKING:
+    from tokenrelay.simulator.app import (
+        Simulator,
+        SimulatorStats,
+        build_reasoning,
+        build_text,
+        build_tool_calls,
+        create_simulator,
+        run_simulator,
+        serve_simulator,
+    )
+
+_LAZY = {
+    "Simulator": "tokenrelay.simulator.app",
+    "SimulatorStats": "tokenrelay.simulator.app",
+    "build_reasoning": "tokenrelay.simulator.app",
+    "build_text": "tokenrelay.simulator.app",
+    "build_tool_calls": "tokenrelay.simulator.app",
+    "create_simulator": "tokenrelay.simulator.app",
+    "run_simulator": "tokenrelay.simulator.app",
+    "serve_simulator": "tokenrelay.simulator.app",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the room that defines ``name`` on first use (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
 
 __all__ = [
     "DEFAULT_MODELS",
