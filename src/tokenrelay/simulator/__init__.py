@@ -4,6 +4,7 @@ What the demo, the tests and the benchmarks talk to when no real provider is con
 The rooms:
 
 - ``catalogue.py``: the simulated models (plain data) and the config that scales them.
+- ``material.py``: the phrases answers are assembled from, and the tokenizer.
 - ``app.py``: the ASGI app (:class:`Simulator`), its counters, and the entry points.
 
 Only the catalogue is imported with the package: ``config.py`` reads it at import time,
