@@ -5,6 +5,7 @@ The rooms:
 
 - ``catalogue.py``: the simulated models (plain data) and the config that scales them.
 - ``material.py``: the phrases answers are assembled from, and the tokenizer.
+- ``text.py``: what the simulator answers, a pure function of (model, messages, seed).
 - ``app.py``: the ASGI app (:class:`Simulator`), its counters, and the entry points.
 
 Only the catalogue is imported with the package: ``config.py`` reads it at import time,
@@ -22,20 +23,18 @@ if TYPE_CHECKING:
     from tokenrelay.simulator.app import (
         Simulator,
         SimulatorStats,
-        build_reasoning,
-        build_text,
-        build_tool_calls,
         create_simulator,
         run_simulator,
         serve_simulator,
     )
+    from tokenrelay.simulator.text import build_reasoning, build_text, build_tool_calls
 
 _LAZY = {
     "Simulator": "tokenrelay.simulator.app",
     "SimulatorStats": "tokenrelay.simulator.app",
-    "build_reasoning": "tokenrelay.simulator.app",
-    "build_text": "tokenrelay.simulator.app",
-    "build_tool_calls": "tokenrelay.simulator.app",
+    "build_reasoning": "tokenrelay.simulator.text",
+    "build_text": "tokenrelay.simulator.text",
+    "build_tool_calls": "tokenrelay.simulator.text",
     "create_simulator": "tokenrelay.simulator.app",
     "run_simulator": "tokenrelay.simulator.app",
     "serve_simulator": "tokenrelay.simulator.app",

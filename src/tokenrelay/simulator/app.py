@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import random
 import time
@@ -39,28 +38,28 @@ from typing import Any
 import orjson
 
 from tokenrelay.simulator.catalogue import (
-    DEFAULT_MODELS,
     DROP,
     FLAKY,
     STALL,
     ModelSpec,
     SimulatorConfig,
 )
-from tokenrelay.simulator.material import (
-    CITIES,
-    DEFAULT_TOOLS,
-    INTROS,
-    THOUGHTS,
-    Material,
-    tokenize,
+from tokenrelay.simulator.material import Material
+from tokenrelay.simulator.text import (
+    after_tool_result,
+    build_tool_calls,
+    content_tokens,
+    message_text,
+    prompt_quote,
+    reasoning_count,
+    request_digest,
+    seeded_rng,
+    thought_tokens,
 )
 
 __all__ = [
     "Simulator",
     "SimulatorStats",
-    "build_reasoning",
-    "build_text",
-    "build_tool_calls",
     "create_simulator",
     "run_simulator",
     "serve_simulator",
@@ -91,142 +90,13 @@ class SimulatorStats:
     faults: int = 0  # drops and stalls performed on purpose
 
 
-# --------------------------------------------------------------------------- answer text
-
-
-def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return " ".join(
-            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
-        )
-    return ""
-
-
-def _quote(messages: Sequence[Any]) -> str:
-    """The first words of the last user message, whitespace collapsed."""
-    for msg in reversed(messages):
-        if isinstance(msg, dict) and msg.get("role") == "user":
-            words = _message_text(msg.get("content")).split()
-            if not words:
-                break
-            text = " ".join(words[:8])
-            if len(text) > 60:
-                return text[:59].rstrip() + "…"
-            return text + ("…" if len(words) > 8 else "")
-    return "your message"
-
-
-def _digest(model: str, messages: Any, seed: Any) -> bytes:
-    return hashlib.sha256(
-        orjson.dumps([model, messages, seed], option=orjson.OPT_SORT_KEYS)
-    ).digest()
-
-
-def _rng(digest: bytes, salt: int) -> random.Random:
-    return random.Random(int.from_bytes(digest[:8], "big") ^ salt)
-
-
-def _paragraph(rng: random.Random, m: Material, out: list[str], first: list[str] | None) -> None:
-    """Append 2-4 sentences; ``first`` (already tokenized) opens the paragraph."""
-    picks = rng.sample(range(len(m.sentences)), rng.randint(2, 4))
-    if first is not None:
-        out.extend(first)
-    else:
-        head = m.sentences[picks.pop(0)]
-        out.append(head[0][1:])  # drop the joining space at the start of a paragraph
-        out.extend(head[1:])
-    for i in picks:
-        out.extend(m.sentences[i])
-    out.append("\n\n")
-
-
-def _section(rng: random.Random, m: Material, out: list[str]) -> None:
-    """One more block of markdown, for answers longer than the natural length."""
-    kind = rng.randrange(4)
-    if kind == 0:
-        out.extend(rng.choice(m.subheadings))
-        out.append("\n\n")
-        _paragraph(rng, m, out, None)
-    elif kind == 1:
-        for i in rng.sample(range(len(m.bullets)), rng.randint(3, 5)):
-            out.extend(m.bullets[i])
-        out.append("\n")
-    elif kind == 2:
-        out.extend(rng.choice(m.code))
-        out.append("\n\n")
-    else:
-        _paragraph(rng, m, out, None)
-
-
-def _answer(rng: random.Random, m: Material, quote: str, length: int | None) -> list[str]:
-    out: list[str] = list(rng.choice(m.titles))
-    out.append("\n\n")
-    intro = tokenize(rng.choice(INTROS).format(q=quote))
-    _paragraph(rng, m, out, intro)
-    target = rng.randint(170, 380)
-    out.extend(rng.choice(m.subheadings))
-    out.append("\n\n")
-    for i in rng.sample(range(len(m.bullets)), rng.randint(3, 5)):
-        out.extend(m.bullets[i])
-    out.append("\n")
-    tail = [*rng.choice(m.code), "\n\n"]
-    if rng.random() < 0.4:
-        tail += [*rng.choice(m.tables), "\n\n"]
-    closing = rng.choice(m.closings)
-    tail += [closing[0][1:], *closing[1:]]
-    while len(out) + len(tail) < target - 20:
-        _paragraph(rng, m, out, None)
-    out.extend(tail)
-    if length is not None:
-        while len(out) < length:
-            out.append("\n\n")
-            _section(rng, m, out)
-        del out[length:]
-    return out
-
-
-def _thoughts(rng: random.Random, quote: str, count: int) -> list[str]:
-    out: list[str] = []
-    order: list[str] = []
-    while len(out) < count:
-        if not order:  # a shuffled cycle, so consecutive thoughts differ
-            order = rng.sample(THOUGHTS, len(THOUGHTS))
-        line = order.pop().format(q=quote)
-        out.extend(tokenize((" " if out else "") + line))
-    del out[count:]
-    return out
-
-
-def _reasoning_count(spec: ModelSpec) -> int:
-    return round(spec.reasoning_s * (spec.tokens_per_s or 60.0))
-
-
-def _content(
-    m: Material, spec: ModelSpec, messages: Any, seed: Any, length: int | None
-) -> list[str]:
-    digest = _digest(spec.name, messages, seed)
-    quote = _quote(messages)
-    if spec.think_tags:
-        thoughts = _thoughts(_rng(digest, 1), quote, _reasoning_count(spec))
-        body = _answer(_rng(digest, 0), m, quote, None)
-        tokens = ["<think>", "\n", *thoughts, "\n", "</think>", "\n\n", *body]
-        if length is not None:
-            filler = _answer(_rng(digest, 0), m, quote, length)
-            tokens.extend(filler[len(body) :])
-            del tokens[length:]
-        return tokens
-    return _answer(_rng(digest, 0), m, quote, length)
-
-
 def _prefill(spec: ModelSpec, messages: list[Any]) -> str | None:
     """The assistant prefix a request ends with (prefill: continue that text), if any.
     The tool-calling model refuses prefill with a 400, as providers without it do."""
     last = messages[-1]
     if len(messages) < 2 or last.get("role") != "assistant" or last.get("tool_calls"):
         return None
-    text = _message_text(last.get("content"))
+    text = message_text(last.get("content"))
     if not text:
         return None
     if spec.tools:
@@ -249,88 +119,6 @@ def _after_prefix(tokens: list[str], prefix: str) -> list[str] | None:
             rest.append(token[len(prefix) - seen:])
         seen += len(token)
     return rest
-
-
-def _model(model: str | ModelSpec) -> ModelSpec:
-    if isinstance(model, ModelSpec):
-        return model
-    for spec in DEFAULT_MODELS:
-        if spec.name == model:
-            return spec
-    return ModelSpec(model, "")
-
-
-def build_text(
-    model: str | ModelSpec,
-    messages: Sequence[Any],
-    seed: int | None = None,
-    max_tokens: int | None = None,
-    *,
-    length: int | None = None,
-) -> list[str]:
-    """The content tokens the simulator streams for this request, so tests can compute
-    the exact expected text. ``length`` is the ``sim.tokens`` override. Tool-call
-    answers have no content (see :func:`build_tool_calls`)."""
-    spec = _model(model)
-    if spec.tools and not _after_tool_result(messages):
-        return []
-    tokens = _content(Material(), spec, list(messages), seed, length)
-    return tokens if max_tokens is None else tokens[:max_tokens]
-
-
-def build_reasoning(
-    model: str | ModelSpec, messages: Sequence[Any], seed: int | None = None,
-    *, count: int | None = None,
-) -> list[str]:
-    """The ``reasoning_content`` tokens of a reasoning model (empty for other models)."""
-    spec = _model(model)
-    if not spec.reasoning:
-        return []
-    n = _reasoning_count(spec) if count is None else count
-    digest = _digest(spec.name, list(messages), seed)
-    return _thoughts(_rng(digest, 1), _quote(messages), n)
-
-
-def _after_tool_result(messages: Sequence[Any]) -> bool:
-    return bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool"
-
-
-def build_tool_calls(
-    model: str | ModelSpec,
-    messages: Sequence[Any],
-    seed: int | None = None,
-    tools: Sequence[Any] | None = None,
-) -> list[tuple[str, str, str]]:
-    """The two parallel tool calls ``(id, name, arguments_json)`` a tools model makes.
-    Names and argument keys come from the request's ``tools`` when given."""
-    spec = _model(model)
-    digest = _digest(spec.name, list(messages), seed)
-    rng = _rng(digest, 2)
-    declared: list[tuple[str, tuple[str, ...]]] = []
-    for tool in tools or ():
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            params = fn.get("parameters")
-            props = params.get("properties") if isinstance(params, dict) else None
-            keys = tuple(props)[:4] if isinstance(props, dict) else ()
-            declared.append((fn["name"], keys))
-    choices = declared or list(DEFAULT_TOOLS)
-    calls = []
-    for i in range(2):
-        name, keys = choices[i % len(choices)]
-        args: dict[str, str] = {}
-        for key in keys or ("query",):
-            if key == "unit":
-                args[key] = rng.choice(("celsius", "fahrenheit"))
-            elif key == "timezone":
-                args[key] = rng.choice(("Europe/Paris", "Asia/Tokyo", "America/Lima"))
-            elif key == "query":
-                args[key] = _quote(messages)
-            else:
-                args[key] = rng.choice(CITIES)
-        call_id = f"call_{digest.hex()[8 * i : 8 * i + 24]}"
-        calls.append((call_id, name, orjson.dumps(args).decode()))
-    return calls
 
 
 def _fragments(text: str, rng: random.Random) -> list[str]:
@@ -693,23 +481,23 @@ class Simulator:
         prefix = _prefill(spec, messages)
         rest = None  # prefill: the tokens after an assistant prefix of this very answer
         if prefix is not None:
-            rest = _after_prefix(_content(self._material, spec, messages[:-1], seed, size),
+            rest = _after_prefix(content_tokens(self._material, spec, messages[:-1], seed, size),
                                  prefix)
             if rest is not None:
                 messages = messages[:-1]  # the turn being continued
-        digest = _digest(spec.name, messages, seed)
+        digest = request_digest(spec.name, messages, seed)
         reasoning: list[str] = []
         content: list[str] = []
         calls: list[tuple[str, str, str]] = []
         finish = "stop"
-        if spec.tools and not _after_tool_result(messages):
+        if spec.tools and not after_tool_result(messages):
             calls = build_tool_calls(spec, messages, seed, request.get("tools"))
             finish = "tool_calls"
         else:
             if spec.reasoning and rest is None:  # a continuation does not think again
-                count = _reasoning_count(spec) if reasoning_n is None else int(reasoning_n)
-                reasoning = _thoughts(_rng(digest, 1), _quote(messages), count)
-            full = rest if rest is not None else _content(self._material, spec, messages,
+                count = reasoning_count(spec) if reasoning_n is None else int(reasoning_n)
+                reasoning = thought_tokens(seeded_rng(digest, 1), prompt_quote(messages), count)
+            full = rest if rest is not None else content_tokens(self._material, spec, messages,
                                                           seed, size)
             limit = len(full) if max_tokens is None else max_tokens
             cut, stopped = _cut_at_stop(full, stops)
@@ -731,7 +519,7 @@ class Simulator:
             rate=rate if rate is not None else spec.tokens_per_s * cfg.speed,
             first_delay=(delay if delay is not None
                          else spec.first_token_delay_s * cfg.first_token_delay_scale),
-            prompt_tokens=sum(len(_message_text(m.get("content"))) // 4 + 4 for m in messages),
+            prompt_tokens=sum(len(message_text(m.get("content"))) // 4 + 4 for m in messages),
             include_usage=include_usage, digest=digest,
         )
 
@@ -840,7 +628,7 @@ class Simulator:
 
 def _tool_frames(chunks: _Chunks, plan: _Plan) -> list[bytes]:
     """OpenAI's sequence: per call, a header fragment (id, name) then argument pieces."""
-    rng = _rng(plan.digest, 3)
+    rng = seeded_rng(plan.digest, 3)
     frames = []
     for index, (call_id, name, args) in enumerate(plan.tool_calls):
         frames.append(chunks.delta({"tool_calls": [{
