@@ -6,6 +6,7 @@ The rooms:
 - ``catalogue.py``: the simulated models (plain data) and the config that scales them.
 - ``material.py``: the phrases answers are assembled from, and the tokenizer.
 - ``text.py``: what the simulator answers, a pure function of (model, messages, seed).
+- ``errors.py``: OpenAI-style refusals (status + error body), raised while reading a request.
 - ``app.py``: the ASGI app (:class:`Simulator`), its counters, and the entry points.
 
 Only the catalogue is imported with the package: ``config.py`` reads it at import time,

@@ -44,6 +44,7 @@ from tokenrelay.simulator.catalogue import (
     ModelSpec,
     SimulatorConfig,
 )
+from tokenrelay.simulator.errors import HTTPError
 from tokenrelay.simulator.material import Material
 from tokenrelay.simulator.text import (
     after_tool_result,
@@ -100,7 +101,7 @@ def _prefill(spec: ModelSpec, messages: list[Any]) -> str | None:
     if not text:
         return None
     if spec.tools:
-        raise _HTTPError(400, "This model does not support assistant message prefill "
+        raise HTTPError(400, "This model does not support assistant message prefill "
                          "(simulated).", code="unsupported_prefill", param="messages")
     return text
 
@@ -131,25 +132,6 @@ def _fragments(text: str, rng: random.Random) -> list[str]:
 
 
 # --------------------------------------------------------------------------- wire encoding
-
-
-def _error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": param,
-                                   "code": code}})
-
-
-class _HTTPError(Exception):
-    """An OpenAI-style error answer, raised inside request handling."""
-
-    def __init__(
-        self, status: int, message: str, type_: str = "invalid_request_error",
-        code: str | None = None, param: str | None = None,
-        headers: Sequence[tuple[bytes, bytes]] = (),
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = _error_body(message, type_, code, param)
-        self.headers = list(headers)
 
 
 async def _send_json(send: Send, status: int, body: bytes,
@@ -386,11 +368,11 @@ class Simulator:
         method: str = scope["method"]
         try:
             if self._auth is not None and not self._authorized(scope):
-                raise _HTTPError(401, "Incorrect API key provided (simulated).",
+                raise HTTPError(401, "Incorrect API key provided (simulated).",
                                  code="invalid_api_key")
             if path == "/v1/chat/completions":
                 if method != "POST":
-                    raise _HTTPError(405, f"Method {method} not allowed.",
+                    raise HTTPError(405, f"Method {method} not allowed.",
                                      code="method_not_allowed")
                 await self._chat(scope, receive, send)
             elif path == "/v1/models" and method == "GET":
@@ -398,12 +380,12 @@ class Simulator:
             elif path.startswith("/v1/models/") and method == "GET":
                 spec = self.models.get(path[len("/v1/models/") :])
                 if spec is None:
-                    raise _HTTPError(404, "The model does not exist.", code="model_not_found")
+                    raise HTTPError(404, "The model does not exist.", code="model_not_found")
                 await _send_json(send, 200, orjson.dumps(self._model_object(spec)))
             else:
-                raise _HTTPError(404, f"Unknown request URL: {method} {path}.",
+                raise HTTPError(404, f"Unknown request URL: {method} {path}.",
                                  code="unknown_url")
-        except _HTTPError as exc:
+        except HTTPError as exc:
             if path == "/v1/chat/completions":
                 self._bump("rejected")
             await _send_json(send, exc.status, exc.body, exc.headers)
@@ -427,14 +409,14 @@ class Simulator:
         try:
             request = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise _HTTPError(400, "We could not parse the JSON body of your request.") from None
+            raise HTTPError(400, "We could not parse the JSON body of your request.") from None
         if not isinstance(request, dict):
-            raise _HTTPError(400, "The request body must be a JSON object.")
+            raise HTTPError(400, "The request body must be a JSON object.")
         self.last_request_body = request
         plan = self._plan(request)
         if plan.spec.fault == FLAKY and self._flaky_hit(plan.digest):
             retry = str(self.config.retry_after_s)
-            raise _HTTPError(
+            raise HTTPError(
                 429, f"Rate limit reached for {plan.spec.name} (simulated). "
                 f"Please try again in {retry}s.", type_="requests", code="rate_limit_exceeded",
                 headers=[(b"retry-after", retry.encode())],
@@ -450,25 +432,25 @@ class Simulator:
     def _plan(self, request: dict[str, Any]) -> _Plan:
         name = request.get("model")
         if not isinstance(name, str) or not name:
-            raise _HTTPError(400, "You must provide a model parameter.", param="model")
+            raise HTTPError(400, "You must provide a model parameter.", param="model")
         spec = self.models.get(name)
         if spec is None:
-            raise _HTTPError(404, f"The model `{name}` does not exist or you do not have "
+            raise HTTPError(404, f"The model `{name}` does not exist or you do not have "
                              "access to it.", code="model_not_found", param="model")
         messages = request.get("messages")
         if (not isinstance(messages, list) or not messages
                 or not all(isinstance(m, dict) and "role" in m for m in messages)):
-            raise _HTTPError(400, "'messages' must be a non-empty array of message objects.",
+            raise HTTPError(400, "'messages' must be a non-empty array of message objects.",
                              param="messages")
         max_tokens = request.get("max_completion_tokens", request.get("max_tokens"))
         if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-            raise _HTTPError(400, "'max_tokens' must be a positive integer.", param="max_tokens")
+            raise HTTPError(400, "'max_tokens' must be a positive integer.", param="max_tokens")
         seed = request.get("seed")
         if seed is not None and not _is_int(seed):
-            raise _HTTPError(400, "'seed' must be an integer.", param="seed")
+            raise HTTPError(400, "'seed' must be an integer.", param="seed")
         sim = request.get("sim") or {}
         if not isinstance(sim, dict):
-            raise _HTTPError(400, "'sim' must be an object.", param="sim")
+            raise HTTPError(400, "'sim' must be an object.", param="sim")
         length = _opt_number(sim, "tokens", integer=True)
         reasoning_n = _opt_number(sim, "reasoning_tokens", integer=True)
         rate = _opt_number(sim, "tokens_per_s")
@@ -647,7 +629,7 @@ def _stop_sequences(value: Any) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if (not isinstance(stops, list) or len(stops) > 4
             or not all(isinstance(s, str) and s for s in stops)):
-        raise _HTTPError(400, "'stop' must be a non-empty string or a list of up to 4 "
+        raise HTTPError(400, "'stop' must be a non-empty string or a list of up to 4 "
                          "non-empty strings.", param="stop")
     return stops
 
@@ -691,7 +673,7 @@ def _opt_number(sim: dict[str, Any], key: str, *, integer: bool = False) -> floa
         value, bool)
     if not ok or value < 0:
         kind = "a non-negative integer" if integer else "a non-negative number"
-        raise _HTTPError(400, f"'sim.{key}' must be {kind}.", param=f"sim.{key}")
+        raise HTTPError(400, f"'sim.{key}' must be {kind}.", param=f"sim.{key}")
     return float(value)
 
 
@@ -706,7 +688,7 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise _HTTPError(413, "Request body too large.", code="request_too_large")
+            raise HTTPError(413, "Request body too large.", code="request_too_large")
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
