@@ -7,6 +7,7 @@ The rooms:
 - ``material.py``: the phrases answers are assembled from, and the tokenizer.
 - ``text.py``: what the simulator answers, a pure function of (model, messages, seed).
 - ``errors.py``: OpenAI-style refusals (status + error body), raised while reading a request.
+- ``framing.py``: OpenAI's chunk stream as byte templates (a token costs one dumps).
 - ``app.py``: the ASGI app (:class:`Simulator`), its counters, and the entry points.
 
 Only the catalogue is imported with the package: ``config.py`` reads it at import time,

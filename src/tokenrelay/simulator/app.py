@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import random
 import time
 import uuid
 from collections import OrderedDict
@@ -45,6 +44,7 @@ from tokenrelay.simulator.catalogue import (
     SimulatorConfig,
 )
 from tokenrelay.simulator.errors import HTTPError
+from tokenrelay.simulator.framing import Chunks, tokens_batch, tool_frames
 from tokenrelay.simulator.material import Material
 from tokenrelay.simulator.text import (
     after_tool_result,
@@ -122,15 +122,6 @@ def _after_prefix(tokens: list[str], prefix: str) -> list[str] | None:
     return rest
 
 
-def _fragments(text: str, rng: random.Random) -> list[str]:
-    out, i = [], 0
-    while i < len(text):
-        size = rng.randint(3, 8)
-        out.append(text[i : i + size])
-        i += size
-    return out
-
-
 # --------------------------------------------------------------------------- wire encoding
 
 
@@ -147,57 +138,6 @@ async def _send_json(send: Send, status: int, body: bytes,
         ],
     })
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-class _Chunks:
-    """Byte templates of one response's chunks: per token, only the token is encoded."""
-
-    __slots__ = ("content_head", "created", "id", "model", "prefix", "reasoning_head", "tail")
-
-    def __init__(self, chat_id: str, created: int, model: str, include_usage: bool) -> None:
-        self.id = chat_id
-        self.created = created
-        self.model = model
-        self.prefix = (
-            b'data: {"id":"' + chat_id.encode() + b'","object":"chat.completion.chunk",'
-            b'"created":' + str(created).encode() + b',"model":' + orjson.dumps(model)
-            + b',"choices":[{"index":0,"delta":{'
-        )
-        self.content_head = self.prefix + b'"content":'
-        self.reasoning_head = self.prefix + b'"reasoning_content":'
-        self.tail = b'},"finish_reason":null}]' + (b',"usage":null' if include_usage else b"")
-        self.tail += b"}\n\n"
-
-    def role(self, content_null: bool) -> bytes:
-        content = b"null" if content_null else b'""'
-        return self.prefix + b'"role":"assistant","content":' + content + self.tail
-
-    def delta(self, delta: dict[str, Any]) -> bytes:
-        return self.prefix + orjson.dumps(delta)[1:-1] + self.tail
-
-    def finish(self, reason: str) -> bytes:
-        return self.prefix + b'},"finish_reason":"' + reason.encode() + b'"' + self.tail[22:]
-
-    def usage(self, usage: dict[str, Any]) -> bytes:
-        return b"data: " + orjson.dumps({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model, "choices": [], "usage": usage,
-        }) + b"\n\n"
-
-
-def _tokens_batch(head: bytes, tail: bytes, tokens: Sequence[str]) -> Callable[[int, int], bytes]:
-    dumps = orjson.dumps
-
-    def batch(i: int, j: int) -> bytes:
-        parts: list[bytes] = []
-        append = parts.append
-        for tok in tokens[i:j]:
-            append(head)
-            append(dumps(tok))
-            append(tail)
-        return b"".join(parts)
-
-    return batch
 
 
 class _Pacer:
@@ -533,7 +473,7 @@ class Simulator:
 
     async def _stream(self, send: Send, plan: _Plan) -> None:
         chat_id = "chatcmpl-sim" + uuid.uuid4().hex[:20]
-        chunks = _Chunks(chat_id, int(time.time()), plan.spec.name, plan.include_usage)
+        chunks = Chunks(chat_id, int(time.time()), plan.spec.name, plan.include_usage)
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
@@ -547,12 +487,12 @@ class Simulator:
         pacer.lead = chunks.role(content_null=bool(plan.tool_calls))
         if plan.reasoning:
             await pacer.emit(len(plan.reasoning),
-                             _tokens_batch(chunks.reasoning_head, chunks.tail, plan.reasoning))
+                             tokens_batch(chunks.reasoning_head, chunks.tail, plan.reasoning))
         if plan.tool_calls:
-            frames = _tool_frames(chunks, plan)
+            frames = tool_frames(chunks, plan.tool_calls, seeded_rng(plan.digest, 3))
             await pacer.emit(len(frames), lambda i, j: b"".join(frames[i:j]))
         await pacer.emit(len(plan.content),
-                         _tokens_batch(chunks.content_head, chunks.tail, plan.content))
+                         tokens_batch(chunks.content_head, chunks.tail, plan.content))
         if plan.spec.fault == DROP:
             if pacer.lead:
                 await send({"type": "http.response.body", "body": pacer.lead, "more_body": True})
@@ -606,20 +546,6 @@ class Simulator:
         plan.finished = True
         await _send_json(send, 200, body)
         self._bump("completed")
-
-
-def _tool_frames(chunks: _Chunks, plan: _Plan) -> list[bytes]:
-    """OpenAI's sequence: per call, a header fragment (id, name) then argument pieces."""
-    rng = seeded_rng(plan.digest, 3)
-    frames = []
-    for index, (call_id, name, args) in enumerate(plan.tool_calls):
-        frames.append(chunks.delta({"tool_calls": [{
-            "index": index, "id": call_id, "type": "function",
-            "function": {"name": name, "arguments": ""}}]}))
-        for piece in _fragments(args, rng):
-            frames.append(chunks.delta({"tool_calls": [{
-                "index": index, "function": {"arguments": piece}}]}))
-    return frames
 
 
 def _stop_sequences(value: Any) -> list[str]:
