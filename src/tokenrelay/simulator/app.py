@@ -46,6 +46,7 @@ from tokenrelay.simulator.catalogue import (
 from tokenrelay.simulator.errors import HTTPError
 from tokenrelay.simulator.framing import Chunks, tokens_batch, tool_frames
 from tokenrelay.simulator.material import Material
+from tokenrelay.simulator.pacing import Pacer
 from tokenrelay.simulator.text import (
     after_tool_result,
     build_tool_calls,
@@ -74,8 +75,6 @@ Send = Callable[[Message], Awaitable[None]]
 OWNER = "tokenrelay-simulator"
 MODELS_CREATED = 1_735_689_600  # 2025-01-01, a fixed date so /v1/models is stable
 MAX_BODY_BYTES = 8 * 1024 * 1024
-BATCH_TOKENS = 64  # chunks per ASGI send when unpaced (or late)
-BATCH_BYTES = 16 * 1024
 FLAKY_MEMORY = 4096  # prompts remembered by sim-flaky
 
 
@@ -138,56 +137,6 @@ async def _send_json(send: Send, status: int, body: bytes,
         ],
     })
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-class _Pacer:
-    """Sends items at a steady rate on one timeline across phases (reasoning, content).
-
-    Item k is due at ``t0 + k / rate``; each wake-up sends every item already due in one
-    write (at most :data:`BATCH_TOKENS`), so high rates stay accurate with few sleeps.
-    Rate 0 means unpaced: batches of 64 items or 16 KB, yielding to the loop in between.
-    """
-
-    def __init__(self, send: Send, rate: float) -> None:
-        self.send = send
-        self.interval = 1.0 / rate if rate > 0 else 0.0
-        self.t0 = -1.0
-        self.sent = 0
-        self.lead = b""  # bytes to put in front of the next write (the role chunk)
-
-    async def emit(self, count: int, batch: Callable[[int, int], bytes]) -> None:
-        send = self.send
-        i = 0
-        if self.interval == 0.0:
-            while i < count:
-                j = min(count, i + BATCH_TOKENS)
-                body = batch(i, j)
-                while len(body) > BATCH_BYTES and j - i > 1:  # keep writes near 16 KB
-                    j = i + max(1, (j - i) // 2)
-                    body = batch(i, j)
-                await send({"type": "http.response.body", "body": self.lead + body,
-                            "more_body": True})
-                self.lead = b""
-                self.sent += j - i
-                i = j
-                await asyncio.sleep(0)
-            return
-        loop = asyncio.get_running_loop()
-        while i < count:
-            now = loop.time()
-            if self.t0 < 0:
-                self.t0 = now
-            else:
-                delay = self.t0 + self.sent * self.interval - now
-                await asyncio.sleep(max(delay, 0.0))  # 0 still lets the loop breathe
-                now = loop.time()
-            due = int((now - self.t0) / self.interval) + 1 - self.sent
-            j = i + min(max(due, 1), count - i, BATCH_TOKENS)
-            await send({"type": "http.response.body", "body": self.lead + batch(i, j),
-                        "more_body": True})
-            self.lead = b""
-            self.sent += j - i
-            i = j
 
 
 @dataclass(slots=True)
@@ -483,7 +432,7 @@ class Simulator:
         ]})
         if plan.first_delay > 0:
             await asyncio.sleep(plan.first_delay)
-        pacer = _Pacer(send, plan.rate)
+        pacer = Pacer(send, plan.rate)
         pacer.lead = chunks.role(content_null=bool(plan.tool_calls))
         if plan.reasoning:
             await pacer.emit(len(plan.reasoning),
