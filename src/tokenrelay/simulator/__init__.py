@@ -9,6 +9,7 @@ The rooms:
 - ``errors.py``: OpenAI-style refusals (status + error body), raised while reading a request.
 - ``framing.py``: OpenAI's chunk stream as byte templates (a token costs one dumps).
 - ``pacing.py``: when those bytes go out: a steady token rate, in few writes.
+- ``plan.py``: a request checked and resolved into everything its answer will send.
 - ``app.py``: the ASGI app (:class:`Simulator`), its counters, and the entry points.
 
 Only the catalogue is imported with the package: ``config.py`` reads it at import time,

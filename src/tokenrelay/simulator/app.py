@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -47,16 +47,9 @@ from tokenrelay.simulator.errors import HTTPError
 from tokenrelay.simulator.framing import Chunks, tokens_batch, tool_frames
 from tokenrelay.simulator.material import Material
 from tokenrelay.simulator.pacing import Pacer
+from tokenrelay.simulator.plan import Plan, plan_answer
 from tokenrelay.simulator.text import (
-    after_tool_result,
-    build_tool_calls,
-    content_tokens,
-    message_text,
-    prompt_quote,
-    reasoning_count,
-    request_digest,
     seeded_rng,
-    thought_tokens,
 )
 
 __all__ = [
@@ -90,37 +83,6 @@ class SimulatorStats:
     faults: int = 0  # drops and stalls performed on purpose
 
 
-def _prefill(spec: ModelSpec, messages: list[Any]) -> str | None:
-    """The assistant prefix a request ends with (prefill: continue that text), if any.
-    The tool-calling model refuses prefill with a 400, as providers without it do."""
-    last = messages[-1]
-    if len(messages) < 2 or last.get("role") != "assistant" or last.get("tool_calls"):
-        return None
-    text = message_text(last.get("content"))
-    if not text:
-        return None
-    if spec.tools:
-        raise HTTPError(400, "This model does not support assistant message prefill "
-                         "(simulated).", code="unsupported_prefill", param="messages")
-    return text
-
-
-def _after_prefix(tokens: list[str], prefix: str) -> list[str] | None:
-    """The tokens after ``prefix`` (the one it ends inside, cut there), or None when the
-    answer does not start with it (then the request is answered as a new turn)."""
-    if not "".join(tokens).startswith(prefix):
-        return None
-    rest: list[str] = []
-    seen = 0
-    for token in tokens:
-        if seen >= len(prefix):
-            rest.append(token)
-        elif seen + len(token) > len(prefix):
-            rest.append(token[len(prefix) - seen:])
-        seen += len(token)
-    return rest
-
-
 # --------------------------------------------------------------------------- wire encoding
 
 
@@ -137,33 +99,6 @@ async def _send_json(send: Send, status: int, body: bytes,
         ],
     })
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-@dataclass(slots=True)
-class _Plan:
-    """Everything one answer will send, decided before the first byte."""
-
-    spec: ModelSpec
-    content: list[str]
-    reasoning: list[str]
-    tool_calls: list[tuple[str, str, str]]
-    finish_reason: str
-    rate: float
-    first_delay: float
-    prompt_tokens: int
-    include_usage: bool
-    digest: bytes
-    finished: bool = field(default=False)
-
-    def usage(self) -> dict[str, Any]:
-        calls = sum(len(args) // 4 + 1 for _, _, args in self.tool_calls)
-        completion = len(self.content) + len(self.reasoning) + calls
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-            "completion_tokens_details": {"reasoning_tokens": len(self.reasoning)},
-        }
 
 
 # --------------------------------------------------------------------------- the app
@@ -258,11 +193,11 @@ class Simulator:
         try:
             if self._auth is not None and not self._authorized(scope):
                 raise HTTPError(401, "Incorrect API key provided (simulated).",
-                                 code="invalid_api_key")
+                                code="invalid_api_key")
             if path == "/v1/chat/completions":
                 if method != "POST":
                     raise HTTPError(405, f"Method {method} not allowed.",
-                                     code="method_not_allowed")
+                                    code="method_not_allowed")
                 await self._chat(scope, receive, send)
             elif path == "/v1/models" and method == "GET":
                 await _send_json(send, 200, self._models_body)
@@ -273,7 +208,7 @@ class Simulator:
                 await _send_json(send, 200, orjson.dumps(self._model_object(spec)))
             else:
                 raise HTTPError(404, f"Unknown request URL: {method} {path}.",
-                                 code="unknown_url")
+                                code="unknown_url")
         except HTTPError as exc:
             if path == "/v1/chat/completions":
                 self._bump("rejected")
@@ -302,7 +237,7 @@ class Simulator:
         if not isinstance(request, dict):
             raise HTTPError(400, "The request body must be a JSON object.")
         self.last_request_body = request
-        plan = self._plan(request)
+        plan = plan_answer(request, self.config, self.models, self._material)
         if plan.spec.fault == FLAKY and self._flaky_hit(plan.digest):
             retry = str(self.config.retry_after_s)
             raise HTTPError(
@@ -318,82 +253,6 @@ class Simulator:
         finally:
             self._bump("active", -1)
 
-    def _plan(self, request: dict[str, Any]) -> _Plan:
-        name = request.get("model")
-        if not isinstance(name, str) or not name:
-            raise HTTPError(400, "You must provide a model parameter.", param="model")
-        spec = self.models.get(name)
-        if spec is None:
-            raise HTTPError(404, f"The model `{name}` does not exist or you do not have "
-                             "access to it.", code="model_not_found", param="model")
-        messages = request.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and "role" in m for m in messages)):
-            raise HTTPError(400, "'messages' must be a non-empty array of message objects.",
-                             param="messages")
-        max_tokens = request.get("max_completion_tokens", request.get("max_tokens"))
-        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-            raise HTTPError(400, "'max_tokens' must be a positive integer.", param="max_tokens")
-        seed = request.get("seed")
-        if seed is not None and not _is_int(seed):
-            raise HTTPError(400, "'seed' must be an integer.", param="seed")
-        sim = request.get("sim") or {}
-        if not isinstance(sim, dict):
-            raise HTTPError(400, "'sim' must be an object.", param="sim")
-        length = _opt_number(sim, "tokens", integer=True)
-        reasoning_n = _opt_number(sim, "reasoning_tokens", integer=True)
-        rate = _opt_number(sim, "tokens_per_s")
-        delay = _opt_number(sim, "first_token_delay_s")
-        stops = _stop_sequences(request.get("stop"))
-        options = request.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-
-        size = None if length is None else int(length)
-        prefix = _prefill(spec, messages)
-        rest = None  # prefill: the tokens after an assistant prefix of this very answer
-        if prefix is not None:
-            rest = _after_prefix(content_tokens(self._material, spec, messages[:-1], seed, size),
-                                 prefix)
-            if rest is not None:
-                messages = messages[:-1]  # the turn being continued
-        digest = request_digest(spec.name, messages, seed)
-        reasoning: list[str] = []
-        content: list[str] = []
-        calls: list[tuple[str, str, str]] = []
-        finish = "stop"
-        if spec.tools and not after_tool_result(messages):
-            calls = build_tool_calls(spec, messages, seed, request.get("tools"))
-            finish = "tool_calls"
-        else:
-            if spec.reasoning and rest is None:  # a continuation does not think again
-                count = reasoning_count(spec) if reasoning_n is None else int(reasoning_n)
-                reasoning = thought_tokens(seeded_rng(digest, 1), prompt_quote(messages), count)
-            full = rest if rest is not None else content_tokens(self._material, spec, messages,
-                                                          seed, size)
-            limit = len(full) if max_tokens is None else max_tokens
-            cut, stopped = _cut_at_stop(full, stops)
-            # A stop sequence counts if it begins within what max_tokens lets through.
-            if stopped and sum(map(len, cut)) < sum(map(len, full[:limit])):
-                full = cut
-            else:
-                stopped = False
-            if spec.fault in (DROP, STALL):
-                content = full[: spec.fault_after]
-            elif not stopped and max_tokens is not None and len(full) > max_tokens:
-                content, finish = full[:max_tokens], "length"
-            else:
-                content = full
-        cfg = self.config
-        return _Plan(
-            spec=spec, content=content, reasoning=reasoning, tool_calls=calls,
-            finish_reason=finish,
-            rate=rate if rate is not None else spec.tokens_per_s * cfg.speed,
-            first_delay=(delay if delay is not None
-                         else spec.first_token_delay_s * cfg.first_token_delay_scale),
-            prompt_tokens=sum(len(message_text(m.get("content"))) // 4 + 4 for m in messages),
-            include_usage=include_usage, digest=digest,
-        )
-
     def _flaky_hit(self, digest: bytes) -> bool:
         """Odd attempts for a prompt (1st, 3rd, ...) are rate limited; memory is bounded."""
         count = self._flaky.pop(digest, 0)
@@ -402,7 +261,7 @@ class Simulator:
             self._flaky.popitem(last=False)
         return count % 2 == 0
 
-    async def _race(self, receive: Receive, work: Awaitable[None], plan: _Plan) -> None:
+    async def _race(self, receive: Receive, work: Awaitable[None], plan: Plan) -> None:
         """Run the answer against a disconnect listener; the first to finish wins."""
         task = asyncio.ensure_future(work)
         listener = asyncio.ensure_future(_wait_disconnect(receive))
@@ -420,7 +279,7 @@ class Simulator:
         if gone and not plan.finished:
             self._bump("disconnected")
 
-    async def _stream(self, send: Send, plan: _Plan) -> None:
+    async def _stream(self, send: Send, plan: Plan) -> None:
         chat_id = "chatcmpl-sim" + uuid.uuid4().hex[:20]
         chunks = Chunks(chat_id, int(time.time()), plan.spec.name, plan.include_usage)
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -458,7 +317,7 @@ class Simulator:
                     "more_body": False})
         self._bump("completed")
 
-    async def _complete(self, send: Send, plan: _Plan) -> None:
+    async def _complete(self, send: Send, plan: Plan) -> None:
         """A non-streaming answer takes as long as the stream would have."""
         items = len(plan.reasoning) + len(plan.content) + 4 * len(plan.tool_calls)
         duration = plan.first_delay + (items / plan.rate if plan.rate > 0 else 0.0)
@@ -497,59 +356,9 @@ class Simulator:
         self._bump("completed")
 
 
-def _stop_sequences(value: Any) -> list[str]:
-    """OpenAI's ``stop``: null, a string, or a list of up to 4 non-empty strings."""
-    if value is None:
-        return []
-    stops = [value] if isinstance(value, str) else value
-    if (not isinstance(stops, list) or len(stops) > 4
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise HTTPError(400, "'stop' must be a non-empty string or a list of up to 4 "
-                         "non-empty strings.", param="stop")
-    return stops
-
-
-def _cut_at_stop(tokens: list[str], stops: list[str]) -> tuple[list[str], bool]:
-    """The tokens before the first occurrence of any stop sequence (which is never sent,
-    even when it spans tokens), and whether one was found."""
-    if not stops:
-        return tokens, False
-    text = "".join(tokens)
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    if not found:
-        return tokens, False
-    cut = min(found)
-    out: list[str] = []
-    used = 0
-    for token in tokens:
-        if used + len(token) >= cut:
-            if cut > used:
-                out.append(token[: cut - used])
-            break
-        out.append(token)
-        used += len(token)
-    return out, True
-
-
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _opt_number(sim: dict[str, Any], key: str, *, integer: bool = False) -> float | None:
-    value = sim.get(key)
-    if value is None:
-        return None
-    ok = _is_int(value) if integer else isinstance(value, int | float) and not isinstance(
-        value, bool)
-    if not ok or value < 0:
-        kind = "a non-negative integer" if integer else "a non-negative number"
-        raise HTTPError(400, f"'sim.{key}' must be {kind}.", param=f"sim.{key}")
-    return float(value)
 
 
 async def _read_body(receive: Receive) -> bytes | None:
