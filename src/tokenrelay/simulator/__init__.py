@@ -10,7 +10,8 @@ The rooms:
 - ``framing.py``: OpenAI's chunk stream as byte templates (a token costs one dumps).
 - ``pacing.py``: when those bytes go out: a steady token rate, in few writes.
 - ``plan.py``: a request checked and resolved into everything its answer will send.
-- ``app.py``: the ASGI app (:class:`Simulator`), its counters, and the entry points.
+- ``app.py``: the ASGI app (:class:`Simulator`): routes, the per-request race, counters.
+- ``serve.py``: the app under uvicorn as its own server (``tokenrelay simulate``).
 
 Only the catalogue is imported with the package: ``config.py`` reads it at import time,
 and the rest (asyncio, the app) loads on first use of one of its names.
@@ -28,9 +29,8 @@ if TYPE_CHECKING:
         Simulator,
         SimulatorStats,
         create_simulator,
-        run_simulator,
-        serve_simulator,
     )
+    from tokenrelay.simulator.serve import run_simulator, serve_simulator
     from tokenrelay.simulator.text import build_reasoning, build_text, build_tool_calls
 
 _LAZY = {
@@ -40,8 +40,8 @@ _LAZY = {
     "build_text": "tokenrelay.simulator.text",
     "build_tool_calls": "tokenrelay.simulator.text",
     "create_simulator": "tokenrelay.simulator.app",
-    "run_simulator": "tokenrelay.simulator.app",
-    "serve_simulator": "tokenrelay.simulator.app",
+    "run_simulator": "tokenrelay.simulator.serve",
+    "serve_simulator": "tokenrelay.simulator.serve",
 }
 
 
