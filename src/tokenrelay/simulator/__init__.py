@@ -1,7 +1,21 @@
 """The built-in OpenAI-compatible upstream: deterministic, fast, and failing on purpose.
 
-What the demo, the tests and the benchmarks talk to when no real provider is configured.
-The rooms:
+It is what the demo, the tests and the benchmarks talk to when no real provider is
+configured, and it speaks ``GET /v1/models`` and ``POST /v1/chat/completions`` (streaming
+and not) exactly like OpenAI. Every answer is a pure function of (model, messages, seed):
+tests compute the expected text with :func:`build_text` instead of hard-coding it.
+``max_tokens`` truncates that text, so a shorter answer is always a prefix of the longer
+one; ``stop`` (a string or up to 4) ends it before the first occurrence of any of them,
+with ``finish_reason`` ``"stop"``.
+
+Models (:data:`DEFAULT_MODELS`) cover the behaviours a gateway must survive: a paced chat
+model, an unpaced one for benchmarks, ``reasoning_content``, ``<think>`` tags, parallel
+tool calls, 429 + ``Retry-After``, a body that stops without ``[DONE]``, and a stall.
+:class:`SimulatorConfig` scales every speed so a test runs the same script 50x faster, and
+a request may carry ``"sim": {"tokens", "tokens_per_s", "first_token_delay_s",
+"reasoning_tokens"}`` to override its model's numbers (absolute values, not scaled).
+
+The rooms, each importing only those above it:
 
 - ``catalogue.py``: the simulated models (plain data) and the config that scales them.
 - ``material.py``: the phrases answers are assembled from, and the tokenizer.
@@ -25,11 +39,7 @@ from typing import TYPE_CHECKING, Any
 from tokenrelay.simulator.catalogue import DEFAULT_MODELS, ModelSpec, SimulatorConfig
 
 if TYPE_CHECKING:
-    from tokenrelay.simulator.app import (
-        Simulator,
-        SimulatorStats,
-        create_simulator,
-    )
+    from tokenrelay.simulator.app import Simulator, SimulatorStats, create_simulator
     from tokenrelay.simulator.serve import run_simulator, serve_simulator
     from tokenrelay.simulator.text import build_reasoning, build_text, build_tool_calls
 

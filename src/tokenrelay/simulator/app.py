@@ -1,20 +1,10 @@
-"""The built-in OpenAI-compatible upstream: deterministic, fast, and failing on purpose.
+"""The simulator's ASGI app: ``GET /v1/models`` and ``POST /v1/chat/completions``.
 
-It is what the demo, the tests and the benchmarks talk to when no real provider is
-configured, so it is a raw ASGI app (no framework on the per-token path) that speaks
-``GET /v1/models`` and ``POST /v1/chat/completions`` (streaming and not) exactly like
-OpenAI. Every answer is a pure function of (model, messages, seed): tests compute the
-expected text with :func:`build_text` instead of hard-coding it. ``max_tokens`` truncates
-that text, so a shorter answer is always a prefix of the longer one; ``stop`` (a string
-or up to 4) ends it before the first occurrence of any of them, with ``finish_reason``
-``"stop"``.
-
-Models (:data:`DEFAULT_MODELS`) cover the behaviours a gateway must survive: a paced chat
-model, an unpaced one for benchmarks, ``reasoning_content``, ``<think>`` tags, parallel
-tool calls, 429 + ``Retry-After``, a body that stops without ``[DONE]``, and a stall.
-:class:`SimulatorConfig` scales every speed so a test runs the same script 50x faster, and
-a request may carry ``"sim": {"tokens", "tokens_per_s", "first_token_delay_s",
-"reasoning_tokens"}`` to override its model's numbers (absolute values, not scaled).
+A raw ASGI app (no framework on the per-token path) that answers streaming and not
+exactly like OpenAI. It reads the body, has :mod:`~tokenrelay.simulator.plan` decide the
+whole answer, and sends it: a JSON body, or chunks (:mod:`~tokenrelay.simulator.framing`)
+at the plan's pace (:mod:`~tokenrelay.simulator.pacing`), with the model's fault on
+purpose (429 from sim-flaky, a cut body, a stall).
 
 Concurrency per request is a race of two tasks: the generator (the only writer) and a
 listener on ``receive()``; when the client goes away the generator is cancelled at once.
@@ -36,27 +26,15 @@ from typing import Any
 
 import orjson
 
-from tokenrelay.simulator.catalogue import (
-    DROP,
-    FLAKY,
-    STALL,
-    ModelSpec,
-    SimulatorConfig,
-)
+from tokenrelay.simulator.catalogue import DROP, FLAKY, STALL, ModelSpec, SimulatorConfig
 from tokenrelay.simulator.errors import HTTPError
 from tokenrelay.simulator.framing import Chunks, tokens_batch, tool_frames
 from tokenrelay.simulator.material import Material
 from tokenrelay.simulator.pacing import Pacer
 from tokenrelay.simulator.plan import Plan, plan_answer
-from tokenrelay.simulator.text import (
-    seeded_rng,
-)
+from tokenrelay.simulator.text import seeded_rng
 
-__all__ = [
-    "Simulator",
-    "SimulatorStats",
-    "create_simulator",
-]
+__all__ = ["Simulator", "SimulatorStats", "create_simulator"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -81,9 +59,6 @@ class SimulatorStats:
     faults: int = 0  # drops and stalls performed on purpose
 
 
-# --------------------------------------------------------------------------- wire encoding
-
-
 async def _send_json(send: Send, status: int, body: bytes,
                      headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     await send({
@@ -97,9 +72,6 @@ async def _send_json(send: Send, status: int, body: bytes,
         ],
     })
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-# --------------------------------------------------------------------------- the app
 
 
 class Simulator:
@@ -379,9 +351,6 @@ async def _read_body(receive: Receive) -> bytes | None:
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-# --------------------------------------------------------------------------- entry points
 
 
 def create_simulator(config: SimulatorConfig | None = None) -> Simulator:
