@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import tokenrelay
@@ -60,3 +62,13 @@ def test_no_import_cycles():
     for name in graph:
         if name not in state:
             visit(name, [])
+
+
+def test_settings_read_the_simulator_catalogue_without_loading_the_simulator():
+    # config.py imports the model catalogue at top level; the app and its text stay unloaded.
+    code = (
+        "import sys, tokenrelay.config; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('tokenrelay.simulator'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["tokenrelay.simulator", "tokenrelay.simulator.catalogue"]
