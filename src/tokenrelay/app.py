@@ -30,7 +30,7 @@ from tokenrelay.guard import GuardMiddleware
 from tokenrelay.httpclient import Pool
 from tokenrelay.hub import Hub
 from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
-from tokenrelay.journal.base import open_journal
+from tokenrelay.journal import open_journal
 from tokenrelay.limits import open_limiter
 from tokenrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tokenrelay.metrics import Metrics, metrics_refusal

@@ -18,7 +18,8 @@ import pytest
 
 from support.processes import free_port
 from support.redis_server import RedisServer, delete_prefix
-from tokenrelay.journal.base import Journal, JournalLimits, open_journal
+from tokenrelay.journal import open_journal
+from tokenrelay.journal.base import Journal, JournalLimits
 from tokenrelay.journal.memory import MemoryJournal
 from tokenrelay.journal.redis import RedisJournal
 
