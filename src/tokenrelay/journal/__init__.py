@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenrelay.config import JournalLimits
 from tokenrelay.errors import ConfigError
-from tokenrelay.journal.base import Journal, JournalLimits
+from tokenrelay.journal.base import Journal
 
 
 def open_journal(url: str, limits: JournalLimits, **options: Any) -> Journal:

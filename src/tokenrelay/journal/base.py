@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tokenrelay.config import JournalLimits
+
 
 @dataclass(slots=True)
 class ReadResult:
@@ -43,16 +45,6 @@ class Follower(Protocol):
     pos: int
 
     def push(self, frames: list[bytes]) -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
-class JournalLimits:
-    """Bounds of a journal (see module docstring)."""
-
-    max_events: int = 100_000
-    max_bytes: int = 16 * 1024 * 1024
-    max_streams: int = 20_000
-    retention_s: float = 600.0
 
 
 @dataclass(slots=True)

@@ -48,6 +48,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
+from tokenrelay.config import JournalLimits
 from tokenrelay.errors import (
     ConfigError,
     JournalFull,
@@ -55,7 +56,7 @@ from tokenrelay.errors import (
     StreamClosed,
     StreamNotFound,
 )
-from tokenrelay.journal.base import Follower, Journal, JournalLimits, ReadResult, StreamInfo
+from tokenrelay.journal.base import Follower, Journal, ReadResult, StreamInfo
 from tokenrelay.journal.redis_notifier import DOWN, Notifier, Range, seq_of, unavailable
 
 # KEYS: index, meta, stream, lease
