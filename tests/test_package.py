@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import tokenrelay
@@ -14,6 +15,11 @@ def test_public_surface():
     assert sorted(tokenrelay.__all__) == ["Settings", "__version__", "create_app", "load_settings"]
     for name in tokenrelay.__all__:
         assert hasattr(tokenrelay, name)
+
+
+def test_version_module_matches_pyproject():
+    pyproject = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert tokenrelay.__version__ == pyproject["project"]["version"]
 
 
 def _module_name(path: Path) -> str:
