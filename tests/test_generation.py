@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -34,18 +34,13 @@ from tokenrelay.generation import CANCEL_ABANDONED, CANCEL_SHUTDOWN, CANCEL_USER
 TOKENS = ["Hel", "lo", ", ", "wor", "ld", "!"]
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[FaultUpstream]:
-    async with FaultUpstream() as up:
-        yield up
-
 
 @pytest.fixture
-def parts(upstream: FaultUpstream, tmp_path: Path
+def parts(fault_upstream: FaultUpstream, tmp_path: Path
           ) -> Callable[..., AbstractAsyncContextManager[Parts]]:
     """``async with parts(**env) as p``: the pieces, pointed at the fault upstream."""
     def make(**env: str) -> AbstractAsyncContextManager[Parts]:
-        return answer_parts(upstream.base_url, tmp_path, **env)
+        return answer_parts(fault_upstream.base_url, tmp_path, **env)
     return make
 
 
@@ -82,8 +77,8 @@ async def end_of(p: Parts, gen: Generation) -> tuple[Any, str, dict[str, Any]]:
 
 
 async def test_a_complete_answer_ends_with_one_done_frame_and_is_stored_whole(
-        upstream: FaultUpstream, parts: Any) -> None:
-    upstream.script(ok(TOKENS))
+        fault_upstream: FaultUpstream, parts: Any) -> None:
+    fault_upstream.script(ok(TOKENS))
     async with parts() as p:
         gen = await start(p)
         end, relayed, stored = await end_of(p, gen)
@@ -99,14 +94,14 @@ async def test_a_complete_answer_ends_with_one_done_frame_and_is_stored_whole(
     (CANCEL_ABANDONED, "cancelled"),  # nobody came back within the grace period
 ])
 async def test_a_cancelled_answer_ends_with_one_done_frame_and_keeps_its_partial_text(
-        upstream: FaultUpstream, parts: Any, reason: str, state: str) -> None:
-    upstream.script(stall_after(TOKENS, 3))
+        fault_upstream: FaultUpstream, parts: Any, reason: str, state: str) -> None:
+    fault_upstream.script(stall_after(TOKENS, 3))
     async with parts() as p:
         gen = await start(p)
         await _wait_text(p, gen, "".join(TOKENS[:3]))
         assert gen.cancel(reason) is True
         end, relayed, stored = await end_of(p, gen)
-        await asyncio.wait_for(upstream.wait_client_closed(1), WAIT)  # the provider stops
+        await asyncio.wait_for(fault_upstream.wait_client_closed(1), WAIT)  # the provider stops
         assert gen.cancel(CANCEL_USER) is False  # an ended answer cannot end again
         assert terminal(await p.frames(gen.stream_id)) == end
     assert end.name == "done" and end.data["state"] == state
@@ -127,8 +122,8 @@ async def _wait_text(p: Parts, gen: Generation, expected: str) -> None:
 
 
 async def test_a_shutdown_ends_the_answer_as_interrupted_with_one_error_frame(
-        upstream: FaultUpstream, parts: Any) -> None:
-    upstream.script(stall_after(TOKENS, 2))
+        fault_upstream: FaultUpstream, parts: Any) -> None:
+    fault_upstream.script(stall_after(TOKENS, 2))
     async with parts() as p:
         gen = await start(p)
         await _wait_text(p, gen, "".join(TOKENS[:2]))
@@ -143,14 +138,14 @@ async def test_a_shutdown_ends_the_answer_as_interrupted_with_one_error_frame(
 
 
 async def test_a_cancel_before_the_relay_starts_asks_nothing_of_the_upstream(
-        upstream: FaultUpstream, parts: Any) -> None:
+        fault_upstream: FaultUpstream, parts: Any) -> None:
     async with parts() as p:
         gen = await start(p)
         assert gen.cancel(CANCEL_USER) is True  # the task has not run yet
         end, relayed, stored = await end_of(p, gen)
     assert end.name == "done" and end.data["state"] == "cancelled"
     assert relayed == "" and stored["state"] == "cancelled"
-    assert upstream.requests == []
+    assert fault_upstream.requests == []
 
 
 @pytest.mark.parametrize(("step", "env", "code", "kept"), [
@@ -166,9 +161,9 @@ async def test_a_cancel_before_the_relay_starts_asks_nothing_of_the_upstream(
     (stall_first(), {"TOKENRELAY_FIRST_TOKEN_TIMEOUT_S": "0.2"}, "upstream_timeout", 0),
 ], ids=["status-500", "cut", "error-chunk", "idle-timeout", "first-token-timeout"])
 async def test_an_upstream_failure_ends_with_one_error_frame_and_keeps_the_text_so_far(
-        upstream: FaultUpstream, parts: Any, step: Any, env: dict[str, str], code: str,
+        fault_upstream: FaultUpstream, parts: Any, step: Any, env: dict[str, str], code: str,
         kept: int) -> None:
-    upstream.script(step)
+    fault_upstream.script(step)
     async with parts(**env) as p:
         gen = await start(p)
         end, relayed, stored = await end_of(p, gen)
@@ -177,13 +172,13 @@ async def test_an_upstream_failure_ends_with_one_error_frame_and_keeps_the_text_
     assert relayed == "".join(TOKENS[:kept])
     assert (stored["state"], stored["content"]) == ("error", relayed)
     assert stored["error"]["code"] == code
-    assert len(upstream.requests) == 1
+    assert len(fault_upstream.requests) == 1
 
 
-async def _past_the_journal_bound(upstream: FaultUpstream, parts: Any
+async def _past_the_journal_bound(fault_upstream: FaultUpstream, parts: Any
                                   ) -> tuple[Any, str, dict[str, Any]]:
     tokens = [f"{i:03d}" * 30 for i in range(40)]  # 3.6 KB of text, one token per read
-    upstream.script(slow(tokens, 0.005))
+    fault_upstream.script(slow(tokens, 0.005))
     async with parts(TOKENRELAY_JOURNAL_MAX_BYTES="1000") as p:
         gen = await start(p)
         end, relayed, stored = await end_of(p, gen)
@@ -192,8 +187,8 @@ async def _past_the_journal_bound(upstream: FaultUpstream, parts: Any
 
 
 async def test_a_stream_past_the_journal_bound_ends_with_one_error_frame(
-        upstream: FaultUpstream, parts: Any) -> None:
-    end, relayed, stored = await _past_the_journal_bound(upstream, parts)
+        fault_upstream: FaultUpstream, parts: Any) -> None:
+    end, relayed, stored = await _past_the_journal_bound(fault_upstream, parts)
     assert end.name == "error" and end.data["state"] == "error"
     assert end.data["error"]["code"] == "journal_full"
     assert stored["state"] == "error" and stored["content"].startswith(relayed)
@@ -202,17 +197,17 @@ async def test_a_stream_past_the_journal_bound_ends_with_one_error_frame(
 @pytest.mark.xfail(strict=True, reason="the store keeps the batch the journal refused: "
                    "Generation._frames keeps text before the append succeeds")
 async def test_past_the_journal_bound_the_stored_text_is_the_text_relayed(
-        upstream: FaultUpstream, parts: Any) -> None:
-    _, relayed, stored = await _past_the_journal_bound(upstream, parts)
+        fault_upstream: FaultUpstream, parts: Any) -> None:
+    _, relayed, stored = await _past_the_journal_bound(fault_upstream, parts)
     assert stored["content"] == relayed
 
 
 @pytest.mark.parametrize("where", ["status", "in-stream"])
 async def test_the_upstream_key_never_reaches_the_error_frame_or_the_store(
-        upstream: FaultUpstream, parts: Any, where: str) -> None:
+        fault_upstream: FaultUpstream, parts: Any, where: str) -> None:
     key = "sk-upstream-secret-4411"
     said = f"Incorrect API key provided: {key}"
-    upstream.script(status(401, {"error": {"message": said, "type": "invalid_request_error"}})
+    fault_upstream.script(status(401, {"error": {"message": said, "type": "invalid_request_error"}})
                     if where == "status" else in_stream_error(TOKENS, 1, message=said))
     async with parts(TOKENRELAY_UPSTREAM_API_KEY=key) as p:
         gen = await start(p)

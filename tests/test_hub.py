@@ -39,10 +39,9 @@ TOKENS = ["Hel", "lo", ", ", "wor", "ld", "!"]
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FaultUpstream]:
-    async with FaultUpstream() as up:
-        up.script(stall_after(TOKENS, 1))  # answers that run until cancelled
-        yield up
+def upstream(fault_upstream: FaultUpstream) -> FaultUpstream:
+    fault_upstream.script(stall_after(TOKENS, 1))  # answers that run until cancelled
+    return fault_upstream
 
 
 @contextlib.asynccontextmanager

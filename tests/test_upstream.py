@@ -8,7 +8,6 @@ continuations in test_failover.py."""
 from __future__ import annotations
 
 import email.utils
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -83,11 +82,6 @@ FAST_RETRIES = {"TOKENRELAY_RETRY_MAX_ATTEMPTS": "3", "TOKENRELAY_RETRY_BASE_DEL
                 "TOKENRELAY_RETRY_MAX_DELAY_S": "0.02"}
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[FaultUpstream]:
-    async with FaultUpstream() as up:
-        yield up
-
 
 class Calls:
     """What a call handed over: the events of each read, retry notices, accepted routes."""
@@ -112,11 +106,11 @@ class Calls:
         return "".join(e.text for e in self.events if isinstance(e, ev.TextDelta))
 
 
-async def call(upstream: FaultUpstream, tmp_path: Path, body: dict | None = None,
+async def call(fault_upstream: FaultUpstream, tmp_path: Path, body: dict | None = None,
                **env: str) -> Calls:
     """Run one call of model ``fault-model``; raises what the call raises."""
     seen = Calls()
-    async with answer_parts(upstream.base_url, tmp_path, **env) as p:
+    async with answer_parts(fault_upstream.base_url, tmp_path, **env) as p:
         route = p.route()
         one = p.upstream.call(route, body or BODY, on_retry=seen.on_retry,
                               on_accept=seen.accepted.append)
@@ -125,10 +119,10 @@ async def call(upstream: FaultUpstream, tmp_path: Path, body: dict | None = None
 
 
 async def test_the_request_names_the_upstream_model_asks_for_usage_and_carries_the_key(
-        upstream: FaultUpstream, tmp_path: Path) -> None:
+        fault_upstream: FaultUpstream, tmp_path: Path) -> None:
     body = {**BODY, "temperature": 0.5, "stream_options": {"extra": 1}}
-    await call(upstream, tmp_path, body, TOKENRELAY_UPSTREAM_API_KEY="sk-provider-0123")
-    [request] = upstream.requests
+    await call(fault_upstream, tmp_path, body, TOKENRELAY_UPSTREAM_API_KEY="sk-provider-0123")
+    [request] = fault_upstream.requests
     assert (request.method, request.path) == ("POST", "/v1/chat/completions")
     assert request.headers["authorization"] == "Bearer sk-provider-0123"
     assert request.json == {**body, "model": "fault-model", "stream": True,
@@ -136,9 +130,9 @@ async def test_the_request_names_the_upstream_model_asks_for_usage_and_carries_t
 
 
 async def test_each_read_reaches_the_sink_as_typed_events(
-        upstream: FaultUpstream, tmp_path: Path) -> None:
-    upstream.script(ok(TOKENS, reasoning=["thin", "king"]))
-    seen = await call(upstream, tmp_path)
+        fault_upstream: FaultUpstream, tmp_path: Path) -> None:
+    fault_upstream.script(ok(TOKENS, reasoning=["thin", "king"]))
+    seen = await call(fault_upstream, tmp_path)
     assert [route.name for route in seen.accepted] == ["fault-model"]
     assert seen.text == "".join(TOKENS)
     assert "".join(e.text for e in seen.events if isinstance(e, ev.ReasoningDelta)) == "thinking"
@@ -150,31 +144,31 @@ async def test_each_read_reaches_the_sink_as_typed_events(
 
 
 async def test_a_failure_before_the_first_token_is_retried_and_announced(
-        upstream: FaultUpstream, tmp_path: Path) -> None:
-    upstream.script(status(503), ok(TOKENS))
-    seen = await call(upstream, tmp_path, **FAST_RETRIES)
+        fault_upstream: FaultUpstream, tmp_path: Path) -> None:
+    fault_upstream.script(status(503), ok(TOKENS))
+    seen = await call(fault_upstream, tmp_path, **FAST_RETRIES)
     [notice] = seen.retries
     assert (notice.attempt, notice.max_attempts, notice.status) == (1, 3, 503)
     assert notice.model == notice.next_model == "fault-model"
     assert 0 <= notice.wait_s <= 0.02
-    assert seen.text == "".join(TOKENS) and len(upstream.requests) == 2
+    assert seen.text == "".join(TOKENS) and len(fault_upstream.requests) == 2
 
 
 async def test_nothing_is_retried_after_the_first_token(
-        upstream: FaultUpstream, tmp_path: Path) -> None:
-    upstream.script(reset_after(TOKENS, 2), ok(TOKENS))
+        fault_upstream: FaultUpstream, tmp_path: Path) -> None:
+    fault_upstream.script(reset_after(TOKENS, 2), ok(TOKENS))
     seen = Calls()
     with pytest.raises(UpstreamError) as caught:
-        async with answer_parts(upstream.base_url, tmp_path, **FAST_RETRIES) as p:
+        async with answer_parts(fault_upstream.base_url, tmp_path, **FAST_RETRIES) as p:
             await p.upstream.call(p.route(), BODY, on_retry=seen.on_retry).run(seen.sink)
     assert caught.value.code == "upstream_incomplete"
     assert seen.text == "".join(TOKENS[:2])  # handed over before the cut, and kept
-    assert seen.retries == [] and len(upstream.requests) == 1
+    assert seen.retries == [] and len(fault_upstream.requests) == 1
 
 
-async def test_a_client_error_is_not_retried(upstream: FaultUpstream, tmp_path: Path) -> None:
-    upstream.script(status(400), ok(TOKENS))
+async def test_a_client_error_is_not_retried(fault_upstream: FaultUpstream, tmp_path: Path) -> None:
+    fault_upstream.script(status(400), ok(TOKENS))
     with pytest.raises(UpstreamStatusError) as caught:
-        await call(upstream, tmp_path, **FAST_RETRIES)
+        await call(fault_upstream, tmp_path, **FAST_RETRIES)
     assert caught.value.upstream_status == 400 and not caught.value.retryable
-    assert len(upstream.requests) == 1
+    assert len(fault_upstream.requests) == 1
