@@ -245,7 +245,7 @@ def test_settings_never_print_a_secret() -> None:
 # -- configuration -----------------------------------------------------------------------
 
 
-def test_keys_from_toml_and_environment(tmp_path: Path):
+def test_keys_from_toml_and_environment(tmp_path: Path) -> None:
     config = tmp_path / "tokenrelay.toml"
     config.write_text(
         '[auth]\nkeys = [{name = "alice", key_env = "ALICE_KEY"}, "bare-key-0123456789",\n'
@@ -298,7 +298,7 @@ def test_keys_from_toml_and_environment(tmp_path: Path):
         ({"TOKENRELAY_ADMIN_KEYS": "nobody"}, "admin_keys"),
     ],
 )
-def test_bad_security_config_fails_naming_the_key(env, message):
+def test_bad_security_config_fails_naming_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(environ=env)
     assert message in caught.value.message
@@ -308,7 +308,7 @@ def test_bad_security_config_fails_naming_the_key(env, message):
             assert secret not in caught.value.message  # a config error never shows a key
 
 
-def test_host_proxy_and_operator_settings_from_toml_and_environment(tmp_path: Path):
+def test_host_proxy_and_operator_settings_from_toml_and_environment(tmp_path: Path) -> None:
     config = tmp_path / "tokenrelay.toml"
     config.write_text(
         '[server]\nallowed_hosts = ["Chat.Example", "10.0.0.5:8000"]\nheader_timeout_s = 5\n'
@@ -333,7 +333,7 @@ def test_host_proxy_and_operator_settings_from_toml_and_environment(tmp_path: Pa
     assert settings.allowed_hosts == ("*",) and settings.trusted_proxies == ("127.0.0.1",)
 
 
-def test_key_env_must_be_set(tmp_path: Path):
+def test_key_env_must_be_set(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[auth]\nkeys = [{name = "alice", key_env = "NOT_SET_ANYWHERE"}]\n')
     with pytest.raises(ConfigError, match=r"auth\.keys\[0\]\.key_env"):

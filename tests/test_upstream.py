@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,11 +35,12 @@ from tokenrelay.upstream import RetryNotice, _error_message, parse_retry_after, 
         ({}, None),
     ],
 )
-def test_retry_after_seconds_and_milliseconds(headers, expected):
+def test_retry_after_seconds_and_milliseconds(headers: dict[str, str],
+                                               expected: float | None) -> None:
     assert parse_retry_after(headers) == expected
 
 
-def test_retry_after_http_date():
+def test_retry_after_http_date() -> None:
     now = 1_800_000_000.0
     later = email.utils.formatdate(now + 30, usegmt=True)
     assert parse_retry_after({"retry-after": later}, now=now) == pytest.approx(30, abs=1)
@@ -57,7 +59,7 @@ def test_retry_after_http_date():
         (b"[1, 2]", ""),
     ],
 )
-def test_provider_error_message(body, expected):
+def test_provider_error_message(body: bytes, expected: str) -> None:
     assert _error_message(body, 502) == expected
 
 
@@ -69,7 +71,8 @@ def test_provider_error_message(body, expected):
          "https://api.example.com/v1"),
     ],
 )
-def test_redirect_message_resolves_a_relative_location_and_drops_the_query(location, expected):
+def test_redirect_message_resolves_a_relative_location_and_drops_the_query(
+        location: str, expected: str) -> None:
     message = status_message(308, "", "http://h:1/chat/completions", "POST", "http://h:1",
                              location)
     assert message.endswith(expected) and "key=" not in message
@@ -106,8 +109,8 @@ class Calls:
         return "".join(e.text for e in self.events if isinstance(e, ev.TextDelta))
 
 
-async def call(fault_upstream: FaultUpstream, tmp_path: Path, body: dict | None = None,
-               **env: str) -> Calls:
+async def call(fault_upstream: FaultUpstream, tmp_path: Path,
+               body: dict[str, Any] | None = None, /, **env: str) -> Calls:
     """Run one call of model ``fault-model``; raises what the call raises."""
     seen = Calls()
     async with answer_parts(fault_upstream.base_url, tmp_path, **env) as p:
