@@ -312,3 +312,16 @@ def test_binding_beyond_loopback_without_keys_warns():
     keyed = _serve_warning({"TOKENRELAY_API_KEYS": "a:long-enough-key"},
                            "--host", "0.0.0.0", "--port", "1")
     assert "WARNING" not in keyed
+
+
+def test_the_middleware_module_loads_no_response_or_stream_module():
+    """It reads the scope extensions from tokenrelay.asgi (issue 18): importing it must
+    not pull in the subscriber, and with it the hub and the generation."""
+    code = ("import sys, tokenrelay.middleware; "
+            "print(sorted(m for m in sys.modules if m.startswith('tokenrelay.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    loaded = result.stdout
+    assert "'tokenrelay.asgi'" in loaded
+    for module in ("subscriber", "hub", "generation", "protocol"):
+        assert f"'tokenrelay.{module}'" not in loaded

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from tokenrelay import events as ev
+from tokenrelay.asgi import ON_DISCONNECT, Disconnect
 from tokenrelay.config import ModelRoute
 from tokenrelay.errors import (
     BadRequest,
@@ -36,7 +37,6 @@ from tokenrelay.errors import (
 )
 from tokenrelay.generation import CANCEL_ABANDONED, Generation
 from tokenrelay.hub import Hub
-from tokenrelay.protocol import ON_DISCONNECT, Disconnect
 from tokenrelay.routes.common import Endpoint, JSONResponse, error_response, owner_of
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import read_json_body, validate_chat
