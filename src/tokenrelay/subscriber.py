@@ -176,7 +176,8 @@ class SubscriberResponse:
 
 
 class _Follower:
-    """Writes frames pushed by the journal while the send loop is parked in ``read``.
+    """Writes frames pushed by the journal while the send loop is parked in ``read`` (a
+    :class:`~tokenrelay.journal.base.Follower`).
 
     The push runs inside the generation's append, so a caught-up subscriber costs no task
     wake-up per upstream read. The server's ``send`` is driven by hand: it almost always
