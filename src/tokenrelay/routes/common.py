@@ -9,7 +9,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenrelay.asgi import Receive, Scope, Send
+from tokenrelay.asgi import ASGIApp, Receive, Scope, Send
 from tokenrelay.errors import TokenRelayError, is_openai_path, openai_error
 
 LOCAL_OWNER = "local"
@@ -34,7 +34,7 @@ class Endpoint:
 
     __slots__ = ("__name__", "func")
 
-    def __init__(self, func: Callable[[Request], Awaitable[Any]]) -> None:
+    def __init__(self, func: Callable[[Request], Awaitable[ASGIApp]]) -> None:
         self.func = func
         self.__name__ = func.__name__  # the route's name, as for a function endpoint
 

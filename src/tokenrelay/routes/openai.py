@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenrelay import events as ev
@@ -134,7 +135,7 @@ def chunk_transform(
     return transform
 
 
-async def chat_completions(request: Request) -> Any:
+async def chat_completions(request: Request) -> Response | SubscriberResponse:
     settings = request.app.state.settings
     hub: Hub = request.app.state.hub
     data = await read_json_body(request, settings.limits)
