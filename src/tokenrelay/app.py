@@ -32,12 +32,12 @@ from tokenrelay.guard import GuardMiddleware
 from tokenrelay.httpclient import Pool
 from tokenrelay.hub import Hub
 from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
-from tokenrelay.journal.base import open_journal
+from tokenrelay.journal import open_journal
 from tokenrelay.limits import open_limiter
 from tokenrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tokenrelay.metrics import Metrics, metrics_refusal
 from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
-from tokenrelay.routes import chat, openai, responses, streams
+from tokenrelay.routes import chat, conversations, openai, responses, streams
 from tokenrelay.routes.common import JSONResponse, error_response, speaks_openai
 from tokenrelay.upstream import UpstreamClient
 
@@ -301,14 +301,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *streams.routes,
         *openai.routes,
         *responses.routes,
+        *conversations.routes,
+        Mount("/static", StaticFiles(directory=WEB_DIR), name="static"),
     ]
-    try:
-        from tokenrelay.routes import conversations
-
-        routes.extend(conversations.routes)
-    except ImportError:  # the history API ships with the store
-        pass
-    routes.append(Mount("/static", StaticFiles(directory=WEB_DIR), name="static"))
     middleware = [
         Middleware(AccessLogMiddleware, max_headers=settings.max_headers),
         Middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts,

@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from tokenrelay.errors import ConfigError
-from tokenrelay.journal.base import JournalLimits
 
 SIMULATOR = "simulator"
 
@@ -130,6 +129,16 @@ class RateLimits:
     @property
     def enabled(self) -> bool:
         return bool(self.requests_per_minute or self.concurrent_streams or self.tokens_per_minute)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalLimits:
+    """Bounds of a journal (see :mod:`tokenrelay.journal.base`)."""
+
+    max_events: int = 100_000
+    max_bytes: int = 16 * 1024 * 1024
+    max_streams: int = 20_000
+    retention_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tokenrelay import __version__
 from tokenrelay.diagnose import probe_models, safe_url
 from tokenrelay.errors import BadRequest, ServiceUnavailable, StreamNotFound, TokenRelayError
 from tokenrelay.hub import Hub, new_id, new_sortable_id
@@ -20,6 +19,7 @@ from tokenrelay.routes.common import Endpoint, JSONResponse, header, owner_of
 from tokenrelay.store.base import Turn
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import ChatRequest, read_json_body, validate_chat
+from tokenrelay.version import __version__
 
 log = logging.getLogger("tokenrelay.routes")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
