@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 from support.client import chat_body, read_stream
 
@@ -179,3 +181,16 @@ async def test_cors_allows_only_listed_origins(gateway_factory, http):
         async with http.get(gw.base_url + "/api/models",
                             headers={"Origin": "https://evil.example", **ALICE}) as r:
             assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_the_middleware_module_loads_no_response_or_stream_module():
+    """It reads the scope extensions from tokenrelay.asgi (issue 18): importing it must
+    not pull in the subscriber, and with it the hub and the generation."""
+    code = ("import sys, tokenrelay.middleware; "
+            "print(sorted(m for m in sys.modules if m.startswith('tokenrelay.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    loaded = result.stdout
+    assert "'tokenrelay.asgi'" in loaded
+    for module in ("subscriber", "hub", "generation", "protocol"):
+        assert f"'tokenrelay.{module}'" not in loaded

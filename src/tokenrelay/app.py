@@ -22,7 +22,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Match, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
+from starlette.types import Lifespan
 
+from tokenrelay.asgi import DEFERRED, Deferred, Receive, Scope, Send
 from tokenrelay.breaker import open_breakers
 from tokenrelay.config import SIMULATOR, Settings, load_settings
 from tokenrelay.errors import BadRequest, TokenRelayError, openai_error_body
@@ -37,7 +39,6 @@ from tokenrelay.metrics import Metrics, metrics_refusal
 from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
 from tokenrelay.routes import chat, conversations, openai, responses, streams
 from tokenrelay.routes.common import JSONResponse, error_response, speaks_openai
-from tokenrelay.subscriber import DEFERRED, Deferred
 from tokenrelay.upstream import UpstreamClient
 
 log = logging.getLogger("tokenrelay")
@@ -239,7 +240,7 @@ class _ExactRouter(Router):
                        for earlier in routes[:i] for probe in probes):
                 self._exact.setdefault(route.path, route)
 
-    async def app(self, scope: Any, receive: Any, send: Any) -> None:
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):  # else: as Starlette
             route = self._exact.get(scope["path"])
             if route is not None:
@@ -265,11 +266,12 @@ class TokenRelayApp(Starlette):
     Its body runs here, after the middleware stack has returned (see ``Deferred``).
     """
 
-    def __init__(self, *, routes: list[BaseRoute], lifespan: Any, **kwargs: Any) -> None:
+    def __init__(self, *, routes: list[BaseRoute], lifespan: Lifespan[Starlette],
+                 **kwargs: Any) -> None:
         super().__init__(routes=routes, lifespan=lifespan, **kwargs)
         self.router = _ExactRouter(routes, lifespan=lifespan)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         deferred = None
         if scope["type"] == "http":
             scope[DEFERRED] = deferred = Deferred(send)

@@ -40,6 +40,8 @@ class Follower(Protocol):
     supports it calls ``push(frames)`` from ``append`` when ``pos`` equals the count before
     them; ``push`` advances ``pos`` by what it took and returns True to stay parked, or
     False to have the read return (with the frames after ``pos``). It must not raise.
+    Implemented by ``subscriber._Follower`` (the memory journal pushes; the Redis journal
+    fetches, and its parked read returns the frames instead).
     """
 
     pos: int

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenrelay.diagnose import probe_models, safe_url
@@ -70,7 +71,7 @@ async def record_request(request: Request, chat: ChatRequest) -> Turn | None:
     return Turn(chat.conversation_id, False, title, new, parent)
 
 
-async def chat(request: Request) -> Any:
+async def chat(request: Request) -> Response | SubscriberResponse:
     state = request.app.state
     settings = state.settings
     hub: Hub = state.hub
