@@ -12,7 +12,7 @@ import orjson
 from support.client import read_stream
 from support.gateway import running_gateway
 from support.servers import STREAMING_PROTOCOL, running_asgi
-from tokenrelay.protocol import ON_DISCONNECT
+from tokenrelay.asgi import ON_DISCONNECT
 
 
 class Recorder:

@@ -249,7 +249,8 @@ class Generation:
 
     def _append_now(self, batch: list[ev.Event]) -> None:
         """``_append_batch`` for a journal that appends without waiting: called from the
-        upstream connection's data callback (no task wake-up per read)."""
+        upstream connection's data callback (no task wake-up per read). The call's
+        :class:`~tokenrelay.upstream.Sink`."""
         frames, seq = self._frames(batch)
         if frames:
             self.journal.append_now(self.stream_id, frames)
