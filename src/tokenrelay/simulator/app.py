@@ -20,12 +20,13 @@ import hmac
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from tokenrelay.asgi import Receive, Scope, Send
 from tokenrelay.simulator.catalogue import DROP, FLAKY, STALL, ModelSpec, SimulatorConfig
 from tokenrelay.simulator.errors import HTTPError
 from tokenrelay.simulator.framing import Chunks, tokens_batch, tool_frames
@@ -35,11 +36,6 @@ from tokenrelay.simulator.plan import Plan, plan_answer
 from tokenrelay.simulator.text import seeded_rng
 
 __all__ = ["Simulator", "SimulatorStats", "create_simulator"]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 OWNER = "tokenrelay-simulator"
 MODELS_CREATED = 1_735_689_600  # 2025-01-01, a fixed date so /v1/models is stable

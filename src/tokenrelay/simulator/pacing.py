@@ -7,12 +7,11 @@ model's answer continues at the same rate where its thinking stopped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable
+
+from tokenrelay.asgi import Send
 
 __all__ = ["Pacer"]
-
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]  # ASGI send
 
 BATCH_TOKENS = 64  # chunks per ASGI send when unpaced (or late)
 BATCH_BYTES = 16 * 1024
