@@ -173,6 +173,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _sqlite_now() -> str:
+    """Now as the text ``sqlite3``'s default datetime adapter binds (naive UTC,
+    ``isoformat(" ")``), made once per write rather than by that adapter, a Python call,
+    for every timestamp bound (issue 17)."""
+    return datetime.now(UTC).replace(tzinfo=None).isoformat(" ")
+
+
 def iso(value: datetime) -> str:
     """ISO-8601 in UTC with a ``Z`` suffix, millisecond precision."""
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -449,7 +456,7 @@ class SQLStore(Store):
         self._kept: AsyncConnection | None = None  # the writer's (see _begin_kept)
         self._kept_at = 0.0
         self._rows: SQLiteRows | None = None
-        self._ts: Any = None  # datetime -> the driver's value of a UTCDateTime column
+        self._now: Callable[[], Any] = utcnow  # the driver's value of a UTCDateTime for now
 
     def __repr__(self) -> str:
         return f"SQLStore({self.url.render_as_string(hide_password=True)!r})"
@@ -520,7 +527,11 @@ class SQLStore(Store):
                     self._interrupt_stmt().where(messages.c.instance_id == self.instance_id)
                 )
             dialect = self._engine.dialect
-            self._ts = UTCDateTime().bind_processor(dialect) or (lambda value: value)
+            if dialect.name == "sqlite":
+                self._now = _sqlite_now
+            else:
+                process = UTCDateTime().bind_processor(dialect) or (lambda value: value)
+                self._now = lambda: process(utcnow())
             statements = _statements(dialect.name)
             if dialect.name == "sqlite" and self._sqlite_file() is not None:
                 self._rows = SQLiteRows(self._sqlite_file() or "", statements,
@@ -735,7 +746,7 @@ class SQLStore(Store):
         chars, ``"New conversation"`` if blank); otherwise check it is the owner's."""
         if conversation_id is None:
             conversation_id = new_id()
-            ts = self._ts(utcnow())
+            ts = self._now()
             row = (conversation_id, owner, _clean_title(title), 0, ts, ts, None)
             await self.writer.submit([(R_CONVERSATION, row)])
             return conversation_id
@@ -752,7 +763,7 @@ class SQLStore(Store):
 
     async def add_user_message(self, owner: str, conversation_id: str, content: str) -> str:
         message_id = new_id()
-        row = self._message_row(owner, conversation_id, message_id, 0, self._ts(utcnow()),
+        row = self._message_row(owner, conversation_id, message_id, 0, self._now(),
                                 role="user", content=content)
         await self.writer.submit(fn=self._append(owner, conversation_id, [row]))
         return message_id
@@ -765,7 +776,7 @@ class SQLStore(Store):
         stream_id: str,
         model_requested: str,
     ) -> None:
-        row = self._assistant_row(owner, conversation_id, message_id, 0, self._ts(utcnow()),
+        row = self._assistant_row(owner, conversation_id, message_id, 0, self._now(),
                                   stream_id, model_requested)
         await self.writer.submit(fn=self._append(owner, conversation_id, [row]))
 
@@ -780,7 +791,7 @@ class SQLStore(Store):
         gets a 503 before anything streams (or succeeds, and the store is up again).
         """
         cid = turn.conversation_id
-        ts = self._ts(utcnow())
+        ts = self._now()
         rows = [self._message_row(owner, cid, new_id(), 0, ts, role="user", content=text)
                 for text in turn.user_messages]
         rows.append(self._assistant_row(owner, cid, message_id, 0, ts, stream_id,
@@ -819,7 +830,7 @@ class SQLStore(Store):
     async def checkpoint(self, message_id: str, content: str, reasoning: str) -> None:
         """One UPDATE (batched); ignored once the message left ``streaming`` (or was
         deleted)."""
-        row = (content, reasoning, self._ts(utcnow()), message_id)
+        row = (content, reasoning, self._now(), message_id)
         await self.writer.submit([(R_CHECKPOINT, row)])
 
     async def finish_assistant(self, message_id: str, result: AssistantResult) -> None:
@@ -827,7 +838,7 @@ class SQLStore(Store):
         interrupted by another instance's orphan sweep), and bump the conversation.
 
         Retried through a short database outage (the writer's ``retry_s``)."""
-        ts = self._ts(utcnow())
+        ts = self._now()
         values = tuple(_json(getattr(result, name)) for name in _RESULT_FIELDS)
         held = self._held.pop(message_id, None)
         if held is not None:
