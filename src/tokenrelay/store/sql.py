@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -46,6 +45,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -366,8 +366,10 @@ def _dollars(statement: str) -> str:
 
 
 def _json(value: Any) -> Any:
-    """A driver-level JSON column value (both drivers take text); None stays NULL."""
-    return json.dumps(value) if isinstance(value, list | dict) else value
+    """A driver-level JSON column value (both drivers take text); None stays NULL.
+    (orjson: a tenth of ``json.dumps``'s time for an answer's attempts; compact, which the
+    JSON type reads back alike.)"""
+    return orjson.dumps(value).decode() if isinstance(value, list | dict) else value
 
 
 class _Held:
