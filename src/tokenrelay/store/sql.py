@@ -807,7 +807,9 @@ class SQLStore(Store):
                 placed.append((*row[:3], seq, *row[4:-1], parent))
                 parent = row[0]
             held = _Held(conversation, placed)
-            writer = self.writer
+            # Not ``self.writer``, which would queue every other held turn: a new
+            # conversation depends on none of them, and they are held to be inserted once.
+            writer = self._writer_now()
             if writer.down:
                 await writer.submit(held.parts())
                 return
@@ -854,7 +856,10 @@ class SQLStore(Store):
                                        answer[14])))
             await self._writer_now().submit(parts, retry=True)
             return
-        await self.writer.submit(
+        # Its own rows are queued already (it is not held), and it depends on no other
+        # turn: the other held ones stay held (``self.writer`` would queue them all, and
+        # each of those would then end with these two UPDATEs instead of one insert).
+        await self._writer_now().submit(
             [(R_FINISH, (*values, ts, message_id)), (R_BUMP, (ts, message_id))], retry=True
         )
 
