@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -330,6 +331,9 @@ _MESSAGE_INSERT = (
 )
 # Every field of AssistantResult is a column of messages (finish_assistant stores them all).
 _RESULT_FIELDS = tuple(f.name for f in fields(AssistantResult))
+_result_values = operator.attrgetter(*_RESULT_FIELDS)  # one C call for the tuple
+# The JSON columns among them, as positions in that tuple.
+_RESULT_JSON = tuple(_RESULT_FIELDS.index(name) for name in ("tool_calls", "attempts"))
 # An answer that ends while its start is still held (SQLStore.hold_s): inserted finished.
 _ANSWERED_INSERT = ("id", "conversation_id", "owner", "seq", "role", "model_requested",
                     "stream_id", "instance_id", "created_at", "updated_at", *_RESULT_FIELDS,
@@ -843,7 +847,12 @@ class SQLStore(Store):
 
         Retried through a short database outage (the writer's ``retry_s``)."""
         ts = self._now()
-        values = tuple(_json(getattr(result, name)) for name in _RESULT_FIELDS)
+        values = _result_values(result)
+        if any(values[i] is not None for i in _RESULT_JSON):
+            listed = list(values)
+            for i in _RESULT_JSON:
+                listed[i] = _json(listed[i])
+            values = tuple(listed)
         held = self._held.pop(message_id, None)
         if held is not None:
             *asked, answer = held.rows
