@@ -174,11 +174,20 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
 def _sqlite_now() -> str:
     """Now as the text ``sqlite3``'s default datetime adapter binds (naive UTC,
-    ``isoformat(" ")``), made once per write rather than by that adapter, a Python call,
-    for every timestamp bound (issue 17)."""
-    return datetime.now(UTC).replace(tzinfo=None).isoformat(" ")
+    ``isoformat(" ")``: microseconds unless they are 0), made once per write rather than
+    by that adapter, a Python call, for every timestamp bound; the date and time of day
+    formatted once a second (issue 17)."""
+    global _second
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    if seconds != _second[0]:
+        text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        _second = (seconds, text)
+    return f"{_second[1]}.{micros:06d}" if micros else _second[1]
 
 
 def iso(value: datetime) -> str:
@@ -701,19 +710,19 @@ class SQLStore(Store):
     def _message_row(
         self, owner: str, conversation_id: str, message_id: str, seq: int, ts: Any, *,
         role: str, content: str = "", state: str = "complete", model_requested: str | None = None,
-        stream_id: str | None = None,
+        stream_id: str | None = None, parent: str | None = None,
     ) -> tuple[Any, ...]:
         instance = self.instance_id if role == "assistant" else None
         return (message_id, conversation_id, owner, seq, role, content, "", state,
-                model_requested, stream_id, instance, False, ts, ts, None)
+                model_requested, stream_id, instance, False, ts, ts, parent)
 
     def _assistant_row(
         self, owner: str, conversation_id: str, message_id: str, seq: int, ts: Any,
-        stream_id: str, model_requested: str,
+        stream_id: str, model_requested: str, parent: str | None = None,
     ) -> tuple[Any, ...]:
         return self._message_row(owner, conversation_id, message_id, seq, ts, role="assistant",
                                  state="streaming", model_requested=model_requested,
-                                 stream_id=stream_id)
+                                 stream_id=stream_id, parent=parent)
 
     def _append(self, owner: str, conversation_id: str, rows: list[tuple[Any, ...]],
                 parent: Any = _ACTIVE) -> Callable[[AsyncConnection], Awaitable[None]]:
@@ -798,18 +807,20 @@ class SQLStore(Store):
         """
         cid = turn.conversation_id
         ts = self._now()
-        rows = [self._message_row(owner, cid, new_id(), 0, ts, role="user", content=text)
-                for text in turn.user_messages]
-        rows.append(self._assistant_row(owner, cid, message_id, 0, ts, stream_id,
-                                        model_requested))
         if turn.new:
-            # The active branch ends at the answer; each message follows the one before.
-            conversation = (cid, owner, _clean_title(turn.title), len(rows), ts, ts, message_id)
+            # Positions from 1; the active branch ends at the answer; each message follows
+            # the one before.
             placed = []
             parent = None
-            for seq, row in enumerate(rows, 1):
-                placed.append((*row[:3], seq, *row[4:-1], parent))
+            for seq, text in enumerate(turn.user_messages, 1):
+                row = self._message_row(owner, cid, new_id(), seq, ts, role="user",
+                                        content=text, parent=parent)
+                placed.append(row)
                 parent = row[0]
+            placed.append(self._assistant_row(owner, cid, message_id, len(placed) + 1, ts,
+                                              stream_id, model_requested, parent))
+            conversation = (cid, owner, _clean_title(turn.title), len(placed), ts, ts,
+                            message_id)
             held = _Held(conversation, placed)
             # Not ``self.writer``, which would queue every other held turn: a new
             # conversation depends on none of them, and they are held to be inserted once.
@@ -827,9 +838,13 @@ class SQLStore(Store):
                 loop = asyncio.get_running_loop()
                 self._release = loop.call_later(self.hold_s, self._release_held)
             return
+        rows = [self._message_row(owner, cid, new_id(), 0, ts, role="user", content=text)
+                for text in turn.user_messages]
+        rows.append(self._assistant_row(owner, cid, message_id, 0, ts, stream_id,
+                                        model_requested))
         writer = self.writer
-        parent = _ACTIVE if turn.parent_id == FOLLOW_ACTIVE else turn.parent_id
-        append = self._append(owner, cid, rows, parent)
+        after = _ACTIVE if turn.parent_id == FOLLOW_ACTIVE else turn.parent_id
+        append = self._append(owner, cid, rows, after)
         if writer.down:
             await writer.submit(fn=append)
         else:
