@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenrelay import events as ev
+from tokenrelay import timerwheel
 from tokenrelay.config import ModelRoute
 from tokenrelay.errors import JournalFull, TokenRelayError, UpstreamError
 from tokenrelay.journal.base import Journal
@@ -173,15 +174,13 @@ class Generation:
 
     async def run(self) -> None:
         # The checkpoint task starts after the first period: an answer shorter than that
-        # costs a timer handle, not a task (issue 17).
+        # costs a coarse timer entry (timerwheel), not a task or a loop timer (issue 17).
         checkpointer: list[asyncio.Task[None]] = []
         timer = None
         if self.store is not None and self.checkpoint_s > 0:
             loop = asyncio.get_running_loop()
-            timer = loop.call_later(
-                self.checkpoint_s,
-                lambda: checkpointer.append(loop.create_task(self._checkpoints())),
-            )
+            timer = timerwheel.call_at(loop, loop.time() + self.checkpoint_s,
+                                       self._start_checkpoints, loop, checkpointer)
         error: TokenRelayError | None = None
         try:
             if self.cancel_reason is None:
@@ -517,6 +516,10 @@ class Generation:
             result_ = self.on_finish(self)
             if result_ is not None:
                 await result_
+
+    def _start_checkpoints(self, loop: asyncio.AbstractEventLoop,
+                           tasks: list[asyncio.Task[None]]) -> None:
+        tasks.append(loop.create_task(self._checkpoints()))
 
     async def _checkpoints(self) -> None:
         """Save the text so far when it changed; at least every ``KEEPALIVE_S`` regardless,
