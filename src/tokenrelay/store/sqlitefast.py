@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from tokenrelay.errors import ServiceUnavailable
 from tokenrelay.memtrim import BIG
@@ -30,7 +31,7 @@ from tokenrelay.memtrim import BIG
 # values per answer). A registered adapter is one dict hit and a C call, and binds the
 # same value (NULL; a bool is stored as the integer 0 or 1 either way). Process-wide, so
 # SQLAlchemy's aiosqlite connections gain too.
-sqlite3.register_adapter(type(None), {}.get)  # {}.get(None) is None
+sqlite3.register_adapter(type(None), cast("Callable[[None], None]", {}.get))  # -> None
 sqlite3.register_adapter(bool, int)
 
 
