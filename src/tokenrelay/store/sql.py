@@ -332,7 +332,7 @@ _MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("owner", "instance_i
 
 # The writer's statements, by rank (see store/writer.py: rows of a batch run rank by rank,
 # one executemany each). Driver-level SQL: no compilation, no per-row type processing.
-R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP = range(6)
+R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP, R_TURN = range(7)
 _MESSAGE_INSERT = (
     "id", "conversation_id", "owner", "seq", "role", "content", "reasoning", "state",
     "model_requested", "stream_id", "instance_id", "usage_estimated", "created_at",
@@ -368,8 +368,13 @@ def _statements(dialect: str) -> list[str]:
         "UPDATE conversations SET updated_at = ? "
         "WHERE id = (SELECT conversation_id FROM messages WHERE id = ?)",
     ]
-    if dialect == "postgresql":  # asyncpg numbers its parameters
-        sql = [_dollars(statement) for statement in sql]
+    if dialect == "postgresql":
+        # R_TURN: a held answer with one question, its three rows in one statement (each
+        # statement is a round trip; PostgreSQL checks the foreign key at its end).
+        conversation, question, answer = sql[R_CONVERSATION], sql[R_MESSAGE], sql[R_ANSWERED]
+        sql.append(f"WITH c AS ({conversation}), q AS ({question}) {answer}")
+        return [_dollars(statement) for statement in sql]  # asyncpg numbers its parameters
+    sql.append("")  # R_TURN: PostgreSQL only (SQLite has no INSERT in WITH)
     return sql
 
 
@@ -472,6 +477,7 @@ class SQLStore(Store):
         self._kept_at = 0.0
         self._rows: SQLiteRows | None = None
         self._now: Callable[[], Any] = utcnow  # the driver's value of a UTCDateTime for now
+        self._turn_statement = False  # R_TURN exists (PostgreSQL)
 
     def __repr__(self) -> str:
         return f"SQLStore({self.url.render_as_string(hide_password=True)!r})"
@@ -548,6 +554,7 @@ class SQLStore(Store):
                 process = UTCDateTime().bind_processor(dialect) or (lambda value: value)
                 self._now = lambda: process(utcnow())
             statements = _statements(dialect.name)
+            self._turn_statement = bool(statements[R_TURN])
             if dialect.name == "sqlite" and self._sqlite_file() is not None:
                 self._rows = SQLiteRows(self._sqlite_file() or "", statements,
                                         self.command_timeout_s)
@@ -872,12 +879,16 @@ class SQLStore(Store):
         if held is not None:
             *asked, answer = held.rows
             c = held.conversation
-            parts = [(R_CONVERSATION, (*c[:5], ts, c[6])), *((R_MESSAGE, row) for row in asked)]
+            conversation = (*c[:5], ts, c[6])
             # answer: id, conversation, owner, seq, role, ..., model_requested, stream_id,
             # instance_id, usage_estimated, created_at, updated_at, parent_id (see
             # _MESSAGE_INSERT)
-            parts.append((R_ANSWERED, (*answer[:5], *answer[8:11], answer[12], ts, *values,
-                                       answer[14])))
+            answered = (*answer[:5], *answer[8:11], answer[12], ts, *values, answer[14])
+            if self._turn_statement and len(asked) == 1:
+                parts = [(R_TURN, (*conversation, *asked[0], *answered))]
+            else:
+                parts = [(R_CONVERSATION, conversation), *((R_MESSAGE, row) for row in asked),
+                         (R_ANSWERED, answered)]
             await self._writer_now().submit(parts, retry=True)
             return
         # Its own rows are queued already (it is not held), and it depends on no other
