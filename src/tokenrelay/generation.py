@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenrelay import events as ev
+from tokenrelay import timerwheel
 from tokenrelay.config import ModelRoute
 from tokenrelay.errors import JournalFull, TokenRelayError, UpstreamError
 from tokenrelay.journal.base import Journal
@@ -173,15 +174,13 @@ class Generation:
 
     async def run(self) -> None:
         # The checkpoint task starts after the first period: an answer shorter than that
-        # costs a timer handle, not a task (issue 17).
+        # costs a coarse timer entry (timerwheel), not a task or a loop timer (issue 17).
         checkpointer: list[asyncio.Task[None]] = []
         timer = None
         if self.store is not None and self.checkpoint_s > 0:
             loop = asyncio.get_running_loop()
-            timer = loop.call_later(
-                self.checkpoint_s,
-                lambda: checkpointer.append(loop.create_task(self._checkpoints())),
-            )
+            timer = timerwheel.call_at(loop, loop.time() + self.checkpoint_s,
+                                       self._start_checkpoints, loop, checkpointer)
         error: TokenRelayError | None = None
         try:
             if self.cancel_reason is None:
@@ -360,9 +359,11 @@ class Generation:
 
     # -- the end -------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, tokens: int | None = None) -> dict[str, Any]:
+        """``tokens``: ``completion_tokens()`` when the caller has it already."""
         now = time.monotonic()
-        tokens = self.completion_tokens()
+        if tokens is None:
+            tokens = self.completion_tokens()
         ttft = None if self.first_token_at is None else (self.first_token_at - self.started)
         tps = None
         if self.first_token_at is not None and self.last_token_at is not None:
@@ -424,11 +425,9 @@ class Generation:
             })
         return out
 
-    def _usage_payload(self) -> dict[str, Any]:
-        source = self.usage_source()
+    def _usage_payload(self, completion: int, source: str) -> dict[str, Any]:
         if self.usage is not None:
             u = self.usage
-            completion = self.completion_tokens()
             # The provider's own total, unless continuations added to its completion count.
             total = (u.total_tokens if completion == u.completion_tokens
                      else u.prompt_tokens + completion)
@@ -439,10 +438,9 @@ class Generation:
                 "estimated": source != "provider",
                 "source": source,
             }
-        tokens = self.completion_tokens()
         return {
             "prompt_tokens": None,
-            "completion_tokens": tokens,
+            "completion_tokens": completion,
             "total_tokens": None,
             "estimated": source != "provider",
             "source": source,
@@ -451,7 +449,10 @@ class Generation:
     async def _finish(self, error: TokenRelayError | None) -> None:
         self.error = error
         seq = self.seq + 1
-        stats = self.stats()
+        # Each computed once: the frame, the stored message and the stats all use them.
+        tokens = self.completion_tokens()
+        source = self.usage_source()
+        stats = self.stats(tokens)
         if error is None and self.state in (ev.COMPLETE, ev.CANCELLED):
             payload = {
                 "state": self.state,
@@ -459,7 +460,7 @@ class Generation:
                 or ("cancelled" if self.state == ev.CANCELLED else None),
                 "model": self.model_used,
                 "models": self.models(),
-                "usage": self._usage_payload(),
+                "usage": self._usage_payload(tokens, source),
                 "stats": stats,
             }
             frame = ev.frame(seq, ev.DONE, ev.dumps(payload))
@@ -476,7 +477,7 @@ class Generation:
                 "state": self.state,
                 "model": self.model_used,
                 "models": self.models(),
-                "usage": self._usage_payload(),
+                "usage": self._usage_payload(tokens, source),
                 "stats": stats,
             }
             frame = ev.frame(seq, ev.ERROR, ev.dumps(payload))
@@ -491,8 +492,8 @@ class Generation:
                 finish_reason=self.finish_reason,
                 model_used=self.model_used,
                 prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=self.completion_tokens(),
-                usage_estimated=self.usage_source() != "provider",
+                completion_tokens=tokens,
+                usage_estimated=source != "provider",
                 attempts=self.attempt_dicts() or None,
                 ttft_ms=stats["ttft_ms"],
                 tokens_per_s=stats["tokens_per_s"],
@@ -518,6 +519,10 @@ class Generation:
             result_ = self.on_finish(self)
             if result_ is not None:
                 await result_
+
+    def _start_checkpoints(self, loop: asyncio.AbstractEventLoop,
+                           tasks: list[asyncio.Task[None]]) -> None:
+        tasks.append(loop.create_task(self._checkpoints()))
 
     async def _checkpoints(self) -> None:
         """Save the text so far when it changed; at least every ``KEEPALIVE_S`` regardless,

@@ -74,6 +74,25 @@ async def test_a_short_answer_costs_one_transaction_or_two_without_holding(
         await store.aclose()
 
 
+async def test_overlapping_answers_are_each_inserted_once_finished(store: SQLStore) -> None:
+    store.hold_s = 3600  # no release by the timer: only the answers themselves act here
+    first, second = turn("q1"), turn("q2")
+    await store.begin_answer("local", first, "m1", "s1", "m")
+    await store.begin_answer("local", second, "m2", "s2", "m")
+    # Neither the second start nor the first end queues the other answer's held start:
+    # it would then be inserted streaming and need UPDATEs at its end.
+    assert set(store._held) == {"m1", "m2"}
+    await store.finish_assistant("m1", done("a1"))
+    assert set(store._held) == {"m2"}
+    await store.finish_assistant("m2", done("a2"))
+    assert not store._held
+    for t, answer in ((first, "a1"), (second, "a2")):
+        found = await store.get_conversation("local", t.conversation_id)
+        assert found is not None
+        assert [(m["content"], m["state"]) for m in found["messages"]][1] == (
+            answer, "complete")
+
+
 async def test_a_read_sees_a_write_that_nobody_waited_for(store: SQLStore) -> None:
     t = turn()
     await store.begin_answer("local", t, "m1", "s1", "model")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import operator
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -46,6 +46,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -171,6 +172,22 @@ def new_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
+def _sqlite_now() -> str:
+    """Now as the text ``sqlite3``'s default datetime adapter binds (naive UTC,
+    ``isoformat(" ")``: microseconds unless they are 0), made once per write rather than
+    by that adapter, a Python call, for every timestamp bound; the date and time of day
+    formatted once a second (issue 17)."""
+    global _second
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    if seconds != _second[0]:
+        text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        _second = (seconds, text)
+    return f"{_second[1]}.{micros:06d}" if micros else _second[1]
 
 
 def iso(value: datetime) -> str:
@@ -315,7 +332,7 @@ _MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("owner", "instance_i
 
 # The writer's statements, by rank (see store/writer.py: rows of a batch run rank by rank,
 # one executemany each). Driver-level SQL: no compilation, no per-row type processing.
-R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP = range(6)
+R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP, R_TURN = range(7)
 _MESSAGE_INSERT = (
     "id", "conversation_id", "owner", "seq", "role", "content", "reasoning", "state",
     "model_requested", "stream_id", "instance_id", "usage_estimated", "created_at",
@@ -323,6 +340,9 @@ _MESSAGE_INSERT = (
 )
 # Every field of AssistantResult is a column of messages (finish_assistant stores them all).
 _RESULT_FIELDS = tuple(f.name for f in fields(AssistantResult))
+_result_values = operator.attrgetter(*_RESULT_FIELDS)  # one C call for the tuple
+# The JSON columns among them, as positions in that tuple.
+_RESULT_JSON = tuple(_RESULT_FIELDS.index(name) for name in ("tool_calls", "attempts"))
 # An answer that ends while its start is still held (SQLStore.hold_s): inserted finished.
 _ANSWERED_INSERT = ("id", "conversation_id", "owner", "seq", "role", "model_requested",
                     "stream_id", "instance_id", "created_at", "updated_at", *_RESULT_FIELDS,
@@ -348,8 +368,13 @@ def _statements(dialect: str) -> list[str]:
         "UPDATE conversations SET updated_at = ? "
         "WHERE id = (SELECT conversation_id FROM messages WHERE id = ?)",
     ]
-    if dialect == "postgresql":  # asyncpg numbers its parameters
-        sql = [_dollars(statement) for statement in sql]
+    if dialect == "postgresql":
+        # R_TURN: a held answer with one question, its three rows in one statement (each
+        # statement is a round trip; PostgreSQL checks the foreign key at its end).
+        conversation, question, answer = sql[R_CONVERSATION], sql[R_MESSAGE], sql[R_ANSWERED]
+        sql.append(f"WITH c AS ({conversation}), q AS ({question}) {answer}")
+        return [_dollars(statement) for statement in sql]  # asyncpg numbers its parameters
+    sql.append("")  # R_TURN: PostgreSQL only (SQLite has no INSERT in WITH)
     return sql
 
 
@@ -359,8 +384,10 @@ def _dollars(statement: str) -> str:
 
 
 def _json(value: Any) -> Any:
-    """A driver-level JSON column value (both drivers take text); None stays NULL."""
-    return json.dumps(value) if isinstance(value, list | dict) else value
+    """A driver-level JSON column value (both drivers take text); None stays NULL.
+    (orjson: a tenth of ``json.dumps``'s time for an answer's attempts; compact, which the
+    JSON type reads back alike.)"""
+    return orjson.dumps(value).decode() if isinstance(value, list | dict) else value
 
 
 class _Held:
@@ -449,7 +476,8 @@ class SQLStore(Store):
         self._kept: AsyncConnection | None = None  # the writer's (see _begin_kept)
         self._kept_at = 0.0
         self._rows: SQLiteRows | None = None
-        self._ts: Any = None  # datetime -> the driver's value of a UTCDateTime column
+        self._now: Callable[[], Any] = utcnow  # the driver's value of a UTCDateTime for now
+        self._turn_statement = False  # R_TURN exists (PostgreSQL)
 
     def __repr__(self) -> str:
         return f"SQLStore({self.url.render_as_string(hide_password=True)!r})"
@@ -520,8 +548,13 @@ class SQLStore(Store):
                     self._interrupt_stmt().where(messages.c.instance_id == self.instance_id)
                 )
             dialect = self._engine.dialect
-            self._ts = UTCDateTime().bind_processor(dialect) or (lambda value: value)
+            if dialect.name == "sqlite":
+                self._now = _sqlite_now
+            else:
+                process = UTCDateTime().bind_processor(dialect) or (lambda value: value)
+                self._now = lambda: process(utcnow())
             statements = _statements(dialect.name)
+            self._turn_statement = bool(statements[R_TURN])
             if dialect.name == "sqlite" and self._sqlite_file() is not None:
                 self._rows = SQLiteRows(self._sqlite_file() or "", statements,
                                         self.command_timeout_s)
@@ -684,19 +717,19 @@ class SQLStore(Store):
     def _message_row(
         self, owner: str, conversation_id: str, message_id: str, seq: int, ts: Any, *,
         role: str, content: str = "", state: str = "complete", model_requested: str | None = None,
-        stream_id: str | None = None,
+        stream_id: str | None = None, parent: str | None = None,
     ) -> tuple[Any, ...]:
         instance = self.instance_id if role == "assistant" else None
         return (message_id, conversation_id, owner, seq, role, content, "", state,
-                model_requested, stream_id, instance, False, ts, ts, None)
+                model_requested, stream_id, instance, False, ts, ts, parent)
 
     def _assistant_row(
         self, owner: str, conversation_id: str, message_id: str, seq: int, ts: Any,
-        stream_id: str, model_requested: str,
+        stream_id: str, model_requested: str, parent: str | None = None,
     ) -> tuple[Any, ...]:
         return self._message_row(owner, conversation_id, message_id, seq, ts, role="assistant",
                                  state="streaming", model_requested=model_requested,
-                                 stream_id=stream_id)
+                                 stream_id=stream_id, parent=parent)
 
     def _append(self, owner: str, conversation_id: str, rows: list[tuple[Any, ...]],
                 parent: Any = _ACTIVE) -> Callable[[AsyncConnection], Awaitable[None]]:
@@ -735,7 +768,7 @@ class SQLStore(Store):
         chars, ``"New conversation"`` if blank); otherwise check it is the owner's."""
         if conversation_id is None:
             conversation_id = new_id()
-            ts = self._ts(utcnow())
+            ts = self._now()
             row = (conversation_id, owner, _clean_title(title), 0, ts, ts, None)
             await self.writer.submit([(R_CONVERSATION, row)])
             return conversation_id
@@ -752,7 +785,7 @@ class SQLStore(Store):
 
     async def add_user_message(self, owner: str, conversation_id: str, content: str) -> str:
         message_id = new_id()
-        row = self._message_row(owner, conversation_id, message_id, 0, self._ts(utcnow()),
+        row = self._message_row(owner, conversation_id, message_id, 0, self._now(),
                                 role="user", content=content)
         await self.writer.submit(fn=self._append(owner, conversation_id, [row]))
         return message_id
@@ -765,7 +798,7 @@ class SQLStore(Store):
         stream_id: str,
         model_requested: str,
     ) -> None:
-        row = self._assistant_row(owner, conversation_id, message_id, 0, self._ts(utcnow()),
+        row = self._assistant_row(owner, conversation_id, message_id, 0, self._now(),
                                   stream_id, model_requested)
         await self.writer.submit(fn=self._append(owner, conversation_id, [row]))
 
@@ -780,21 +813,25 @@ class SQLStore(Store):
         gets a 503 before anything streams (or succeeds, and the store is up again).
         """
         cid = turn.conversation_id
-        ts = self._ts(utcnow())
-        rows = [self._message_row(owner, cid, new_id(), 0, ts, role="user", content=text)
-                for text in turn.user_messages]
-        rows.append(self._assistant_row(owner, cid, message_id, 0, ts, stream_id,
-                                        model_requested))
+        ts = self._now()
         if turn.new:
-            # The active branch ends at the answer; each message follows the one before.
-            conversation = (cid, owner, _clean_title(turn.title), len(rows), ts, ts, message_id)
+            # Positions from 1; the active branch ends at the answer; each message follows
+            # the one before.
             placed = []
             parent = None
-            for seq, row in enumerate(rows, 1):
-                placed.append((*row[:3], seq, *row[4:-1], parent))
+            for seq, text in enumerate(turn.user_messages, 1):
+                row = self._message_row(owner, cid, new_id(), seq, ts, role="user",
+                                        content=text, parent=parent)
+                placed.append(row)
                 parent = row[0]
+            placed.append(self._assistant_row(owner, cid, message_id, len(placed) + 1, ts,
+                                              stream_id, model_requested, parent))
+            conversation = (cid, owner, _clean_title(turn.title), len(placed), ts, ts,
+                            message_id)
             held = _Held(conversation, placed)
-            writer = self.writer
+            # Not ``self.writer``, which would queue every other held turn: a new
+            # conversation depends on none of them, and they are held to be inserted once.
+            writer = self._writer_now()
             if writer.down:
                 await writer.submit(held.parts())
                 return
@@ -808,9 +845,13 @@ class SQLStore(Store):
                 loop = asyncio.get_running_loop()
                 self._release = loop.call_later(self.hold_s, self._release_held)
             return
+        rows = [self._message_row(owner, cid, new_id(), 0, ts, role="user", content=text)
+                for text in turn.user_messages]
+        rows.append(self._assistant_row(owner, cid, message_id, 0, ts, stream_id,
+                                        model_requested))
         writer = self.writer
-        parent = _ACTIVE if turn.parent_id == FOLLOW_ACTIVE else turn.parent_id
-        append = self._append(owner, cid, rows, parent)
+        after = _ACTIVE if turn.parent_id == FOLLOW_ACTIVE else turn.parent_id
+        append = self._append(owner, cid, rows, after)
         if writer.down:
             await writer.submit(fn=append)
         else:
@@ -819,7 +860,7 @@ class SQLStore(Store):
     async def checkpoint(self, message_id: str, content: str, reasoning: str) -> None:
         """One UPDATE (batched); ignored once the message left ``streaming`` (or was
         deleted)."""
-        row = (content, reasoning, self._ts(utcnow()), message_id)
+        row = (content, reasoning, self._now(), message_id)
         await self.writer.submit([(R_CHECKPOINT, row)])
 
     async def finish_assistant(self, message_id: str, result: AssistantResult) -> None:
@@ -827,21 +868,33 @@ class SQLStore(Store):
         interrupted by another instance's orphan sweep), and bump the conversation.
 
         Retried through a short database outage (the writer's ``retry_s``)."""
-        ts = self._ts(utcnow())
-        values = tuple(_json(getattr(result, name)) for name in _RESULT_FIELDS)
+        ts = self._now()
+        values = _result_values(result)
+        if any(values[i] is not None for i in _RESULT_JSON):
+            listed = list(values)
+            for i in _RESULT_JSON:
+                listed[i] = _json(listed[i])
+            values = tuple(listed)
         held = self._held.pop(message_id, None)
         if held is not None:
             *asked, answer = held.rows
             c = held.conversation
-            parts = [(R_CONVERSATION, (*c[:5], ts, c[6])), *((R_MESSAGE, row) for row in asked)]
+            conversation = (*c[:5], ts, c[6])
             # answer: id, conversation, owner, seq, role, ..., model_requested, stream_id,
             # instance_id, usage_estimated, created_at, updated_at, parent_id (see
             # _MESSAGE_INSERT)
-            parts.append((R_ANSWERED, (*answer[:5], *answer[8:11], answer[12], ts, *values,
-                                       answer[14])))
+            answered = (*answer[:5], *answer[8:11], answer[12], ts, *values, answer[14])
+            if self._turn_statement and len(asked) == 1:
+                parts = [(R_TURN, (*conversation, *asked[0], *answered))]
+            else:
+                parts = [(R_CONVERSATION, conversation), *((R_MESSAGE, row) for row in asked),
+                         (R_ANSWERED, answered)]
             await self._writer_now().submit(parts, retry=True)
             return
-        await self.writer.submit(
+        # Its own rows are queued already (it is not held), and it depends on no other
+        # turn: the other held ones stay held (``self.writer`` would queue them all, and
+        # each of those would then end with these two UPDATEs instead of one insert).
+        await self._writer_now().submit(
             [(R_FINISH, (*values, ts, message_id)), (R_BUMP, (ts, message_id))], retry=True
         )
 

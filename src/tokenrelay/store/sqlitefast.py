@@ -18,11 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from tokenrelay.errors import ServiceUnavailable
 from tokenrelay.memtrim import BIG
+
+# ``sqlite3`` adapts every value that is not exactly an int, float, str or bytearray: for
+# a None or a bool without a registered adapter it looks up ``__adapt__`` on its protocol
+# type, which raises and formats an AttributeError (~5,000 instructions per value, ~20
+# values per answer). A registered adapter is one dict hit and a C call, and binds the
+# same value (NULL; a bool is stored as the integer 0 or 1 either way). Process-wide, so
+# SQLAlchemy's aiosqlite connections gain too.
+sqlite3.register_adapter(type(None), cast("Callable[[None], None]", {}.get))  # -> None
+sqlite3.register_adapter(bool, int)
 
 
 class SQLiteRows:
@@ -78,5 +88,10 @@ class SQLiteRows:
 
 
 def _has_big_text(rows: dict[int, list[tuple[Any, ...]]]) -> bool:
-    return any(isinstance(value, str) and len(value) >= BIG // 4  # up to 4 bytes a char
-               for batch in rows.values() for row in batch for value in row)
+    limit = BIG // 4  # up to 4 bytes a char
+    for batch in rows.values():  # plain loops: twice as fast as any() over a generator
+        for row in batch:
+            for value in row:
+                if value.__class__ is str and len(value) >= limit:
+                    return True
+    return False

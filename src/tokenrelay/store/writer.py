@@ -169,18 +169,29 @@ class Writer:
 
     async def _write(self, batch: list[Op]) -> bool:
         """Apply one batch; False when the database was unreachable."""
-        if all(op.fn is None and not op.parts for op in batch):
-            for op in batch:  # flush markers only: everything before them is done
-                _done(op, None)
-            return True
+        rows: dict[int, list[tuple[Any, ...]]] = {}  # the batch's rows, if it is only rows
+        for op in batch:
+            if op.fn is not None:
+                rows = {}
+                break
+            for rank, row in op.parts:
+                if rank in rows:
+                    rows[rank].append(row)
+                else:
+                    rows[rank] = [row]
+        else:
+            if not rows:
+                for op in batch:  # flush markers only: everything before them is done
+                    _done(op, None)
+                return True
         results: list[Any] = []
         try:
-            if self._fast_rows is not None and all(op.fn is None for op in batch):
-                rows: dict[int, list[tuple[Any, ...]]] = {}
-                for op in batch:
-                    for rank, row in op.parts:
-                        rows.setdefault(rank, []).append(row)
-                await self._fast_rows(rows)
+            if rows:  # only rows: one statement per rank
+                if self._fast_rows is not None:
+                    await self._fast_rows(rows)
+                else:
+                    async with self._begin() as conn:
+                        await self._rows(conn, rows)
                 results = [None] * len(batch)
             else:
                 async with self._begin() as conn:
