@@ -25,9 +25,12 @@ request; with a handful of tokens per answer that is almost all set-up, not rela
 * ``--per-read`` (with ``--callgrind``) measures, in one gateway, paced answers of
   ``--tokens`` and of ``--tokens`` + 100 tokens (20 tokens/s, so each token is one read)
   and reports the difference per added read: the instructions of one one-token read,
-  set-up excluded. ``bench/results/callgrind-read.out`` and ``callgrind-read-short.out``
-  are the two dumps (``callgrind_annotate`` either; the difference of the two, function
-  by function, is where a read's instructions go).
+  set-up excluded; then, from an idle window, the same without what an idle gateway runs
+  in the long answers' extra seconds (at 100 reads/s that is a few % of a read; at the
+  latency phase's 10,000 reads/s it vanishes). ``bench/results/callgrind-read.out``,
+  ``callgrind-read-short.out`` and ``callgrind-idle.out`` are the dumps
+  (``callgrind_annotate`` any; the difference of the first two, function by function, is
+  where a read's instructions go).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,20 +216,29 @@ async def measure(args: argparse.Namespace, gw_url: str, gw_pid: int) -> list[di
 
 PER_READ_EXTRA = 100  # tokens added to the long answers of --per-read
 PER_READ_RATE = 20.0  # tokens/s: slow enough that each token is a read of its own
+PER_READ_IDLE_S = 10.0  # the idle window of --per-read
 
 
 async def per_read(args: argparse.Namespace, target: loadgen.Target, gw_url: str,
                    gw_pid: int) -> list[dict[str, Any]]:
-    """Short and long paced answers, each counted in a dump of its own (``--per-read``)."""
+    """Short and long paced answers, each counted in a dump of its own (``--per-read``),
+    then an idle window: what the gateway runs per second with no request (uvicorn's
+    0.1 s tick, the timer wheel) is part of the long answers' extra seconds too."""
     counts = []
-    for tokens in (args.tokens, args.tokens + PER_READ_EXTRA):
+    for tokens in (args.tokens, args.tokens + PER_READ_EXTRA, 0):
         before = instructions(args.out_dir)
         await callgrind(gw_pid, gw_url, "--instr=on")
-        done = await fire(target, args.requests, args.concurrency, tokens, args.endpoint,
-                          PER_READ_RATE)
+        started = time.monotonic()
+        done = 0
+        if tokens:
+            done = await fire(target, args.requests, args.concurrency, tokens,
+                              args.endpoint, PER_READ_RATE)
+        else:
+            await asyncio.sleep(PER_READ_IDLE_S)
+        seconds = time.monotonic() - started
         await callgrind(gw_pid, gw_url, "--instr=off")
         await callgrind(gw_pid, gw_url, "--dump")
-        counts.append({"tokens": tokens, "complete": done,
+        counts.append({"tokens": tokens, "complete": done, "seconds": round(seconds, 2),
                        "instructions": instructions(args.out_dir) - before})
     return counts
 
@@ -297,19 +310,23 @@ def main() -> int:
             (run.HERE / "results").mkdir(exist_ok=True)
             # callgrind.out.<n>, one per --dump, in order: for callgrind_annotate
             dumps = sorted(tmp.glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
-            names = ["callgrind-read-short.out", "callgrind-read.out"] if args.per_read else []
+            names = (["callgrind-read-short.out", "callgrind-read.out", "callgrind-idle.out"]
+                     if args.per_read else [])
             for dump, name in zip(dumps, names or ["callgrind-setup.out"] * len(dumps),
                                   strict=False):
                 shutil.copy(dump, run.HERE / "results" / name)
     for r in rounds:
         print(orjson.dumps(r).decode())
     if args.per_read:
-        short, long = rounds
-        per_read = (long["instructions"] - short["instructions"]) / (
-            args.requests * PER_READ_EXTRA)
+        short, long, idle = rounds
+        reads = args.requests * PER_READ_EXTRA
+        per_read = (long["instructions"] - short["instructions"]) / reads
+        per_s = idle["instructions"] / idle["seconds"]
+        busy = per_read - per_s * (long["seconds"] - short["seconds"]) / reads
         print(f"{label}: gateway instructions per one-token read "
               f"({args.requests} answers of {short['tokens']} and {long['tokens']} tokens "
-              f"at {PER_READ_RATE:g}/s): {per_read:,.0f}")
+              f"at {PER_READ_RATE:g}/s): {per_read:,.0f}; idle gateway {per_s:,.0f} per s, "
+              f"so {busy:,.0f} per read without the idle work of the extra seconds")
         return 0
     if args.callgrind:
         print(f"{label}: gateway instructions per request ({args.requests} requests): "

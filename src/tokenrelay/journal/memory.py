@@ -152,7 +152,9 @@ class MemoryJournal(Journal):
         self.append_now(stream_id, frames)
 
     def append_now(self, stream_id: str, frames: list[bytes]) -> None:
-        stream = self._get(stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.finished:
+            stream = self._get(stream_id)  # what it says about these (the same dict get)
         size = 0
         for f in frames:
             size += len(f)
