@@ -84,13 +84,14 @@ class BodyDecoder:
         """The events of one read, and the error that stopped the parse (if any): the
         good text before a corrupt chunk is still returned."""
         out: list[Event] = []
-        head, tail = self._head, self._tail
+        head, tail, sse = self._head, self._tail, self.sse
         if (
             head
             and data.endswith(tail)
             and data.startswith(head)
             and len(data) >= len(head) + len(tail)
-            and self.sse.between_events
+            # sse.between_events, without the property's call (once per read)
+            and not (sse._parts or sse._open or sse._cr or sse._start)
         ):
             # One whole template event, as a live answer's tokens come (what _fast finds
             # first, with fewer searches): a text without a control character holds no

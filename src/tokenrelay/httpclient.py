@@ -292,8 +292,9 @@ class Response(asyncio.Protocol):
         if on_data is not None and pieces:
             # Streaming: the body of this read (the good bytes before a failure too), in
             # one call, now: no loop callback per read (see stream()).
-            self._pieces = []
-            on_data(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces.clear()
+            on_data(body)
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
