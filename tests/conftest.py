@@ -1,4 +1,5 @@
-"""Shared fixtures: a simulator on a real loopback port, and gateways in front of it."""
+"""Shared fixtures: a simulator and the fault upstream on real loopback ports, and gateways
+in front of the simulator."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support.fault_upstream import FaultUpstream
 from support.gateway import Gateway, running_gateway, serve_app
 from tokenrelay.simulator import Simulator, SimulatorConfig, create_simulator
 
@@ -24,6 +26,13 @@ async def simulator() -> AsyncIterator[tuple[Simulator, str]]:
     sim = create_simulator(SimulatorConfig(speed=20.0, first_token_delay_scale=0.1))
     async with serve_app(sim, lifespan="off") as url:
         yield sim, url + "/v1"
+
+
+@pytest.fixture
+async def fault_upstream() -> AsyncIterator[FaultUpstream]:
+    """The scripted fault upstream (support/fault_upstream.py) on 127.0.0.1."""
+    async with FaultUpstream() as up:
+        yield up
 
 
 @pytest.fixture

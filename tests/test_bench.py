@@ -2,21 +2,16 @@
 
 ``bench/run.py --quick`` must start its servers, drive a tiny load and print its table;
 ``tokenrelay bench`` must measure two simulated models through an in-process gateway and
-write its chart. Plus the subscriber's send deadline, which the hot-path work introduced.
+write its chart.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-
-from tokenrelay.subscriber import _SendDeadline
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -107,44 +102,3 @@ def test_tokenrelay_bench_rejects_an_unknown_chart_format(tmp_path: Path) -> Non
     )
     assert proc.returncode == 2 and ".png or .svg" in proc.stderr
 
-
-async def test_a_write_stuck_past_the_send_timeout_raises_timeout_error() -> None:
-    loop = asyncio.get_running_loop()
-    deadline = _SendDeadline(loop, 0.05)
-
-    async def never_drains(message: dict) -> None:
-        await loop.create_future()
-
-    async def writer() -> None:
-        await deadline.send(never_drains, {"type": "http.response.body", "body": b"x"})
-
-    deadline.task = task = loop.create_task(writer())
-    with pytest.raises(TimeoutError):
-        await task
-    deadline.close()
-
-
-async def test_quick_writes_pass_and_other_cancels_stay_cancels() -> None:
-    loop = asyncio.get_running_loop()
-    deadline = _SendDeadline(loop, 30.0)
-    sent: list[bytes] = []
-    stuck = asyncio.Event()
-
-    async def send(message: dict) -> None:
-        sent.append(message["body"])
-        if message["body"] == b"stuck":
-            stuck.set()
-            await loop.create_future()
-
-    async def writer() -> None:
-        for body in (b"a", b"b", b"stuck"):
-            await deadline.send(send, {"type": "http.response.body", "body": body})
-
-    deadline.task = task = loop.create_task(writer())
-    await stuck.wait()
-    assert sent == [b"a", b"b", b"stuck"] and deadline.started > 0
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert deadline.started == 0.0
-    deadline.close()

@@ -1,6 +1,6 @@
 """The tokenrelay command's help teaches (issue 14): every subcommand and option has a help
 line, the top-level help lists the subcommands and points at the upstream variables, and
-no reST markup leaks."""
+no reST markup leaks. ``serve`` warns before it exposes the upstream keys to a network."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from support.processes import TOKENRELAY
+from support.processes import TOKENRELAY, serve_dry_run
 from tokenrelay.cli import build_parser
 
 
@@ -62,3 +62,18 @@ def test_serve_help_mentions_the_upstream_variables() -> None:
 def test_no_markup_leaks_into_help(command: tuple[str, ...]) -> None:
     text = _help(*command)
     assert "``" not in text and ":func:" not in text and ":class:" not in text
+
+
+def _serve_warning(env: dict[str, str], *args: str) -> str:
+    result = serve_dry_run(env, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+def test_binding_beyond_loopback_without_keys_warns():
+    err = _serve_warning({}, "--host", "0.0.0.0", "--port", "1")
+    assert "WARNING" in err and "no client API keys" in err
+    assert "WARNING" not in _serve_warning({}, "--host", "127.0.0.1", "--port", "1")
+    keyed = _serve_warning({"TOKENRELAY_API_KEYS": "a:long-enough-key"},
+                           "--host", "0.0.0.0", "--port", "1")
+    assert "WARNING" not in keyed

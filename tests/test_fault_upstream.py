@@ -32,6 +32,7 @@ from support.fault_upstream import (
     status,
     vllm_error,
 )
+from support.openai_stream import events_of, read_events
 
 TOKENS = ["Hel", "lo", " wör", "ld", " 😀"]
 BODY = {"model": "m1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -42,23 +43,6 @@ WAIT = 5.0
 async def up() -> AsyncIterator[tuple[FaultUpstream, aiohttp.ClientSession]]:
     async with FaultUpstream() as upstream, aiohttp.ClientSession() as session:
         yield upstream, session
-
-
-def events_of(raw: bytes) -> list[Any]:
-    """Parse complete SSE events; unparseable data lines become ("corrupt", text)."""
-    out: list[Any] = []
-    for block in raw.decode().split("\n\n"):
-        if not block:
-            continue
-        data = block.removeprefix("data: ")
-        if data == "[DONE]":
-            out.append(data)
-            continue
-        try:
-            out.append(orjson.loads(data))
-        except orjson.JSONDecodeError:
-            out.append(("corrupt", data))
-    return out
 
 
 def text_of(events: list[Any]) -> str:
@@ -72,15 +56,6 @@ def text_of(events: list[Any]) -> str:
 async def fetch(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, Any, bytes]:
     async with session.post(url + "/chat/completions", json=kw.pop("json", BODY), **kw) as r:
         return r.status, r.headers, await r.read()
-
-
-async def read_events(resp: aiohttp.ClientResponse, n: int) -> list[Any]:
-    buf = b""
-    while buf.count(b"\n\n") < n:
-        chunk = await resp.content.readany()
-        assert chunk, "stream ended early"
-        buf += chunk
-    return events_of(buf[: buf.rindex(b"\n\n") + 2])
 
 
 async def test_ok_streams_openai_chunks_and_records_the_request(up: Any) -> None:

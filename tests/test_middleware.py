@@ -1,17 +1,12 @@
-"""API keys, request ids, the access log, nosniff and CORS over real HTTP; key config."""
+"""API keys, request ids, the access log, nosniff and CORS over real HTTP."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from support.client import chat_body, read_stream
-from tokenrelay.config import load_settings
-from tokenrelay.errors import ConfigError
 
 KEYS = "alice:alice-key-0123456789,bob:bob-key-0123456789"
 ALICE = {"Authorization": "Bearer alice-key-0123456789"}
@@ -188,127 +183,14 @@ async def test_cors_allows_only_listed_origins(gateway_factory, http):
             assert "Access-Control-Allow-Origin" not in r.headers
 
 
-# -- configuration -----------------------------------------------------------------------
-
-
-def test_keys_from_toml_and_environment(tmp_path: Path):
-    config = tmp_path / "tokenrelay.toml"
-    config.write_text(
-        '[auth]\nkeys = [{name = "alice", key_env = "ALICE_KEY"}, "bare-key-0123456789",\n'
-        '        {name = "carol", key = "carol-key-0123456789"}]\n'
-        "[limits]\nrequests_per_minute = 30\nconcurrent_streams = 2\n"
-        '[server]\ncors_origins = ["https://chat.example"]\nallowed_models = ["sim-chat"]\n'
-        "log_json = true\n"
-    )
-    env = {"ALICE_KEY": "alice-key-0123456789", "TOKENRELAY_API_KEYS": "dave:dave-key-01234567",
-           "TOKENRELAY_TPM": "1000"}
-    settings = load_settings(config, environ=env)
-    names = [k.name for k in settings.api_keys]
-    assert names[0] == "alice" and names[2:] == ["carol", "dave"]
-    assert names[1].startswith("key-") and "bare" not in names[1]
-    assert settings.api_keys[0].owner == "key:alice"
-    assert "alice-key" not in repr(settings)  # keys never print
-    assert settings.rate_limits.requests_per_minute == 30
-    assert settings.rate_limits.concurrent_streams == 2
-    assert settings.rate_limits.tokens_per_minute == 1000
-    assert settings.cors_origins == ("https://chat.example",)
-    assert settings.log_json is True
-    assert settings.route("sim-chat") is not None and settings.route("sim-fast") is None
-    assert {"alice-key-0123456789", "dave-key-01234567"} <= set(settings.secrets)
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"TOKENRELAY_API_KEYS": "alice:short"}, "at least 8"),
-        ({"TOKENRELAY_API_KEYS": "al ice:long-enough-key"}, "name"),
-        ({"TOKENRELAY_API_KEYS": "a:long-enough-key,a:other-long-key"}, "more than once"),
-        ({"TOKENRELAY_API_KEYS": "a:long-enough-key,b:long-enough-key"}, "same key"),
-        ({"TOKENRELAY_RPM": "many"}, "requests_per_minute"),
-        ({"TOKENRELAY_MAX_CONCURRENT_STREAMS": "-1"}, "concurrent_streams"),
-        ({"TOKENRELAY_CORS_ORIGINS": "*"}, "wildcard"),
-        ({"TOKENRELAY_CORS_ORIGINS": "https://a.example/path"}, "no path"),
-        ({"TOKENRELAY_LOG_JSON": "maybe"}, "LOG_JSON"),
-        ({"TOKENRELAY_ALLOWED_HOSTS": "http://chat.example"}, "allowed_hosts"),
-        ({"TOKENRELAY_HEADER_TIMEOUT_S": "0"}, "header_timeout_s"),
-        ({"TOKENRELAY_MAX_HEADERS": "0"}, "max_headers"),
-        ({"TOKENRELAY_TRUSTED_USER_HEADER": "X-User"}, "trusted_proxies"),
-        ({"TOKENRELAY_TRUSTED_USER_HEADER": "X-User", "TOKENRELAY_TRUSTED_PROXIES": "proxy"},
-         "trusted_proxies"),
-        ({"TOKENRELAY_TRUSTED_USER_HEADER": "Authorization",
-          "TOKENRELAY_TRUSTED_PROXIES": "127.0.0.1"}, "cannot be"),
-        ({"TOKENRELAY_TRUSTED_USER_HEADER": "X User", "TOKENRELAY_TRUSTED_PROXIES": "::1"},
-         "trusted_user_header"),
-        ({"TOKENRELAY_SIGN_OUT_URL": "javascript:alert(1)"}, "sign_out_url"),
-        ({"TOKENRELAY_METRICS_TOKEN": "short"}, "metrics_token"),
-        ({"TOKENRELAY_ADMIN_KEYS": "nobody"}, "admin_keys"),
-    ],
-)
-def test_bad_security_config_fails_naming_the_key(env, message):
-    with pytest.raises(ConfigError) as caught:
-        load_settings(environ=env)
-    assert message in caught.value.message
-    for part in env.get("TOKENRELAY_API_KEYS", "").split(","):
-        secret = part.partition(":")[2]
-        if secret:
-            assert secret not in caught.value.message  # a config error never shows a key
-
-
-def test_host_proxy_and_operator_settings_from_toml_and_environment(tmp_path: Path):
-    config = tmp_path / "tokenrelay.toml"
-    config.write_text(
-        '[server]\nallowed_hosts = ["Chat.Example", "10.0.0.5:8000"]\nheader_timeout_s = 5\n'
-        'max_headers = 60\nmetrics_token = "toml-metrics-token"\n'
-        '[auth]\nkeys = [{name = "ops", key = "ops-key-0123456789"}]\nadmin_keys = ["ops"]\n'
-        'trusted_user_header = "X-Auth-Request-Email"\n'
-        'trusted_proxies = ["10.0.0.0/8", "::1"]\nsign_out_url = "/oauth2/sign_out"\n'
-    )
-    settings = load_settings(config, environ={})
-    assert settings.allowed_hosts == ("chat.example", "10.0.0.5:8000")
-    assert (settings.header_timeout_s, settings.max_headers) == (5.0, 60)
-    assert settings.admin_keys == ("ops",)
-    assert settings.trusted_user_header == "X-Auth-Request-Email"
-    assert settings.trusted_proxies == ("10.0.0.0/8", "::1")
-    assert settings.sign_out_url == "/oauth2/sign_out"
-    assert "toml-metrics-token" in settings.secrets  # redacted from logs
-    assert "toml-metrics-token" not in repr(settings)
-    env = {"TOKENRELAY_METRICS_TOKEN": "env-metrics-token", "TOKENRELAY_ALLOWED_HOSTS": "*",
-           "TOKENRELAY_TRUSTED_PROXIES": "127.0.0.1"}
-    settings = load_settings(config, environ=env)  # the environment wins
-    assert settings.metrics_token == "env-metrics-token"
-    assert settings.allowed_hosts == ("*",) and settings.trusted_proxies == ("127.0.0.1",)
-
-
-def test_key_env_must_be_set(tmp_path: Path):
-    config = tmp_path / "c.toml"
-    config.write_text('[auth]\nkeys = [{name = "alice", key_env = "NOT_SET_ANYWHERE"}]\n')
-    with pytest.raises(ConfigError, match=r"auth\.keys\[0\]\.key_env"):
-        load_settings(config, environ={})
-
-
-def _serve_warning(env: dict[str, str], *args: str) -> str:
-    """Run the real ``tokenrelay serve`` command with its server made a no-op (nothing
-    listens), and return what it printed to stderr."""
-    code = (
-        "import sys, tokenrelay.server; tokenrelay.server.serve = lambda *a, **k: None; "
-        "from tokenrelay.cli import main; main(sys.argv[1:])"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, "serve", *args],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stderr
-
-
-def test_binding_beyond_loopback_without_keys_warns():
-    err = _serve_warning({}, "--host", "0.0.0.0", "--port", "1")
-    assert "WARNING" in err and "no client API keys" in err
-    assert "WARNING" not in _serve_warning({}, "--host", "127.0.0.1", "--port", "1")
-    keyed = _serve_warning({"TOKENRELAY_API_KEYS": "a:long-enough-key"},
-                           "--host", "0.0.0.0", "--port", "1")
-    assert "WARNING" not in keyed
+def test_the_middleware_module_loads_no_response_or_stream_module():
+    """It reads the scope extensions from tokenrelay.asgi (issue 18): importing it must
+    not pull in the subscriber, and with it the hub and the generation."""
+    code = ("import sys, tokenrelay.middleware; "
+            "print(sorted(m for m in sys.modules if m.startswith('tokenrelay.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    loaded = result.stdout
+    assert "'tokenrelay.asgi'" in loaded
+    for module in ("subscriber", "hub", "generation", "protocol"):
+        assert f"'tokenrelay.{module}'" not in loaded

@@ -12,7 +12,8 @@ import orjson
 from support.client import read_stream
 from support.gateway import running_gateway
 from support.servers import STREAMING_PROTOCOL, running_asgi
-from tokenrelay.protocol import ON_DISCONNECT, chunk_cycle, write_chunk
+from tokenrelay.asgi import ON_DISCONNECT
+from tokenrelay.protocol import chunk_cycle, write_chunk
 
 
 class Recorder:

@@ -10,6 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
+from support.openai_stream import events_of, read_events
 from support.servers import running_asgi
 from tokenrelay.simulator import (
     DEFAULT_MODELS,
@@ -34,17 +35,6 @@ async def sim() -> AsyncIterator[tuple[Simulator, str, aiohttp.ClientSession]]:
     app = create_simulator(FAST)
     async with running_asgi(app) as url, aiohttp.ClientSession() as session:
         yield app, url + "/v1", session
-
-
-def parse_sse(raw: bytes) -> list[Any]:
-    """Events of a complete body; '[DONE]' stays a string."""
-    out: list[Any] = []
-    for block in raw.decode().split("\n\n"):
-        if block:
-            assert block.startswith("data: "), block
-            data = block[len("data: ") :]
-            out.append(data if data == "[DONE]" else orjson.loads(data))
-    return out
 
 
 def content_of(events: list[Any]) -> str:
@@ -75,7 +65,7 @@ async def stream(session: aiohttp.ClientSession, url: str, **body: Any) -> list[
     status, headers, raw = await post(session, url, body)
     assert status == 200, raw
     assert headers["Content-Type"].startswith("text/event-stream")
-    return parse_sse(raw)
+    return events_of(raw)
 
 
 async def test_models_list_names_every_model_as_simulated(sim: Any) -> None:
@@ -232,7 +222,7 @@ async def test_flaky_model_429_then_success(sim: Any) -> None:
     assert error["code"] == "rate_limit_exceeded" and error["message"] and error["type"]
     status, _, raw = await post(session, url, body)
     assert status == 200
-    assert parse_sse(raw)[-1] == "[DONE]"
+    assert events_of(raw)[-1] == "[DONE]"
     other = {**body, "messages": [{"role": "user", "content": "another prompt"}]}
     assert (await post(session, url, other))[0] == 429  # the counter is per prompt
     assert app.stats.rejected == 2 and app.stats.completed == 1
@@ -249,19 +239,9 @@ async def test_drop_model_cuts_the_body_without_done(sim: Any) -> None:
                 received += chunk
     assert b"[DONE]" not in received
     assert b'"finish_reason":"stop"' not in received
-    events = parse_sse(received[: received.rindex(b"\n\n") + 2])
+    events = events_of(received[: received.rindex(b"\n\n") + 2])
     assert content_chunks(events) == build_text("sim-drop", MESSAGES)[:20]
     assert app.stats.faults == 1 and app.stats.completed == 0
-
-
-async def read_events(resp: aiohttp.ClientResponse, n: int) -> list[Any]:
-    """Read until ``n`` complete events arrived, leaving the response open."""
-    buf = b""
-    while buf.count(b"\n\n") < n:
-        chunk = await resp.content.readany()
-        assert chunk, "stream ended early"
-        buf += chunk
-    return parse_sse(buf[: buf.rindex(b"\n\n") + 2])
 
 
 async def test_client_disconnect_is_detected_and_generation_stops(sim: Any) -> None:
@@ -331,7 +311,7 @@ async def test_api_key_is_required_when_configured() -> None:
             assert resp.status == 401
         good = {"Authorization": "Bearer sk-sim-secret"}
         status, _, raw = await post(session, url + "/v1", body, headers=good)
-        assert status == 200 and parse_sse(raw)[-1] == "[DONE]"
+        assert status == 200 and events_of(raw)[-1] == "[DONE]"
     assert app.last_request_headers["authorization"] == "Bearer sk-sim-secret"
     assert app.last_request_body is not None
     assert app.last_request_body["stream_options"] == {"include_usage": True}
@@ -362,7 +342,7 @@ async def test_fast_model_writes_many_chunks_per_send() -> None:
     assert not sent[-1]["more_body"]
     assert len(bodies) < 2000 / 20  # dozens of chunks per send
     assert max(len(b) for b in bodies) <= 17 * 1024
-    assert content_chunks(parse_sse(b"".join(bodies))) == build_text(
+    assert content_chunks(events_of(b"".join(bodies))) == build_text(
         "sim-fast", MESSAGES, length=2000)
 
 

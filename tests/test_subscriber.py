@@ -1,4 +1,5 @@
-"""The subscriber's push path: frames written from inside the journal's append."""
+"""The subscriber's push path (frames written from inside the journal's append) and its
+send deadline (a client that stops reading is dropped)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,45 @@ async def test_a_send_left_suspended_is_closed_when_the_loop_ends() -> None:
     assert follower.push([b"x"]) is False and follower.pending is not None
     follower.close()
     assert cleaned == [True] and follower.pending is None
+
+
+async def test_a_write_stuck_past_the_send_timeout_raises_timeout_error() -> None:
+    loop = asyncio.get_running_loop()
+    deadline = _SendDeadline(loop, 0.05)
+
+    async def never_drains(message: dict) -> None:
+        await loop.create_future()
+
+    async def writer() -> None:
+        await deadline.send(never_drains, {"type": "http.response.body", "body": b"x"})
+
+    deadline.task = task = loop.create_task(writer())
+    with pytest.raises(TimeoutError):
+        await task
+    deadline.close()
+
+
+async def test_quick_writes_pass_and_other_cancels_stay_cancels() -> None:
+    loop = asyncio.get_running_loop()
+    deadline = _SendDeadline(loop, 30.0)
+    sent: list[bytes] = []
+    stuck = asyncio.Event()
+
+    async def send(message: dict) -> None:
+        sent.append(message["body"])
+        if message["body"] == b"stuck":
+            stuck.set()
+            await loop.create_future()
+
+    async def writer() -> None:
+        for body in (b"a", b"b", b"stuck"):
+            await deadline.send(send, {"type": "http.response.body", "body": body})
+
+    deadline.task = task = loop.create_task(writer())
+    await stuck.wait()
+    assert sent == [b"a", b"b", b"stuck"] and deadline.started > 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert deadline.started == 0.0
+    deadline.close()

@@ -3,11 +3,10 @@
 from typing import TYPE_CHECKING
 
 from tokenrelay.config import Settings, load_settings
+from tokenrelay.version import __version__
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
-
-__version__ = "0.1.0"
 
 
 def create_app(settings: Settings | None = None) -> "Starlette":

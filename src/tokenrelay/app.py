@@ -22,7 +22,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Match, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
+from starlette.types import Lifespan
 
+from tokenrelay.asgi import DEFERRED, Deferred, Receive, Scope, Send
 from tokenrelay.breaker import open_breakers
 from tokenrelay.config import SIMULATOR, Settings, load_settings
 from tokenrelay.errors import BadRequest, TokenRelayError, openai_error_body
@@ -30,14 +32,13 @@ from tokenrelay.guard import GuardMiddleware
 from tokenrelay.httpclient import Pool
 from tokenrelay.hub import Hub
 from tokenrelay.idempotency import IdempotencyStore, MemoryIdempotency, RedisIdempotency
-from tokenrelay.journal.base import open_journal
+from tokenrelay.journal import open_journal
 from tokenrelay.limits import open_limiter
 from tokenrelay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tokenrelay.metrics import Metrics, metrics_refusal
 from tokenrelay.middleware import AccessLogMiddleware, AuthMiddleware, cors_options
-from tokenrelay.routes import chat, openai, responses, streams
+from tokenrelay.routes import chat, conversations, openai, responses, streams
 from tokenrelay.routes.common import JSONResponse, error_response, speaks_openai
-from tokenrelay.subscriber import DEFERRED, Deferred
 from tokenrelay.upstream import UpstreamClient
 
 log = logging.getLogger("tokenrelay")
@@ -239,7 +240,7 @@ class _ExactRouter(Router):
                        for earlier in routes[:i] for probe in probes):
                 self._exact.setdefault(route.path, route)
 
-    async def app(self, scope: Any, receive: Any, send: Any) -> None:
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):  # else: as Starlette
             route = self._exact.get(scope["path"])
             if route is not None:
@@ -265,11 +266,12 @@ class TokenRelayApp(Starlette):
     Its body runs here, after the middleware stack has returned (see ``Deferred``).
     """
 
-    def __init__(self, *, routes: list[BaseRoute], lifespan: Any, **kwargs: Any) -> None:
+    def __init__(self, *, routes: list[BaseRoute], lifespan: Lifespan[Starlette],
+                 **kwargs: Any) -> None:
         super().__init__(routes=routes, lifespan=lifespan, **kwargs)
         self.router = _ExactRouter(routes, lifespan=lifespan)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         deferred = None
         if scope["type"] == "http":
             scope[DEFERRED] = deferred = Deferred(send)
@@ -299,14 +301,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *streams.routes,
         *openai.routes,
         *responses.routes,
+        *conversations.routes,
+        Mount("/static", StaticFiles(directory=WEB_DIR), name="static"),
     ]
-    try:
-        from tokenrelay.routes import conversations
-
-        routes.extend(conversations.routes)
-    except ImportError:  # the history API ships with the store
-        pass
-    routes.append(Mount("/static", StaticFiles(directory=WEB_DIR), name="static"))
     middleware = [
         Middleware(AccessLogMiddleware, max_headers=settings.max_headers),
         Middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts,

@@ -14,8 +14,8 @@ import ipaddress
 import sys
 from typing import Any
 
-from tokenrelay import __version__
 from tokenrelay.errors import ConfigError
+from tokenrelay.version import __version__
 
 
 def _is_loopback(host: str) -> bool:

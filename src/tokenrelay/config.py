@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from tokenrelay.errors import ConfigError
-from tokenrelay.journal.base import JournalLimits
 
 SIMULATOR = "simulator"
 
@@ -130,6 +129,16 @@ class RateLimits:
     @property
     def enabled(self) -> bool:
         return bool(self.requests_per_minute or self.concurrent_streams or self.tokens_per_minute)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalLimits:
+    """Bounds of a journal (see :mod:`tokenrelay.journal.base`)."""
+
+    max_events: int = 100_000
+    max_bytes: int = 16 * 1024 * 1024
+    max_streams: int = 20_000
+    retention_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,31 +287,37 @@ def _number(key: str, value: Any, kind: type) -> Any:
     return number
 
 
-def _overlay(obj: Any, values: Mapping[str, Any], where: str) -> Any:
-    """Return a copy of dataclass ``obj`` with ``values`` applied, type-checked per field."""
+def _overlay(
+    obj: Any, values: Mapping[str, Any], where: str, names: Mapping[str, str] | None = None
+) -> Any:
+    """Return a copy of dataclass ``obj`` with ``values`` applied, type-checked per field.
+
+    An error names the setting as ``where.key``, or as ``names[key]`` when given (the
+    environment variable the value came from)."""
     known = {f.name: f for f in fields(obj)}
     changes: dict[str, Any] = {}
     for key, value in values.items():
+        name = names[key] if names and key in names else f"{where}.{key}"
         if key not in known:
-            raise ConfigError(f"Config '{where}.{key}' is not a known setting.")
+            raise ConfigError(f"Config '{name}' is not a known setting.")
         current = getattr(obj, key)
         if isinstance(current, bool):
             if not isinstance(value, bool):
-                raise ConfigError(f"Config '{where}.{key}' has value {value!r}. Not a bool.")
+                raise ConfigError(f"Config '{name}' has value {value!r}. Not a bool.")
             changes[key] = value
         elif isinstance(current, int | float):
-            changes[key] = _number(f"{where}.{key}", value, type(current))
+            changes[key] = _number(name, value, type(current))
         else:
             changes[key] = value
     return replace(obj, **changes)
 
 
-def _env_overlay(
-    obj: Any, env: Mapping[str, str], table: Mapping[str, str], where: str
-) -> Any:
-    return _overlay(
-        obj, {attr: env[key] for key, attr in table.items() if key in env}, where
-    )
+def _env_overlay(obj: Any, env: Mapping[str, str], table: Mapping[str, str]) -> Any:
+    """Apply the variables of ``table`` (variable -> field) that are set; an error names
+    the variable, which is what the user typed."""
+    present = {var: attr for var, attr in table.items() if var in env}
+    values = {attr: env[var] for var, attr in present.items()}
+    return _overlay(obj, values, "env", {attr: var for var, attr in present.items()})
 
 
 def simulator_models() -> dict[str, ModelRoute]:
@@ -736,7 +751,7 @@ def load_settings(
         allowed_models = _string_list(env["TOKENRELAY_ALLOWED_MODELS"],
                                       "TOKENRELAY_ALLOWED_MODELS")
     rate_limits = _overlay(RateLimits(), data.get("limits", {}), "limits")
-    rate_limits = _env_overlay(rate_limits, env, _RATE_ENV, "env")
+    rate_limits = _env_overlay(rate_limits, env, _RATE_ENV)
     api_keys = _parse_api_keys(data.get("auth", {}), env)
     if "TOKENRELAY_LOG_JSON" in env:
         flag = env["TOKENRELAY_LOG_JSON"].strip().lower()
@@ -746,7 +761,7 @@ def load_settings(
     journal = _overlay(JournalLimits(), server.get("journal", {}), "server.journal")
     limits = _overlay(Limits(), server.get("limits", {}), "server.limits")
 
-    settings = _env_overlay(settings, env, _ENV_FLOATS, "env")
+    settings = _env_overlay(settings, env, _ENV_FLOATS)
     settings = replace(
         settings, **{attr: env[key] for key, attr in _ENV_STRINGS.items() if key in env}
     )
@@ -756,8 +771,8 @@ def load_settings(
         settings = replace(settings, max_headers=_number("TOKENRELAY_MAX_HEADERS",
                                                          env["TOKENRELAY_MAX_HEADERS"], int))
     security = _parse_security(server, data.get("auth", {}), env)
-    journal = _env_overlay(journal, env, _JOURNAL_ENV, "env")
-    limits = _env_overlay(limits, env, _LIMITS_ENV, "env")
+    journal = _env_overlay(journal, env, _JOURNAL_ENV)
+    limits = _env_overlay(limits, env, _LIMITS_ENV)
 
     providers = _parse_providers(data.get("providers", {}), env)
     models = _parse_models(data.get("models", {}), providers)
@@ -781,9 +796,9 @@ def load_settings(
     providers = {
         name: replace(
             p,
-            timeouts=_env_overlay(p.timeouts, env, _TIMEOUT_ENV, "env"),
-            retry=_env_overlay(p.retry, env, _RETRY_ENV, "env"),
-            breaker=_env_overlay(p.breaker, env, _BREAKER_ENV, "env"),
+            timeouts=_env_overlay(p.timeouts, env, _TIMEOUT_ENV),
+            retry=_env_overlay(p.retry, env, _RETRY_ENV),
+            breaker=_env_overlay(p.breaker, env, _BREAKER_ENV),
         )
         for name, p in providers.items()
     }

@@ -249,7 +249,8 @@ class Generation:
 
     def _append_now(self, batch: list[ev.Event]) -> None:
         """``_append_batch`` for a journal that appends without waiting: called from the
-        upstream connection's data callback (no task wake-up per read)."""
+        upstream connection's data callback (no task wake-up per read). The call's
+        :class:`~tokenrelay.upstream.Sink`."""
         if (len(batch) == 1 and type(item := batch[0]) is ev.TextDelta
                 and self.first_token_at is not None):
             # One text delta after the first token, as a live answer's reads come: what

@@ -27,8 +27,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Sequence
-from typing import Any
 
+from tokenrelay.asgi import ASGIApp, Receive, Scope, Send
 from tokenrelay.middleware import PROTECTED, _json_error, route_path
 
 __all__ = ["GuardMiddleware", "HostPolicy"]
@@ -71,7 +71,7 @@ class HostPolicy:
         self.exact = {h for h in allowed if _split(h)[1]}  # name:port
         self.bind_host = bind_host  # when the server does not say where a request arrived
 
-    def allows(self, host: str, server: Any) -> bool:
+    def allows(self, host: str, server: tuple[str, int | None] | None) -> bool:
         if self.any:
             return True
         host = host.lower()
@@ -126,13 +126,13 @@ def _shown(value: str) -> str:
 class GuardMiddleware:
     """Host, Origin/Sec-Fetch-Site and Content-Type checks (see the module docstring)."""
 
-    def __init__(self, app: Any, allowed_hosts: Sequence[str] = (), bind_host: str = "",
+    def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str] = (), bind_host: str = "",
                  cors_origins: Sequence[str] = ()) -> None:
         self.app = app
         self.hosts = HostPolicy(allowed_hosts, bind_host)
         self.cors = frozenset(o.lower() for o in cors_origins)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -45,9 +45,9 @@ import select
 import socket
 import ssl
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -227,6 +227,21 @@ class _ProxyAnswer(asyncio.Protocol):
             self.head.set_result(b"")
 
 
+class BodyReceiver(Protocol):
+    """What a streaming :class:`Response` hands its body to (:meth:`Response.stream`),
+    implemented by ``upstream._Relay.on_data``.
+
+    ``on_body`` (httptools, inside ``data_received``) keeps each piece; once the read is
+    parsed, ``data_received`` calls this with all the body that read carried (no loop
+    callback per read). It is not told of the end of the body or of a failure: those reach
+    the task's pending ``read()`` (``b""``, or the error raised), after this has had the
+    good bytes before them. It must not raise: it keeps what it hit and calls
+    ``close()``.
+    """
+
+    def __call__(self, data: bytes, /) -> None: ...
+
+
 class Response(asyncio.Protocol):
     """One pooled connection, and the response of the request it currently carries.
 
@@ -265,7 +280,7 @@ class Response(asyncio.Protocol):
         self._framed = False  # Content-Length or chunked: the parser sees where it ends
         self._until_close = False  # neither: the body ends with the connection
         self._decoder: Any = None
-        self._on_data: Callable[[bytes], None] | None = None  # see stream()
+        self._on_data: BodyReceiver | None = None  # see stream()
 
     # -- asyncio protocol -------------------------------------------------------------
 
@@ -393,7 +408,7 @@ class Response(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
-    def stream(self, on_data: Callable[[bytes], None]) -> None:
+    def stream(self, on_data: BodyReceiver) -> None:
         """From now on hand the body to ``on_data`` from a callback instead of keeping it
         for ``read()``, which then only waits for the end of the body (``b""``) or its
         failure. ``on_data`` must not raise: it keeps what it hit and calls ``close()``.

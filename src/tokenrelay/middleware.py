@@ -25,13 +25,12 @@ from urllib.parse import quote
 
 import orjson
 
+from tokenrelay.asgi import DEFERRED, ASGIApp, Deferred, Message, Receive, Scope, Send
 from tokenrelay.config import ApiKey
 from tokenrelay.errors import is_openai_path, openai_error_body
-from tokenrelay.subscriber import DEFERRED
 
 log = logging.getLogger("tokenrelay.access")
 
-Scope = dict[str, Any]
 PROTECTED = ("/api", "/v1")
 PUBLIC = frozenset({("GET", "/api/config"), ("HEAD", "/api/config")})  # the page learns auth
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -75,7 +74,7 @@ class AuthMiddleware:
     is answered to anyone, identified when possible (the page learns who it is).
     """
 
-    def __init__(self, app: Any, keys: Sequence[ApiKey] = (), *,
+    def __init__(self, app: ASGIApp, keys: Sequence[ApiKey] = (), *,
                  trusted_header: str | None = None, trusted_proxies: Sequence[str] = (),
                  admin_keys: Sequence[str] = ()) -> None:
         self.app = app
@@ -105,7 +104,7 @@ class AuthMiddleware:
         address = getattr(address, "ipv4_mapped", None) or address  # dual-stack socket
         return any(address in network for network in self._proxies)
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
@@ -162,7 +161,7 @@ def _user_name(values: list[bytes]) -> str | None:
     return value.decode("ascii")
 
 
-async def _unauthorized(scope: Scope, send: Any, *, invalid: bool, proxy: bool = False) -> None:
+async def _unauthorized(scope: Scope, send: Send, *, invalid: bool, proxy: bool = False) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
@@ -176,7 +175,7 @@ async def _unauthorized(scope: Scope, send: Any, *, invalid: bool, proxy: bool =
 
 
 async def _json_error(
-    send: Any, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]],
+    send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]],
     *, openai: bool = False,
 ) -> None:
     """An error answered by a middleware: under ``/v1`` in OpenAI's shape, as routes do."""
@@ -206,14 +205,14 @@ class AccessLogMiddleware:
     them before they are buffered at all).
     """
 
-    def __init__(self, app: Any, max_header_bytes: int = MAX_HEADER_BYTES,
+    def __init__(self, app: ASGIApp, max_header_bytes: int = MAX_HEADER_BYTES,
                  max_headers: int = MAX_HEADERS) -> None:
         self.app = app
         self.max_header_bytes = max_header_bytes
         # Our protocol refuses too many headers while parsing; this covers other servers.
         self.max_headers = max_headers
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -247,7 +246,7 @@ class AccessLogMiddleware:
         rid = (b"x-request-id", request_id.encode())
         status = 0
 
-        async def send_wrapper(message: dict[str, Any]) -> None:
+        async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -281,7 +280,7 @@ class AccessLogMiddleware:
             status = status or 500
             raise
         finally:
-            deferred = scope.get(DEFERRED)
+            deferred: Deferred | None = scope.get(DEFERRED)
             if deferred is not None and deferred.body is not None:
                 deferred.after.append(log_line)  # a stream: logged when its body ends
             else:

@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 from tokenrelay import events as ev
+from tokenrelay.asgi import Receive, Scope, Send
 from tokenrelay.errors import BadRequest, StreamNotFound, TokenRelayError
 from tokenrelay.hub import Hub
 from tokenrelay.subscriber import SSE_HEADERS, end_interrupted
@@ -51,15 +51,16 @@ def parse_streams(value: str | None) -> dict[str, int]:
 class MultiplexResponse:
     """Streams the journal frames of several streams, tagged, to one client."""
 
+    _send: Send  # the server's send, set by __call__ before any write
+
     def __init__(self, hub: Hub, owner: str, positions: dict[str, int]) -> None:
         self.hub = hub
         self.owner = owner
         self.positions = positions
         self._lock = asyncio.Lock()
         self._last_write = time.monotonic()
-        self._send: Any = None
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
         hub = self.hub
         readable: dict[str, int] = {}
@@ -85,7 +86,7 @@ class MultiplexResponse:
                 return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _run(self, readable: dict[str, int], receive: Any) -> None:
+    async def _run(self, readable: dict[str, int], receive: Receive) -> None:
         """Follow every stream until all have ended, or the client leaves."""
         followers = [asyncio.create_task(self._follow(s, a)) for s, a in readable.items()]
         helpers = [asyncio.create_task(self._heartbeats()),
@@ -147,6 +148,6 @@ def _gone(stream_id: str) -> bytes:
     return b"stream: " + stream_id.encode() + b"\nevent: gone\ndata: {}\n\n"
 
 
-async def _disconnected(receive: Any) -> None:
+async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass

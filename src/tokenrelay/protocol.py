@@ -11,9 +11,10 @@ A relay holds thousands of idle SSE connections, so what each one costs counts
 
 And an ASGI app learns that its client left only by awaiting ``receive()``: one task per
 open stream parked there, with its coroutine frames. This protocol puts a
-:class:`Disconnect` in the request's scope under :data:`ON_DISCONNECT`; its callbacks run
-when the connection is lost before the response ended, so the subscriber needs no
-listener task (it falls back to one under any other server).
+:class:`~tokenrelay.asgi.Disconnect` in the request's scope under
+:data:`~tokenrelay.asgi.ON_DISCONNECT`; its callbacks run when the connection is lost
+before the response ended, so the subscriber needs no listener task (it falls back to
+one under any other server).
 
 It also bounds what a client may hold before the app sees a request, which plain uvicorn
 does not (:class:`HeadLimits`, read from the app's settings): a request head must be
@@ -43,11 +44,10 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from tokenrelay import timerwheel
+from tokenrelay.asgi import ON_DISCONNECT, Disconnect
 
-__all__ = ["ON_DISCONNECT", "Disconnect", "HeadLimits", "StreamingHttpToolsProtocol",
-           "chunk_cycle", "write_chunk"]
+__all__ = ["HeadLimits", "StreamingHttpToolsProtocol", "chunk_cycle", "write_chunk"]
 
-ON_DISCONNECT = "tokenrelay.disconnect"  # scope key: a Disconnect
 DISCARD_BYTES = 64 * 1024 * 1024  # request body read and dropped after an early answer
 MAX_HEAD_BYTES = 1024 * 1024  # buffered for one head (the app refuses > 64 KiB of headers)
 LINGER_S = 2.0  # after a refusal: how long the client's further bytes are read and dropped
@@ -111,23 +111,6 @@ def write_chunk(cycle: RequestResponseCycle, data: bytes) -> bool:
 class _HeadRefused(Exception):
     """Raised from a parser callback: the head breaks a limit (answered in send_400_response,
     which uvicorn calls for any parser error)."""
-
-
-class Disconnect:
-    """The client of one request left before its response ended: ``gone``, and the
-    callbacks (added with ``callbacks.append``) have run."""
-
-    __slots__ = ("callbacks", "gone")
-
-    def __init__(self) -> None:
-        self.callbacks: list[Callable[[], None]] = []
-        self.gone = False
-
-    def fire(self) -> None:
-        self.gone = True
-        callbacks, self.callbacks = self.callbacks, []
-        for callback in callbacks:
-            callback()
 
 
 class _Pipeline(list[Any]):

@@ -26,6 +26,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from tokenrelay import memtrim
+from tokenrelay.asgi import ASGIApp
 
 _SLACK_S = 3.0  # time for subscribers to deliver the interrupted event and close
 
@@ -93,7 +94,7 @@ class InLoopServer(uvicorn.Server):
 
 
 async def serve_in_loop(
-    app: Any,
+    app: ASGIApp,
     *,
     sndbuf: int | None = None,
     stop_timeout: float = 10.0,
@@ -142,7 +143,7 @@ async def serve_in_loop(
 
 
 @contextlib.asynccontextmanager
-async def running_in_loop(app: Any, **options: Any) -> AsyncIterator[str]:
+async def running_in_loop(app: ASGIApp, **options: Any) -> AsyncIterator[str]:
     """``async with running_in_loop(app) as base_url:`` (see ``serve_in_loop``)."""
     url, stop = await serve_in_loop(app, **options)
     try:

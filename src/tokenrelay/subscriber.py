@@ -19,19 +19,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, cast
 
 import orjson
 
 from tokenrelay import events as ev
+from tokenrelay.asgi import (
+    DEFERRED,
+    ON_DISCONNECT,
+    Deferred,
+    Disconnect,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.hub import Hub
-from tokenrelay.protocol import ON_DISCONNECT, Disconnect, chunk_cycle, write_chunk
+from tokenrelay.protocol import chunk_cycle, write_chunk
 
 log = logging.getLogger("tokenrelay.subscriber")
-
-DEFERRED = "tokenrelay.deferred"  # scope key of the request's Deferred (set in app.py)
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -40,24 +48,10 @@ SSE_HEADERS = [
 ]
 
 
-class Deferred:
-    """A response body that the app runs after the middleware and the route returned.
-
-    A stream may stay open for hours; run inside the route, its task would keep the
-    coroutine frames of every middleware, the router and the route alive all that time
-    (~2 KB per open stream, ``bench/memory_probe.py``). So a SubscriberResponse sends
-    its start through the middleware (which add their headers), leaves its body here, and
-    returns. A middleware that acts when the response ends (the access log) appends a
-    callback to ``after``: the app calls them once the body has ended. ``send`` is the
-    server's own send: body chunks skip the middleware wrappers.
-    """
-
-    __slots__ = ("after", "body", "send")
-
-    def __init__(self, send: Callable[[Any], Awaitable[None]]) -> None:
-        self.send = send
-        self.body: Callable[[], Awaitable[None]] | None = None
-        self.after: list[Callable[[], None]] = []
+# A send driven by hand (_Follower.push): the coroutine it returns suspends, if at all, on
+# an asyncio future, or on a bare yield (None).
+_Write = Coroutine[asyncio.Future[Any] | None, None, None]
+_DrivenSend = Callable[[Message], _Write]
 
 
 class SubscriberResponse:
@@ -85,7 +79,7 @@ class SubscriberResponse:
         self.transform = transform
         self.heartbeat = heartbeat
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers, self.headers = self.headers, []  # sent: not kept for the stream's life
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         deferred: Deferred | None = scope.get(DEFERRED)
@@ -183,7 +177,8 @@ class SubscriberResponse:
 
 
 class _Follower:
-    """Writes frames pushed by the journal while the send loop is parked in ``read``.
+    """Writes frames pushed by the journal while the send loop is parked in ``read`` (a
+    :class:`~tokenrelay.journal.base.Follower`).
 
     The push runs inside the generation's append, so a caught-up subscriber costs no task
     wake-up per upstream read. The server's ``send`` is driven by hand: it almost always
@@ -199,19 +194,22 @@ class _Follower:
     def __init__(
         self,
         pos: int,
-        send: Any,
+        send: Send,
         transform: Callable[[list[bytes]], bytes] | None,
         deadline: _SendDeadline,
     ) -> None:
         self.pos = pos
-        self._send = send
+        # ASGI promises an awaitable; every server's send is a coroutine function, which
+        # push relies on (a send that is not fails there, and the send loop raises it).
+        self._send = cast(_DrivenSend, send)
         # uvicorn's httptools request cycle behind send: a push that need not wait writes
         # straight to it (protocol.write_chunk), no coroutine per read.
         self._cycle = chunk_cycle(send)
         self._transform = transform
         self._deadline = deadline
         self.last_write = time.monotonic()
-        self.pending: tuple[Any, Any] | None = None  # (suspended send, what it waits for)
+        # (suspended send, what it waits for)
+        self.pending: tuple[_Write, asyncio.Future[Any] | None] | None = None
         self.error: BaseException | None = None
 
     def push(self, frames: list[bytes]) -> bool:
@@ -273,7 +271,7 @@ class _Follower:
             raise self.error
 
 
-async def _finish_suspended(coro: Any, waiting_for: Any) -> None:
+async def _finish_suspended(coro: _Write, waiting_for: asyncio.Future[Any] | None) -> None:
     """Run to its end, in this task, a coroutine that suspended while driven by hand.
 
     It suspended on ``waiting_for`` (an asyncio future, or None for a bare yield); this
@@ -337,7 +335,7 @@ class _SendDeadline:
         if self._handle is None:
             self._handle = self._loop.call_at(self.started + self._timeout, self._fire)
 
-    async def wait(self, write: Any) -> None:
+    async def wait(self, write: Awaitable[None]) -> None:
         """Await a write begun with ``begin``; TimeoutError if the deadline cancelled it."""
         try:
             await write
@@ -348,7 +346,7 @@ class _SendDeadline:
         finally:
             self.started = 0.0
 
-    async def send(self, send: Any, message: dict[str, Any]) -> None:
+    async def send(self, send: Send, message: Message) -> None:
         self.begin()
         await self.wait(send(message))
 
@@ -384,7 +382,7 @@ class _Listener:
         if self.armed:
             self.task.cancel()
 
-    async def run(self, receive: Any) -> None:
+    async def run(self, receive: Receive) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":

@@ -409,6 +409,24 @@ class UpstreamClient:
         return [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
+class Sink(Protocol):
+    """Where a streaming attempt's events go without a task: ``sink_now`` of
+    :meth:`UpstreamCall.run`, implemented by ``Generation._append_now`` (a journal with
+    ``sync_append``, the memory journal).
+
+    Once the first token is relayed, ``_Relay.on_data`` (the connection's data callback,
+    a :class:`~tokenrelay.httpclient.BodyReceiver`) calls it with the events that
+    ``BodyDecoder.decode`` made of one event-loop iteration's bytes, never an empty list.
+    It must not wait; what it raises is kept and the connection closed, so the task's
+    pending ``read()`` fails and the task raises that. Up to the first token (that read
+    included), without ``sink_now``, and for bytes the task's ``read()`` still returns (a
+    compressed body's last ones), the same lists go to the awaited ``sink``
+    (``Generation._append_batch``) from the task's read loop instead.
+    """
+
+    def __call__(self, events: list[Event], /) -> None: ...
+
+
 class AnswerState(Protocol):
     """What a call asks of the answer it feeds (the generation), if it has one."""
 
@@ -478,7 +496,7 @@ class UpstreamCall:
     async def run(
         self,
         sink: Callable[[list[Event]], Awaitable[None]],
-        sink_now: Callable[[list[Event]], None] | None = None,
+        sink_now: Sink | None = None,
     ) -> None:
         """Hand each read's events to ``sink``; raises UpstreamError when the answer
         cannot go on. A route is never restarted once ``sink`` has been called: a cut
@@ -674,7 +692,7 @@ class UpstreamCall:
         chain: list[ModelRoute],
         route: ModelRoute,
         sink: Callable[[list[Event]], Awaitable[None]],
-        sink_now: Callable[[list[Event]], None] | None,
+        sink_now: Sink | None,
     ) -> None:
         """Continue a cut answer: the same route again, then the others of the chain,
         each only if it takes an assistant prefix (a route that does not is never asked,
@@ -790,7 +808,7 @@ class UpstreamCall:
         route: ModelRoute,
         provider: Provider,
         sink: Callable[[list[Event]], Awaitable[None]],
-        sink_now: Callable[[list[Event]], None] | None,
+        sink_now: Sink | None,
         prefix: str | None = None,
     ) -> None:
         """One HTTP request; the first call of ``sink`` marks the first token. With
@@ -969,7 +987,7 @@ class _Relay:
         loop: asyncio.AbstractEventLoop,
         idle: float,
         total_deadline: float,
-        sink_now: Callable[[list[Event]], None] | None,
+        sink_now: Sink | None,
     ) -> None:
         self._call = call
         self._resp = resp
@@ -1007,7 +1025,8 @@ class _Relay:
             watchdog.phase = "total"
 
     def on_data(self, data: bytes) -> None:
-        """The connection's data callback once streaming. A failure is kept and the
+        """The connection's data callback once streaming (a
+        :class:`~tokenrelay.httpclient.BodyReceiver`). A failure is kept and the
         connection closed; the task's pending read then raises it (``failure``).
         (``events`` and ``tick`` inlined: this runs once per read.)"""
         if self.failure is not None:

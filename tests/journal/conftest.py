@@ -18,7 +18,9 @@ import pytest
 
 from support.processes import free_port
 from support.redis_server import RedisServer, delete_prefix
-from tokenrelay.journal.base import Journal, JournalLimits, open_journal
+from tokenrelay.config import JournalLimits
+from tokenrelay.journal import open_journal
+from tokenrelay.journal.base import Journal
 from tokenrelay.journal.memory import MemoryJournal
 from tokenrelay.journal.redis import RedisJournal
 

@@ -16,8 +16,9 @@ import redis.asyncio as aioredis
 
 from support.redis_server import RedisServer
 from tokenrelay import events as ev
+from tokenrelay.config import JournalLimits
 from tokenrelay.errors import JournalFull, ServiceUnavailable, StreamClosed, StreamNotFound
-from tokenrelay.journal.base import JournalLimits, open_journal
+from tokenrelay.journal import open_journal
 from tokenrelay.journal.redis import RedisJournal
 
 from .conftest import SHARED_REDIS, MakeJournal, delete_prefix, until, waiting

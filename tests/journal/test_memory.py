@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tokenrelay import memtrim
-from tokenrelay.journal.base import JournalLimits
+from tokenrelay.config import JournalLimits
 from tokenrelay.journal.memory import MemoryJournal
 
 

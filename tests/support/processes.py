@@ -1,4 +1,5 @@
-"""``tokenrelay serve`` subprocesses on free loopback ports, for multi-process tests."""
+"""``tokenrelay serve`` subprocesses on free loopback ports, for multi-process tests, and
+:func:`serve_dry_run` for what the command decides before it listens."""
 
 from __future__ import annotations
 
@@ -28,6 +29,25 @@ async def wait_listening(port: int, what: str, tries: int = 200) -> None:
         writer.close()
         return
     raise RuntimeError(f"{what} did not start listening on port {port}")
+
+
+def serve_dry_run(env: dict[str, str], *args: str, cwd: Path | None = None
+                  ) -> subprocess.CompletedProcess[str]:
+    """Run the real ``tokenrelay serve`` command with its server made a no-op (nothing
+    listens) and only ``env`` (plus PATH) as its environment; its exit code and output."""
+    code = (
+        "import sys, tokenrelay.server; tokenrelay.server.serve = lambda *a, **k: None; "
+        "from tokenrelay.cli import main; main(sys.argv[1:])"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, "serve", *args],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+    )
 
 
 def free_port() -> int:

@@ -5,8 +5,8 @@ One writer (the stream's generation) appends frames that already carry their ``i
 then tail. A stream ends with exactly one terminal frame written by :meth:`Journal.finish`.
 Finished streams stay readable for ``retention_s`` seconds.
 
-Backends are chosen by URL (``memory://`` or ``redis://...``) in :func:`open_journal`.
-Both pass ``tests/journal/test_contract.py``.
+Backends are chosen by URL (``memory://`` or ``redis://...``) in
+:func:`tokenrelay.journal.open_journal`. Both pass ``tests/journal/test_contract.py``.
 
 Bounds: ``max_events`` and ``max_bytes`` per stream (appends past them raise
 :class:`~tokenrelay.errors.JournalFull`; the terminal frame is always accepted), and
@@ -20,6 +20,8 @@ import abc
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from tokenrelay.config import JournalLimits
 
 
 @dataclass(slots=True)
@@ -38,21 +40,13 @@ class Follower(Protocol):
     supports it calls ``push(frames)`` from ``append`` when ``pos`` equals the count before
     them; ``push`` advances ``pos`` by what it took and returns True to stay parked, or
     False to have the read return (with the frames after ``pos``). It must not raise.
+    Implemented by ``subscriber._Follower`` (the memory journal pushes; the Redis journal
+    fetches, and its parked read returns the frames instead).
     """
 
     pos: int
 
     def push(self, frames: list[bytes]) -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
-class JournalLimits:
-    """Bounds of a journal (see module docstring)."""
-
-    max_events: int = 100_000
-    max_bytes: int = 16 * 1024 * 1024
-    max_streams: int = 20_000
-    retention_s: float = 600.0
 
 
 @dataclass(slots=True)
@@ -154,17 +148,3 @@ class Journal(abc.ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections and timers."""
 
-
-def open_journal(url: str, limits: JournalLimits, **options: Any) -> Journal:
-    """Build the journal backend named by ``url``; optional drivers load only when chosen."""
-    if url.startswith("memory:"):
-        from tokenrelay.journal.memory import MemoryJournal
-
-        return MemoryJournal(limits)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from tokenrelay.journal.redis import RedisJournal
-
-        return RedisJournal(url, limits, **options)
-    from tokenrelay.errors import ConfigError
-
-    raise ConfigError(f"journal_url {url!r}: expected memory:// or redis://")

@@ -22,8 +22,9 @@ from collections.abc import Collection
 from typing import Any
 
 from tokenrelay import timerwheel
+from tokenrelay.config import JournalLimits
 from tokenrelay.errors import JournalFull, StreamNotFound
-from tokenrelay.journal.base import Follower, Journal, JournalLimits, ReadResult, StreamInfo
+from tokenrelay.journal.base import Follower, Journal, ReadResult, StreamInfo
 from tokenrelay.memtrim import BIG, Trimmer
 
 

@@ -17,14 +17,14 @@ exactly one terminal frame even when two instances race (it renumbers the frame 
 append). Live streams carry a long TTL refreshed by appends and leases; finished ones
 expire ``retention_s`` after their end.
 
-Waiting readers never hold a Redis connection each: one :class:`_Notifier` per journal
-keeps a single pub/sub connection subscribed to the channels of streams that local
-readers wait on, and one XRANGE per announced batch serves every local reader of that
-stream (measured: 1,000 subscribers on 100 streams, 51,000 frames in about 4 s on one
-core, most of it redis-py's own CPU); frames this process appends go straight to its
-own waiting readers, and reads of several streams share one MULTI. A reader re-checks
-with XRANGE after a timeout or a reconnect, so a lost notification costs latency, never
-frames.
+Waiting readers never hold a Redis connection each: the journal's
+:class:`~tokenrelay.journal.redis_notifier.Notifier` keeps a single pub/sub connection
+subscribed to the channels of streams that local readers wait on, and one XRANGE per
+announced batch serves every local reader of that stream (measured: 1,000 subscribers on
+100 streams, 51,000 frames in about 4 s on one core, most of it redis-py's own CPU); frames
+this process appends go straight to its own waiting readers, and reads of several streams
+share one MULTI. A reader re-checks with XRANGE after a timeout or a reconnect, so a lost
+notification costs latency, never frames.
 
 Redis being down surfaces as :class:`~tokenrelay.errors.ServiceUnavailable` within the
 short socket timeouts; redis-py reconnects by itself once Redis is back, and the
@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Collection
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -49,8 +47,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tokenrelay.config import JournalLimits
 from tokenrelay.errors import (
     ConfigError,
     JournalFull,
@@ -58,11 +56,8 @@ from tokenrelay.errors import (
     StreamClosed,
     StreamNotFound,
 )
-from tokenrelay.journal.base import Follower, Journal, JournalLimits, ReadResult, StreamInfo
-
-log = logging.getLogger("tokenrelay.journal.redis")
-
-_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+from tokenrelay.journal.base import Follower, Journal, ReadResult, StreamInfo
+from tokenrelay.journal.redis_notifier import DOWN, Notifier, Range, seq_of, unavailable
 
 # KEYS: index, meta, stream, lease
 # ARGV: id, now_ms, max_streams, prefix, meta_json, live_ttl_ms, lease_ms, owner
@@ -152,18 +147,9 @@ return 1
 """
 
 
-@contextlib.contextmanager
-def _unavailable() -> Iterator[None]:
-    """Translate "cannot talk to Redis" into the one error the routes turn into a 503."""
-    try:
-        yield
-    except _DOWN as exc:
-        raise ServiceUnavailable("redis unavailable") from exc
-
-
 def _append_error(exc: Exception) -> Exception:
     """A failed append inside a pipeline, as the error a single call would raise."""
-    if isinstance(exc, _DOWN):
+    if isinstance(exc, DOWN):
         return ServiceUnavailable("redis unavailable")
     return exc
 
@@ -180,326 +166,6 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
     options = {k: v for k, v in query if k in ours}
     rest = urlencode([(k, v) for k, v in query if k not in ours])
     return urlunsplit(parts._replace(query=rest)), options
-
-
-def _seq_of(frame: bytes) -> int:
-    """The ``id:`` of one of our frames (``b"id: 7\\n..."``)."""
-    return int(frame[4 : frame.index(b"\n")])
-
-
-@dataclass(slots=True)
-class _Range:
-    """One XRANGE with the stream's state, before it is cut for a given reader."""
-
-    frames: list[bytes]
-    finished: bool
-    state: str | None
-    last_seq: int
-
-    def cut(self, low: int, after: int, limit: int) -> ReadResult:
-        """The part of these frames (seqs ``low + 1``...) that a reader after ``after`` wants."""
-        part = self.frames[after - low : after - low + limit]
-        done = self.finished and after + len(part) >= self.last_seq
-        return ReadResult(part, done, self.state)
-
-
-Fetch = Callable[[str, int, int], Awaitable[_Range]]
-_Waiter = tuple[int, int, "asyncio.Future[ReadResult | None]"]  # after, limit, future
-
-
-class _Channel:
-    """Local state of one stream's notification channel."""
-
-    __slots__ = (
-        "confirmed",
-        "fetching",
-        "finished",
-        "idle_since",
-        "last_seq",
-        "stream_id",
-        "waiters",
-    )
-
-    def __init__(self, stream_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.stream_id = stream_id
-        self.confirmed: asyncio.Future[None] = loop.create_future()
-        self.waiters: list[_Waiter] = []
-        self.idle_since = time.monotonic()
-        # Highest seq announced while continuously subscribed (None: unknown). A reader
-        # at or past it can wait without an XRANGE: anything newer will be announced.
-        self.last_seq: int | None = None
-        self.finished = False
-        self.fetching: asyncio.Task[None] | None = None
-
-    def wake_all(self) -> None:
-        """Every waiter returns and re-checks with its own XRANGE."""
-        waiters, self.waiters = self.waiters, []
-        for _, _, fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-        self.idle_since = time.monotonic()
-
-
-class _Notifier:
-    """One pub/sub connection per journal that wakes every local reader (see module doc).
-
-    When a stream announces new frames, one XRANGE serves all of this process's readers
-    of that stream (each gets its slice), so a thousand tabs on one answer cost one read
-    per batch, not a thousand. Channels stay subscribed while readers wait on them and
-    ``idle_s`` after the last one left, so a subscriber tailing a live stream does not
-    re-subscribe per batch. Readers send SUBSCRIBE themselves (under a lock) while the
-    listener task reads, so a new channel costs one round trip. When the connection
-    fails, every waiter is woken to re-check, the state is dropped, and the next
-    subscription waits for a backoff (0.05 s doubling to 2 s).
-    """
-
-    def __init__(self, client: aioredis.Redis, fetch: Fetch, idle_s: float = 15.0) -> None:
-        self._client = client
-        self._fetch = fetch
-        self._idle_s = idle_s
-        self._channels: dict[bytes, _Channel] = {}
-        self._pending: set[bytes] = set()  # registered, SUBSCRIBE not sent yet
-        self._pubsub: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()  # one sender of SUBSCRIBE/UNSUBSCRIBE at a time
-        self._backoff = 0.0
-        self._not_before = 0.0
-        self._closed = False
-
-    def confirmed(self, channel: bytes) -> bool:
-        ch = self._channels.get(channel)
-        return ch is not None and ch.confirmed.done()
-
-    def kick(self, channel: bytes, after: int, *, force: bool = False) -> None:
-        """Fetch for the waiters of ``channel`` unless announcements say nothing is new."""
-        ch = self._channels.get(channel)
-        if ch is None or ch.fetching is not None:
-            return  # a running fetch re-checks every waiter against the latest seq
-        if force or ch.last_seq is None or ch.finished or after < ch.last_seq:
-            ch.fetching = asyncio.get_running_loop().create_task(self._deliver(ch))
-
-    def register(
-        self, channel: bytes, stream_id: str, after: int, limit: int
-    ) -> asyncio.Future[ReadResult | None]:
-        """A future resolved with frames after ``after``, or None for "re-check yourself"."""
-        loop = asyncio.get_running_loop()
-        ch = self._channels.get(channel)
-        if ch is None:
-            ch = self._channels[channel] = _Channel(stream_id, loop)
-            self._pending.add(channel)
-        fut: asyncio.Future[ReadResult | None] = loop.create_future()
-        ch.waiters.append((after, limit, fut))
-        return fut
-
-    def appended(self, channel: bytes, frames: list[bytes]) -> None:
-        """This process just appended ``frames``: hand them to the local waiters that are
-        right before them, without waiting for the announcement and an XRANGE (a request
-        reads the answer its own process generates). Others wait for the usual path."""
-        ch = self._channels.get(channel)
-        if ch is None or not ch.waiters:
-            return
-        low = _seq_of(frames[0]) - 1
-        got = _Range(frames, False, None, low + len(frames))
-        keep: list[_Waiter] = []
-        for after, limit, fut in ch.waiters:
-            if fut.done():
-                continue
-            if low <= after < got.last_seq:
-                fut.set_result(got.cut(low, after, limit))
-            else:
-                keep.append((after, limit, fut))
-        ch.waiters = keep
-        if not keep:
-            ch.idle_since = time.monotonic()
-
-    def unregister(self, channel: bytes, fut: asyncio.Future[ReadResult | None]) -> None:
-        if not fut.done():
-            fut.cancel()
-        ch = self._channels.get(channel)
-        if ch is not None and ch.waiters:
-            ch.waiters = [w for w in ch.waiters if w[2] is not fut]
-            if not ch.waiters:
-                ch.idle_since = time.monotonic()
-
-    async def until_confirmed(self, channel: bytes, timeout: float) -> bool:
-        """Subscribe if needed; True once Redis confirmed the subscription within ``timeout``."""
-        ch = self._channels.get(channel)
-        if ch is None:
-            return False
-        if not ch.confirmed.done():
-            try:
-                async with asyncio.timeout(timeout):
-                    delay = self._not_before - time.monotonic()
-                    if delay > 0:  # backing off after a failure
-                        await asyncio.sleep(delay)
-                    await self._flush()
-                    await asyncio.shield(ch.confirmed)
-            except TimeoutError:
-                return False
-        return True
-
-    async def _flush(self) -> None:
-        """Send SUBSCRIBE for the channels registered since the last flush."""
-        if self._closed:
-            return
-        async with self._lock:
-            if not self._pending:
-                return
-            channels = list(self._pending)
-            self._pending.clear()
-            try:
-                if self._pubsub is None:
-                    self._pubsub = self._client.pubsub()
-                with _unavailable():
-                    await self._pubsub.subscribe(*channels)
-            except BaseException:
-                self._pending.update(c for c in channels if c in self._channels)
-                raise
-            if self._task is None or self._task.done():
-                self._task = asyncio.get_running_loop().create_task(self._listen())
-
-    async def _listen(self) -> None:
-        last_sweep = time.monotonic()
-        while not self._closed and self._pubsub is not None:
-            try:
-                msg = await self._pubsub.get_message(timeout=1.0)
-                self._backoff = 0.0
-                if msg is not None:
-                    self._dispatch(msg)
-                if time.monotonic() - last_sweep > self._idle_s / 3:
-                    last_sweep = time.monotonic()
-                    await self._sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("redis notifications failed (%s); will resubscribe", type(exc).__name__)
-                await self._reset()
-                return
-
-    def _dispatch(self, msg: dict[str, Any]) -> None:
-        ch = self._channels.get(msg["channel"])
-        if ch is None:
-            return
-        kind = msg["type"]
-        if kind == "message":
-            try:
-                seq = int(msg["data"])  # negative: the terminal frame
-            except (TypeError, ValueError):
-                ch.last_seq = None
-                ch.wake_all()
-                return
-            if seq < 0:
-                seq = -seq
-                ch.finished = True
-            if ch.last_seq is None or seq > ch.last_seq:
-                ch.last_seq = seq
-            if ch.fetching is None and any(after < seq for after, _, _ in ch.waiters):
-                ch.fetching = asyncio.get_running_loop().create_task(self._deliver(ch))
-        elif kind == "subscribe":
-            if not ch.confirmed.done():
-                ch.confirmed.set_result(None)
-            else:
-                # redis-py resubscribed after a reconnect: messages may be lost, re-check.
-                ch.last_seq = None
-                ch.wake_all()
-
-    async def _deliver(self, ch: _Channel) -> None:
-        """Read once for all waiters of a stream and hand each its slice.
-
-        Repeats while some waiter is behind the latest announced seq (announcements and
-        readers keep arriving during a fetch); a round that serves nobody although
-        someone is behind means the stream is not what we think: everyone re-checks.
-        """
-        try:
-            while True:
-                waiters = [w for w in ch.waiters if not w[2].done()]
-                if not waiters:
-                    return
-                low = min(after for after, _, _ in waiters)
-                try:
-                    got = await self._fetch(ch.stream_id, low, max(lim for _, lim, _ in waiters))
-                except Exception:
-                    ch.wake_all()
-                    return
-                if got.frames and _seq_of(got.frames[0]) != low + 1:  # not contiguous
-                    ch.wake_all()
-                    return
-                keep: list[_Waiter] = []
-                served = 0
-                for after, limit, fut in ch.waiters:
-                    if fut.done():
-                        continue
-                    if after >= low:
-                        result = got.cut(low, after, limit)
-                        if result.frames or result.finished:
-                            fut.set_result(result)
-                            served += 1
-                            continue
-                    keep.append((after, limit, fut))
-                ch.waiters = keep
-                if got.finished:
-                    ch.finished = True
-                if ch.last_seq is None or got.last_seq > ch.last_seq:
-                    ch.last_seq = got.last_seq
-                # Announcements that arrived during the fetch raised ch.last_seq.
-                last = ch.last_seq
-                if not any(after < last for after, _, _ in keep):
-                    if not keep:
-                        ch.idle_since = time.monotonic()
-                    return
-                if not served and not got.frames:
-                    ch.wake_all()
-                    return
-        finally:
-            ch.fetching = None
-
-    async def _sweep(self) -> None:
-        """Unsubscribe from channels nobody waited on for ``idle_s``."""
-        now = time.monotonic()
-        idle = [
-            name
-            for name, ch in self._channels.items()
-            if not ch.waiters
-            and ch.fetching is None
-            and ch.confirmed.done()
-            and now - ch.idle_since > self._idle_s
-        ]
-        if idle:
-            for name in idle:
-                del self._channels[name]
-            async with self._lock:
-                with _unavailable():
-                    await self._pubsub.unsubscribe(*idle)
-
-    async def _reset(self) -> None:
-        """Drop the connection and all state; waiters wake up and re-check with XRANGE."""
-        self._backoff = min(max(self._backoff * 2, 0.05), 2.0)
-        self._not_before = time.monotonic() + self._backoff
-        pubsub, self._pubsub = self._pubsub, None
-        channels, self._channels = self._channels, {}
-        self._pending.clear()
-        for ch in channels.values():
-            if not ch.confirmed.done():
-                ch.confirmed.set_result(None)
-            ch.wake_all()
-            if ch.fetching is not None:
-                ch.fetching.cancel()
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-
-    async def aclose(self) -> None:
-        self._closed = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        fetches = [ch.fetching for ch in self._channels.values() if ch.fetching is not None]
-        await self._reset()
-        for fetch in fetches:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await fetch
 
 
 class RedisJournal(Journal):
@@ -558,12 +224,12 @@ class RedisJournal(Journal):
         self._appends: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._appender: asyncio.Task[None] | None = None
         self.append_round_trips = 0  # pipelines sent by append (a test reads it)
-        self._fetches: list[tuple[str, int, int, asyncio.Future[_Range]]] = []
+        self._fetches: list[tuple[str, int, int, asyncio.Future[Range]]] = []
         self._fetcher: asyncio.Task[None] | None = None
         self.fetch_round_trips = 0  # MULTIs sent by reads (a test reads it)
         self._finish = self._redis.register_script(_FINISH)
         self._hold = self._redis.register_script(_HOLD)
-        self._notifier = _Notifier(self._redis, self._fetch_range)
+        self._notifier = Notifier(self._redis, self._fetch_range)
         self._cancel_channel = (self.prefix + "cancel").encode()
 
     # -- keys ----------------------------------------------------------------------------
@@ -599,7 +265,7 @@ class RedisJournal(Journal):
             self._lease_ms,
             self.instance_id,
         ]
-        with _unavailable():
+        with unavailable():
             created = await self._create(keys=keys, args=args)
         if not created:
             raise JournalFull(
@@ -617,7 +283,7 @@ class RedisJournal(Journal):
             self._channel(stream_id),
         ]
         for f in frames:
-            args.append(_seq_of(f))
+            args.append(seq_of(f))
             args.append(f)
         # Coalesced with the appends of other streams made meanwhile (see _send_appends).
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -673,12 +339,12 @@ class RedisJournal(Journal):
             pipe = self._redis.pipeline(transaction=False)
             for keys, args, _ in batch:
                 pipe.evalsha(self._append.sha, len(keys), *keys, *args)
-            with _unavailable():
+            with unavailable():
                 results = await pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
                 # Redis restarted or flushed its scripts: load and send again (a retried
                 # append whose first try went through is a no-op, see _APPEND).
-                with _unavailable():
+                with unavailable():
                     await self._redis.script_load(_APPEND)
                 continue
             return [_append_error(r) if isinstance(r, Exception) else r for r in results]
@@ -689,7 +355,7 @@ class RedisJournal(Journal):
         tail = frame[frame.index(b"\n") :]
         args: list[bytes | str | float] = [tail, state, self._retention_ms,
                                            self._channel(stream_id)]
-        with _unavailable():
+        with unavailable():
             result = await self._finish(keys=keys, args=args)
         if result == -1:
             raise StreamNotFound("no such stream (unknown or expired)")
@@ -697,14 +363,14 @@ class RedisJournal(Journal):
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def _fetch_range(self, stream_id: str, after: int, limit: int) -> _Range:
+    async def _fetch_range(self, stream_id: str, after: int, limit: int) -> Range:
         """Frames after ``after`` and the stream's state, read atomically.
 
         Coalesced like appends: the reads of every stream asked for while the previous
         MULTI was out go in one (one XRANGE + HMGET each), not a round trip per stream
         per token.
         """
-        fut: asyncio.Future[_Range] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Range] = asyncio.get_running_loop().create_future()
         self._fetches.append((stream_id, after, limit, fut))
         if self._fetcher is None or self._fetcher.done():
             self._fetcher = asyncio.get_running_loop().create_task(self._send_fetches())
@@ -719,7 +385,7 @@ class RedisJournal(Journal):
                 pipe.xrange(self._stream(stream_id), min=f"0-{after + 1}", max="+", count=limit)
                 pipe.hmget(self._meta(stream_id), "finished", "state", "last_seq")
             try:
-                with _unavailable():
+                with unavailable():
                     replies = await pipe.execute()
             except BaseException as exc:
                 error = exc if isinstance(exc, Exception) else ServiceUnavailable(
@@ -738,9 +404,9 @@ class RedisJournal(Journal):
                         continue
                     frames = [fields[b"f"] for _, fields in entries]
                     if finished != b"1":
-                        fut.set_result(_Range(frames, False, None, int(last_seq)))
+                        fut.set_result(Range(frames, False, None, int(last_seq)))
                     else:
-                        fut.set_result(_Range(frames, True, state.decode(), int(last_seq)))
+                        fut.set_result(Range(frames, True, state.decode(), int(last_seq)))
 
     async def _range(self, stream_id: str, after: int, limit: int) -> ReadResult:
         return (await self._fetch_range(stream_id, after, limit)).cut(after, after, limit)
@@ -789,7 +455,7 @@ class RedisJournal(Journal):
                 notifier.unregister(channel, fut)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
-        with _unavailable():
+        with unavailable():
             # bytes, not str: the client does not decode responses.
             data = cast("dict[bytes, bytes]", await self._redis.hgetall(self._meta(stream_id)))
         if not data:
@@ -808,24 +474,24 @@ class RedisJournal(Journal):
         pipe.delete(self._meta(stream_id))
         pipe.delete(self._stream(stream_id), self._lease(stream_id))
         pipe.zrem(self.prefix + "index", stream_id)
-        with _unavailable():
+        with unavailable():
             removed, _, _ = await pipe.execute()
         return bool(removed)
 
     # -- cluster: cancel and leases ------------------------------------------------------
 
     async def request_cancel(self, stream_id: str) -> None:
-        with _unavailable():
+        with unavailable():
             await self._redis.publish(self._cancel_channel, stream_id)
 
     async def cancel_requests(self) -> AsyncIterator[str]:
         """Runs until closed; raises ServiceUnavailable when Redis goes away (retry it)."""
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            with _unavailable():
+            with unavailable():
                 await pubsub.subscribe(self._cancel_channel)
             while True:
-                with _unavailable():
+                with unavailable():
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                 if msg is not None and msg["type"] == "message":
                     yield msg["data"].decode()
@@ -839,14 +505,14 @@ class RedisJournal(Journal):
         keys: list[str] = []
         for sid in stream_ids:
             keys += (self._lease(sid), self._meta(sid), self._stream(sid))
-        with _unavailable():
+        with unavailable():
             await self._hold(keys=keys, args=[self.instance_id, self._lease_ms, self._live_ms])
 
     async def owner_alive(self, stream_id: str) -> bool:
         pipe = self._redis.pipeline(transaction=False)
         pipe.hget(self._meta(stream_id), "finished")
         pipe.exists(self._lease(stream_id))
-        with _unavailable():
+        with unavailable():
             finished, leased = await pipe.execute()
         return not (finished == b"0" and not leased)
 

@@ -8,9 +8,9 @@ import re
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
-from tokenrelay import __version__
 from tokenrelay.diagnose import probe_models, safe_url
 from tokenrelay.errors import BadRequest, ServiceUnavailable, StreamNotFound, TokenRelayError
 from tokenrelay.hub import Hub, new_id, new_sortable_id
@@ -19,6 +19,7 @@ from tokenrelay.routes.common import Endpoint, JSONResponse, header, owner_of
 from tokenrelay.store.base import Turn
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import ChatRequest, read_json_body, validate_chat
+from tokenrelay.version import __version__
 
 log = logging.getLogger("tokenrelay.routes")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
@@ -70,7 +71,7 @@ async def record_request(request: Request, chat: ChatRequest) -> Turn | None:
     return Turn(chat.conversation_id, False, title, new, parent)
 
 
-async def chat(request: Request) -> Any:
+async def chat(request: Request) -> Response | SubscriberResponse:
     state = request.app.state
     settings = state.settings
     hub: Hub = state.hub

@@ -9,6 +9,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenrelay.asgi import ASGIApp, Receive, Scope, Send
 from tokenrelay.errors import TokenRelayError, is_openai_path, openai_error
 
 LOCAL_OWNER = "local"
@@ -33,11 +34,11 @@ class Endpoint:
 
     __slots__ = ("__name__", "func")
 
-    def __init__(self, func: Callable[[Request], Awaitable[Any]]) -> None:
+    def __init__(self, func: Callable[[Request], Awaitable[ASGIApp]]) -> None:
         self.func = func
         self.__name__ = func.__name__  # the route's name, as for a function endpoint
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self.func(Request(scope, receive, send))
         await response(scope, receive, send)
 

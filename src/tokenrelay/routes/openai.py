@@ -23,9 +23,11 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenrelay import events as ev
+from tokenrelay.asgi import ON_DISCONNECT, Disconnect
 from tokenrelay.config import ModelRoute
 from tokenrelay.errors import (
     BadRequest,
@@ -36,7 +38,6 @@ from tokenrelay.errors import (
 )
 from tokenrelay.generation import CANCEL_ABANDONED, Generation
 from tokenrelay.hub import Hub
-from tokenrelay.protocol import ON_DISCONNECT, Disconnect
 from tokenrelay.routes.common import Endpoint, JSONResponse, error_response, owner_of
 from tokenrelay.subscriber import SubscriberResponse
 from tokenrelay.validation import read_json_body, validate_chat
@@ -134,7 +135,7 @@ def chunk_transform(
     return transform
 
 
-async def chat_completions(request: Request) -> Any:
+async def chat_completions(request: Request) -> Response | SubscriberResponse:
     settings = request.app.state.settings
     hub: Hub = request.app.state.hub
     data = await read_json_body(request, settings.limits)

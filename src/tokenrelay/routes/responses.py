@@ -22,9 +22,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from tokenrelay import events as ev
+from tokenrelay.asgi import ASGIApp
 from tokenrelay.errors import BadRequest, StreamNotFound, TokenRelayError
 from tokenrelay.hub import Hub
 from tokenrelay.journal.base import Journal, StreamInfo
@@ -52,8 +54,10 @@ def openai_error(exc: TokenRelayError, status: int | None = None) -> JSONRespons
     return error_response(exc, openai=True, status=status)
 
 
-def _openai_errors(func: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Any]:
-    async def endpoint(request: Request) -> Any:
+def _openai_errors(
+    func: Callable[[Request], Awaitable[ASGIApp]],
+) -> Callable[[Request], Awaitable[ASGIApp]]:
+    async def endpoint(request: Request) -> ASGIApp:
         try:
             return await func(request)
         except TokenRelayError as exc:
@@ -157,7 +161,7 @@ async def _resolve_references(request: Request, items: list[Any]) -> list[Any]:
     return out
 
 
-async def create_response(request: Request) -> Any:
+async def create_response(request: Request) -> Response | SubscriberResponse:
     state = request.app.state
     hub: Hub = state.hub
     data = await read_json_body(request, state.settings.limits)
@@ -242,7 +246,7 @@ def _failure(gen: Any) -> JSONResponse | None:
     return openai_error(error, status)
 
 
-async def retrieve_response(request: Request) -> Any:
+async def retrieve_response(request: Request) -> Response | SubscriberResponse:
     info = await _lookup(request, request.path_params["response_id"])
     hub: Hub = request.app.state.hub
     query = request.query_params
