@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -121,3 +123,13 @@ def test_the_cycle_check_reads_function_imports_but_not_type_checking(tmp_path):
     assert _first_cycle(_import_graph(package)) == [
         "tokenrelay.high", "tokenrelay.low", "tokenrelay.high"
     ]
+
+
+def test_settings_read_the_simulator_catalogue_without_loading_the_simulator():
+    # config.py imports the model catalogue at top level; the app and its text stay unloaded.
+    code = (
+        "import sys, tokenrelay.config; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('tokenrelay.simulator'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["tokenrelay.simulator", "tokenrelay.simulator.catalogue"]

@@ -570,3 +570,28 @@ upstream_model = "sim-chat"
         assert events[-1].type == "response.completed"
         assert events[-1].response.model == "backup"
         await client.close()
+
+
+async def test_heartbeats_between_events_do_not_break_the_sdk(gateway_factory):
+    """openai-python dispatches an empty event at a comment's blank line once any event had
+    an ``id:`` (it keeps the last id, as the spec says, but then forgets that an event needs
+    data): so a Responses heartbeat is a comment line with no blank line after it."""
+    pace = {"sim": {"tokens": 6, "tokens_per_s": 5}}  # 200 ms between tokens
+    async with gateway_factory(TOKENRELAY_HEARTBEAT_S="0.05") as gw:
+        client = sdk(gw)
+        stream = await client.responses.create(model="sim-chat", input=QUESTION, stream=True,
+                                               background=True, extra_body=pace)
+        events = [event async for event in stream]
+        assert events[-1].type == "response.completed"
+        expected = "".join(build_text("sim-chat", ASKED, length=6))
+        assert text_of(events) == expected
+        # The heartbeats were there: the same stream, as bytes, live from its start.
+        async with httpx.AsyncClient(base_url=gw.base_url, timeout=60) as http:
+            created = await client.responses.create(
+                model="sim-chat", input=QUESTION, background=True, extra_body=pace)
+            async with http.stream("GET", f"/v1/responses/{created.id}?stream=true") as resp:
+                body = await resp.aread()
+        assert b": heartbeat" in body.split(b"response.output_text.delta", 1)[1]
+        replay = await client.responses.retrieve(created.id, stream=True)
+        assert text_of([event async for event in replay]) == expected
+        await client.close()

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from tokenrelay.errors import ConfigError
+from tokenrelay.simulator.catalogue import DEFAULT_MODELS
 
 SIMULATOR = "simulator"
 
@@ -322,8 +323,6 @@ def _env_overlay(obj: Any, env: Mapping[str, str], table: Mapping[str, str]) -> 
 
 def simulator_models() -> dict[str, ModelRoute]:
     """Routes for the built-in simulator's models."""
-    from tokenrelay.simulator import DEFAULT_MODELS
-
     return {
         spec.name: ModelRoute(
             spec.name,

@@ -626,6 +626,15 @@ def _copy(item: dict[str, Any]) -> dict[str, Any]:
     return copied
 
 
+# A heartbeat on a Responses stream is a comment *line*, with no blank line after it.
+# openai-python keeps the last ``id:`` across events (as the SSE spec says) and then
+# dispatches an event at any blank line while it has one, even with no data: a
+# ``: heartbeat\n\n`` block after the first event reaches it as an empty event, whose
+# JSON it fails to parse. A lone comment line is skipped by every SSE parser, and the
+# next event's blank line ends both.
+HEARTBEAT = b": heartbeat\n"
+
+
 def encode(events: list[Encoded], after: int) -> bytes:
     """The SSE bytes of the events whose sequence number is above ``after``."""
     return b"".join(data for seq, data in events if seq > after)

@@ -284,20 +284,25 @@ async def test_focus_lands_somewhere_sensible_after_delete_and_regenerate(
         chat.watch.assert_clean()
 
 
-async def test_ten_tabs_streaming_at_once_all_get_text_within_a_second_of_the_first_token(
+async def test_ten_tabs_streaming_at_once_all_get_text_before_any_answer_ends(
     browser: Browser, http: aiohttp.ClientSession
 ) -> None:
     # HTTP/1.1 allows six connections per host: if each tab held its own, tabs seven to ten
-    # could not even send their question until earlier answers ended (seconds later).
+    # could not even send their question until one of the first six answers ended. So the
+    # check is an order, not a duration: every tab shows text before any answer has ended.
     async with running_gateway(TOKENRELAY_SIMULATOR_SPEED="1",
                                TOKENRELAY_HEARTBEAT_S="1") as gw:
         first_text: dict[str, float] = {}  # stream id -> when its first text reached the journal
+        ends: list[float] = []  # when an answer's last frame reached the journal
         journal = gw.app.state.journal
         append_now = journal.append_now
 
         def record(stream_id: str, frames: list[bytes]) -> None:
+            now = time.time() * 1000
             if stream_id not in first_text and any(b'data: {"content"' in f for f in frames):
-                first_text[stream_id] = time.time() * 1000
+                first_text[stream_id] = now
+            if any(b"event: done" in f or b"event: error" in f for f in frames):
+                ends.append(now)
             append_now(stream_id, frames)
 
         journal.append_now = record
@@ -312,13 +317,16 @@ async def test_ten_tabs_streaming_at_once_all_get_text_within_a_second_of_the_fi
                     return a && a.tokenrelay.first_token_at !== null
                         && [a.tokenrelay.stream_id, a.tokenrelay.first_token_at];
                 }""", timeout=30_000) for t in tabs))
-            first = min(first_text.values())  # the first token of any tab at the gateway
-            late = {}
+            shown = {}  # stream id -> when the page showed its first text (same clock)
             for handle in seen:
                 stream_id, at_page = await handle.json_value()
-                late[stream_id[:8]] = round(at_page - first)
-            assert len(late) == 10
-            assert all(ms <= 1000 for ms in late.values()), f"ms after the first token: {late}"
+                shown[stream_id[:8]] = at_page
+            assert len(shown) == 10
+            if ends:  # an answer (~3.6 s long) ended while some tab still waited for text
+                first_end = min(ends)
+                assert all(at < first_end for at in shown.values()), (
+                    f"ms before the first answer ended: "
+                    f"{ {k: round(first_end - at) for k, at in shown.items()} }")
             # Closing tabs mid-answer (the worker reconnects for the rest) loses nothing.
             for tab in tabs[:3]:
                 tab.watch.assert_clean()

@@ -31,6 +31,7 @@ from tokenrelay.errors import BadRequest, StreamNotFound, TokenRelayError
 from tokenrelay.hub import Hub
 from tokenrelay.journal.base import Journal, StreamInfo
 from tokenrelay.responses_api import (
+    HEARTBEAT,
     META_KEY,
     ResponseFolder,
     encode,
@@ -117,7 +118,7 @@ def _events(hub: Hub, stream_id: str, meta: dict[str, Any], after: int) -> Subsc
         return encode(folder.feed(frames), after)
 
     # Sequence numbers restart from the journal's first frame: the fold is deterministic.
-    return SubscriberResponse(hub, stream_id, 0, transform=transform)
+    return SubscriberResponse(hub, stream_id, 0, transform=transform, heartbeat=HEARTBEAT)
 
 
 async def _history(request: Request, previous: Any) -> list[dict[str, Any]]:
