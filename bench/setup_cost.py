@@ -5,6 +5,7 @@
     .venv/bin/python bench/setup_cost.py --callgrind [--requests 300]
     .venv/bin/python bench/setup_cost.py --callgrind --requests 20 --concurrency 5 \
         --tokens 105 --tokens-per-s 20      # minus the same with --tokens 5: cost per read
+    .venv/bin/python bench/setup_cost.py --callgrind --per-read [--requests 20]
 
 Starts the standalone simulator and a gateway as ``run.py`` does (same environment: memory
 journal, no SQL store; ``--store`` keeps the default SQLite store, in a temporary
@@ -21,6 +22,15 @@ request; with a handful of tokens per answer that is almost all set-up, not rela
   count by about 1 %, so it is the figure to compare two versions with. ``--src`` imports
   the package from another copy of ``src/``, e.g. a baseline made with
   ``git archive HEAD src | tar -x -C /tmp/base`` and ``--src /tmp/base/src``.
+* ``--per-read`` (with ``--callgrind``) measures, in one gateway, paced answers of
+  ``--tokens`` and of ``--tokens`` + 100 tokens (20 tokens/s, so each token is one read)
+  and reports the difference per added read: the instructions of one one-token read,
+  set-up excluded; then, from an idle window, the same without what an idle gateway runs
+  in the long answers' extra seconds (at 100 reads/s that is a few % of a read; at the
+  latency phase's 10,000 reads/s it vanishes). ``bench/results/callgrind-read.out``,
+  ``callgrind-read-short.out`` and ``callgrind-idle.out`` are the dumps
+  (``callgrind_annotate`` any; the difference of the first two, function by function, is
+  where a read's instructions go).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,6 +185,8 @@ async def measure(args: argparse.Namespace, gw_url: str, gw_pid: int) -> list[di
     target = loadgen.Target("gateway", gw_url, "sim-fast")
     await fire(target, min(300, args.requests), args.concurrency, min(args.tokens, 20),
                args.endpoint)
+    if args.callgrind and args.per_read:
+        return await per_read(args, target, gw_url, gw_pid)
     if args.callgrind:
         await callgrind(gw_pid, gw_url, "--instr=on")
         done = await fire(target, args.requests, args.concurrency, args.tokens, args.endpoint,
@@ -201,6 +214,35 @@ async def measure(args: argparse.Namespace, gw_url: str, gw_pid: int) -> list[di
     return rounds
 
 
+PER_READ_EXTRA = 100  # tokens added to the long answers of --per-read
+PER_READ_RATE = 20.0  # tokens/s: slow enough that each token is a read of its own
+PER_READ_IDLE_S = 10.0  # the idle window of --per-read
+
+
+async def per_read(args: argparse.Namespace, target: loadgen.Target, gw_url: str,
+                   gw_pid: int) -> list[dict[str, Any]]:
+    """Short and long paced answers, each counted in a dump of its own (``--per-read``),
+    then an idle window: what the gateway runs per second with no request (uvicorn's
+    0.1 s tick, the timer wheel) is part of the long answers' extra seconds too."""
+    counts = []
+    for tokens in (args.tokens, args.tokens + PER_READ_EXTRA, 0):
+        before = instructions(args.out_dir)
+        await callgrind(gw_pid, gw_url, "--instr=on")
+        started = time.monotonic()
+        done = 0
+        if tokens:
+            done = await fire(target, args.requests, args.concurrency, tokens,
+                              args.endpoint, PER_READ_RATE)
+        else:
+            await asyncio.sleep(PER_READ_IDLE_S)
+        seconds = time.monotonic() - started
+        await callgrind(gw_pid, gw_url, "--instr=off")
+        await callgrind(gw_pid, gw_url, "--dump")
+        counts.append({"tokens": tokens, "complete": done, "seconds": round(seconds, 2),
+                       "instructions": instructions(args.out_dir) - before})
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=None,
@@ -218,11 +260,15 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="record with py-spy")
     parser.add_argument("--callgrind", action="store_true",
                         help="count instructions per request under valgrind")
+    parser.add_argument("--per-read", action="store_true",
+                        help="with --callgrind: instructions per one-token read")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     args = parser.parse_args()
     if args.requests is None:
-        args.requests = 300 if args.callgrind else 2000
+        args.requests = (20 if args.per_read else 300) if args.callgrind else 2000
+    if args.per_read and not args.callgrind:
+        parser.error("--per-read needs --callgrind")
     cpus = sorted(os.sched_getaffinity(0))
     gw_cpus, load_cpus = run.cores(cpus)
     spy = shutil.which("py-spy", path=str(run.BIN)) or shutil.which("py-spy")
@@ -237,6 +283,7 @@ def main() -> int:
                                                                  if args.src else "")
     with run.simulator(load_cpus) as (sim_url, _sim), \
             gateway(sim_url, gw_cpus, args) as (gw_url, gw, tmp):
+        args.out_dir = tmp
         os.sched_setaffinity(0, load_cpus)  # this process is the load generator
         recorder = None
         if args.profile:
@@ -261,10 +308,26 @@ def main() -> int:
         if args.callgrind:
             ir = instructions(tmp)
             (run.HERE / "results").mkdir(exist_ok=True)
-            for dump in tmp.glob("callgrind.out.*"):  # for callgrind_annotate
-                shutil.copy(dump, run.HERE / "results" / "callgrind-setup.out")
+            # callgrind.out.<n>, one per --dump, in order: for callgrind_annotate
+            dumps = sorted(tmp.glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
+            names = (["callgrind-read-short.out", "callgrind-read.out", "callgrind-idle.out"]
+                     if args.per_read else [])
+            for dump, name in zip(dumps, names or ["callgrind-setup.out"] * len(dumps),
+                                  strict=False):
+                shutil.copy(dump, run.HERE / "results" / name)
     for r in rounds:
         print(orjson.dumps(r).decode())
+    if args.per_read:
+        short, long, idle = rounds
+        reads = args.requests * PER_READ_EXTRA
+        per_read = (long["instructions"] - short["instructions"]) / reads
+        per_s = idle["instructions"] / idle["seconds"]
+        busy = per_read - per_s * (long["seconds"] - short["seconds"]) / reads
+        print(f"{label}: gateway instructions per one-token read "
+              f"({args.requests} answers of {short['tokens']} and {long['tokens']} tokens "
+              f"at {PER_READ_RATE:g}/s): {per_read:,.0f}; idle gateway {per_s:,.0f} per s, "
+              f"so {busy:,.0f} per read without the idle work of the extra seconds")
+        return 0
     if args.callgrind:
         print(f"{label}: gateway instructions per request ({args.requests} requests): "
               f"{ir / args.requests:,.0f}")

@@ -203,8 +203,15 @@ def test_a_bad_string_is_the_exact_parsers_error_after_the_good_text(bad):
     good = text_events(["a", "b"])
     broken = event(chunk({"content": "Q"}).replace(b'"Q', bad))
     body = good + broken + text_events(["c"])
-    for reads in ([body], [good[:-1], good[-1:] + broken, text_events(["c"])]):
+    one_per_read = [text_events(["a"]), text_events(["b"]), broken, text_events(["c"])]
+    for reads in ([body], [good[:-1], good[-1:] + broken, text_events(["c"])], one_per_read):
         assert_same(text_events(["x"]) + body, [text_events(["x"]), *reads])
+
+
+def test_a_read_of_one_empty_text_event_is_no_event_and_no_chunk():
+    decoder = assert_same(text_events(["x", "", "y"]),
+                          [text_events(["x"]), text_events([""]), text_events(["y"])])
+    assert decoder.chunks.content_chunks == 2
 
 
 def test_a_character_split_across_two_chunks_is_still_an_error():

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 from starlette.applications import Starlette
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from tokenrelay.couplings import COUPLINGS, Coupling
@@ -105,3 +105,37 @@ def test_the_inlined_starlette_call_is_still_what_starlette_does():
         "self.middleware_stack = self.build_middleware_stack()",
         "await self.middleware_stack(scope, receive, send)",
     ], f"starlette {version('starlette')} changed Starlette.__call__"
+
+
+def test_the_body_chunk_that_write_chunk_inlines_is_still_what_send_does():
+    # protocol.write_chunk writes a chunk of a chunked response as RequestResponseCycle.send
+    # does; if send grows a step on that path (or drains differently), ours would skip it.
+    lines = [line.strip() for line in inspect.getsource(RequestResponseCycle.send).splitlines()]
+    path = [
+        "if self.flow.write_paused and not self.disconnected:",
+        "await self.flow.drain()  # pragma: full coverage",
+        "if self.disconnected:",
+        "return  # pragma: full coverage",
+        "if not self.response_started:",
+        "elif not self.response_complete:",
+        'body = message.get("body", b"")',
+        'more_body = message.get("more_body", False)',
+        'if self.scope["method"] == "HEAD":',
+        "elif self.chunked_encoding:",
+        "if body:",
+        'content = [b"%x\\r\\n" % len(body), body, b"\\r\\n"]',
+        "else:",
+        "content = []",
+        "if not more_body:",
+        'content.append(b"0\\r\\n\\r\\n")',
+        'self.transport.write(b"".join(content))',
+    ]
+    missing, at = [], 0
+    for line in path:  # each in order, after the one before
+        if line in lines[at:]:
+            at = lines.index(line, at) + 1
+        else:
+            missing.append(line)
+    assert not missing, (
+        f"uvicorn {version('uvicorn')} changed the body branch of RequestResponseCycle.send "
+        f"(missing or moved: {missing})")

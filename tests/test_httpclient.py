@@ -671,17 +671,16 @@ async def test_stream_hands_the_body_to_the_callback_then_read_sees_the_end(pool
         assert server.connections == 1
 
 
-async def test_stream_coalesces_what_arrives_in_one_loop_iteration(pool: Pool) -> None:
+async def test_stream_hands_over_each_read_at_once_its_chunks_joined(pool: Pool) -> None:
     async with asyncio.timeout(WAIT), Upstream(replying(CHUNKED + chunk(b"a"))) as server:
         resp = await send(pool, server)
         assert await resp.read() == b"a"
         got: list[bytes] = []
         resp.stream(got.append)
-        for piece in (b"b", b"c", b"d"):  # three body pieces in one data_received each...
-            resp.data_received(chunk(piece))
-        assert got == []
-        await asyncio.sleep(0)  # ...handed over once, on the next loop iteration
-        assert got == [b"bcd"]
+        resp.data_received(chunk(b"b") + chunk(b"c"))  # two chunks in one read: one call,
+        assert got == [b"bc"]  # made before data_received returns (no loop callback)
+        resp.data_received(chunk(b"d"))
+        assert got == [b"bc", b"d"]
         resp.close()
 
 

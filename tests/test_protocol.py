@@ -13,6 +13,7 @@ from support.client import read_stream
 from support.gateway import running_gateway
 from support.servers import STREAMING_PROTOCOL, running_asgi
 from tokenrelay.asgi import ON_DISCONNECT
+from tokenrelay.protocol import chunk_cycle, write_chunk
 
 
 class Recorder:
@@ -109,6 +110,51 @@ async def test_an_upgrade_request_is_answered_as_plain_uvicorn_answers_it():
             await writer.wait_closed()
     assert status[STREAMING_PROTOCOL] == status["httptools"]
     assert status["httptools"].startswith(b"HTTP/1.1 403")
+
+
+async def test_write_chunk_writes_what_send_writes_and_leaves_the_rest_to_send():
+    answers: dict[str, list[Any]] = {}
+    gone, answered = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        cycle = chunk_cycle(send)
+        got = answers.setdefault(scope["method"] + scope["path"], [cycle is not None])
+        assert cycle is not None and chunk_cycle(lambda message: None) is None
+        got.append(write_chunk(cycle, b"early"))  # before the start: only send can say
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        got.append(write_chunk(cycle, b"abc"))
+        await send({"type": "http.response.body", "body": b"de", "more_body": True})
+        cycle.flow.pause_writing()  # as the transport does when the client stops reading
+        got.append(write_chunk(cycle, b"paused"))
+        cycle.flow.resume_writing()
+        if scope["path"] == "/leave":
+            scope[ON_DISCONNECT].callbacks.append(gone.set)
+            await gone.wait()
+            got.append(write_chunk(cycle, b"after"))  # nothing written, as send does
+            answered.set()
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        got.append(write_chunk(cycle, b"late"))  # the response ended: send raises
+
+    async with running_asgi(app, http=STREAMING_PROTOCOL) as url:
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await request(port, get("/"))
+        data = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+        assert data.endswith(b"\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        writer.write(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")  # no body: only send knows
+        assert b"transfer-encoding" not in await asyncio.wait_for(
+            reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        reader, writer = await request(port, get("/leave"))
+        await asyncio.wait_for(reader.readuntil(b"2\r\nde\r\n"), 5)
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.wait_for(answered.wait(), 5)
+    assert answers["GET/"] == [True, False, True, False, False]
+    assert answers["HEAD/"] == [True, False, False, False, False]
+    assert answers["GET/leave"] == [True, False, True, False, True]
 
 
 # -- bounded request heads, refusals that arrive (issue 16, point 3) ----------------------

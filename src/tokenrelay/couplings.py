@@ -92,4 +92,16 @@ COUPLINGS: tuple[Coupling, ...] = (
            "overridden or called by the head limits and the JSON 400"),
     *_same(_CYCLE, ("more_body", "response_complete"),
            "the unread body drained after an early answer"),
+    Coupling(
+        "uvicorn", "uvicorn.protocols.http:httptools_impl", "RequestResponseCycle",
+        "protocol.chunk_cycle", "the send whose body chunks write_chunk may write itself",
+    ),
+    *(Coupling("uvicorn", _CYCLE, name, "protocol.write_chunk",
+               "a pushed body chunk skips the send coroutine (its body branch, inlined)")
+      for name in ("disconnected", "flow", "chunked_encoding", "response_complete",
+                   "transport")),
+    Coupling(
+        "uvicorn", "uvicorn.protocols.http.flow_control:FlowControl()", "write_paused",
+        "protocol.write_chunk", "a paused transport leaves the chunk to send (it drains)",
+    ),
 )

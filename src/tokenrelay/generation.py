@@ -250,6 +250,21 @@ class Generation:
         """``_append_batch`` for a journal that appends without waiting: called from the
         upstream connection's data callback (no task wake-up per read). The call's
         :class:`~tokenrelay.upstream.Sink`."""
+        if (len(batch) == 1 and type(item := batch[0]) is ev.TextDelta
+                and self.first_token_at is not None):
+            # One text delta after the first token, as a live answer's reads come: what
+            # _frames and _appended do for it, in the same order, without the calls.
+            seq = self.seq + 1
+            text = item.text
+            frame = ev.text_frame(seq, text)
+            self.text.append(text)
+            self.last_token_at = time.monotonic()
+            self.journal.append_now(self.stream_id, [frame])
+            self.seq = seq
+            self._dirty = True
+            if self.observer is not None:
+                self.observer.relayed(self, 1)
+            return
         frames, seq = self._frames(batch)
         if frames:
             self.journal.append_now(self.stream_id, frames)

@@ -231,12 +231,12 @@ class BodyReceiver(Protocol):
     """What a streaming :class:`Response` hands its body to (:meth:`Response.stream`),
     implemented by ``upstream._Relay.on_data``.
 
-    ``on_body`` (httptools, inside ``data_received``) keeps each piece and schedules one
-    ``_flush`` per event-loop iteration, which calls this with all the bytes that arrived
-    in that iteration. It is not told of the end of the body or of a failure: those reach
-    the task's pending ``read()`` (``b""``, or the error raised), and so do the last bytes
-    of a compressed body when no flush is pending as the body ends. It must not raise: it
-    keeps what it hit and calls ``close()``.
+    ``on_body`` (httptools, inside ``data_received``) keeps each piece; once the read is
+    parsed, ``data_received`` calls this with all the body that read carried (no loop
+    callback per read). It is not told of the end of the body or of a failure: those reach
+    the task's pending ``read()`` (``b""``, or the error raised), after this has had the
+    good bytes before them. It must not raise: it keeps what it hit and calls
+    ``close()``.
     """
 
     def __call__(self, data: bytes, /) -> None: ...
@@ -251,7 +251,7 @@ class Response(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_decoder", "_done", "_error", "_flushing", "_framed", "_head", "_idle_timer",
+        "_decoder", "_done", "_error", "_framed", "_head", "_idle_timer",
         "_keep_alive", "_loop", "_on_data", "_origin", "_parser", "_paused", "_pieces", "_pool",
         "_pool_slot", "_size", "_until_close", "_waiter", "headers", "status", "transport",
     )
@@ -281,7 +281,6 @@ class Response(asyncio.Protocol):
         self._until_close = False  # neither: the body ends with the connection
         self._decoder: Any = None
         self._on_data: BodyReceiver | None = None  # see stream()
-        self._flushing = False  # a _flush is scheduled
 
     # -- asyncio protocol -------------------------------------------------------------
 
@@ -304,6 +303,13 @@ class Response(asyncio.Protocol):
                        else BadResponse(f"malformed HTTP response from upstream ({exc})"))
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(f"malformed HTTP response from upstream ({exc})"))
+        on_data, pieces = self._on_data, self._pieces
+        if on_data is not None and pieces:
+            # Streaming: the body of this read (the good bytes before a failure too), in
+            # one call, now: no loop callback per read (see stream()).
+            body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces.clear()
+            on_data(body)
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
@@ -363,10 +369,7 @@ class Response(asyncio.Protocol):
                 return
         self._pieces.append(body)
         if self._on_data is not None:
-            if not self._flushing:
-                self._flushing = True
-                self._loop.call_soon(self._flush)
-            return
+            return  # data_received hands the read's body to _on_data once it is parsed
         self._size += len(body)
         if self._size > _READ_LIMIT and not self._paused and self.transport is not None:
             self._paused = True
@@ -410,9 +413,10 @@ class Response(asyncio.Protocol):
         for ``read()``, which then only waits for the end of the body (``b""``) or its
         failure. ``on_data`` must not raise: it keeps what it hit and calls ``close()``.
 
-        One call per event-loop iteration with all that arrived in it: what a task
-        wake-up per read would coalesce, without the wake-up. No flow control then: the
-        callback takes everything at once."""
+        One call per read from the socket, with all the body that read carried (a
+        chunked body's chunks joined), made once the read is parsed: no task wake-up and
+        no loop callback per read. No flow control then: the callback takes everything
+        at once."""
         if self._pieces:
             raise RuntimeError("read() the body received so far before stream()")
         self._on_data = on_data
@@ -429,14 +433,6 @@ class Response(asyncio.Protocol):
                 break
             out += data
         return bytes(out[:limit])
-
-    def _flush(self) -> None:
-        self._flushing = False
-        pieces = self._pieces
-        if not pieces or self._on_data is None:
-            return
-        self._pieces = []
-        self._on_data(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     @property
     def closed(self) -> bool:

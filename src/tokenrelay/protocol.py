@@ -37,12 +37,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from tokenrelay import timerwheel
 from tokenrelay.asgi import ON_DISCONNECT, Disconnect
 
-__all__ = ["HeadLimits", "StreamingHttpToolsProtocol"]
+__all__ = ["HeadLimits", "StreamingHttpToolsProtocol", "chunk_cycle", "write_chunk"]
 
 DISCARD_BYTES = 64 * 1024 * 1024  # request body read and dropped after an early answer
 MAX_HEAD_BYTES = 1024 * 1024  # buffered for one head (the app refuses > 64 KiB of headers)
@@ -77,6 +81,31 @@ class HeadLimits:
                 settings.limits.body_timeout_s)
             config._tokenrelay_head_limits = limits
         return limits
+
+
+def chunk_cycle(send: Any) -> RequestResponseCycle | None:
+    """The uvicorn httptools request cycle whose ``send`` this is, for :func:`write_chunk`;
+    None for any other server's send (or a wrapper around one)."""
+    cycle = getattr(send, "__self__", None)
+    return cycle if type(cycle) is RequestResponseCycle else None
+
+
+def write_chunk(cycle: RequestResponseCycle, data: bytes) -> bool:
+    """``await cycle.send({"type": "http.response.body", "body": data, "more_body": True})``
+    done synchronously when that send would not wait: True once done (as the send does:
+    nothing if the client has left), False when only the send can do it (the transport is
+    paused by flow control, or the response is not a chunked one being sent).
+
+    One body chunk per upstream read goes to each caught-up subscriber: the send's
+    coroutine, its message dict and the StopIteration that ends it cost more than the
+    write. The branch is uvicorn's own (tests/test_couplings.py checks it is unchanged)."""
+    if cycle.disconnected:
+        return True
+    if cycle.flow.write_paused or not cycle.chunked_encoding or cycle.response_complete:
+        return False
+    if data:
+        cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+    return True
 
 
 class _HeadRefused(Exception):

@@ -1027,12 +1027,22 @@ class _Relay:
     def on_data(self, data: bytes) -> None:
         """The connection's data callback once streaming (a
         :class:`~tokenrelay.httpclient.BodyReceiver`). A failure is kept and the
-        connection closed; the task's pending read then raises it (``failure``)."""
+        connection closed; the task's pending read then raises it (``failure``).
+        (``events`` and ``tick`` inlined: this runs once per read.)"""
         if self.failure is not None:
             return
         try:
-            out, failure = self.events(data)
-            self.tick()
+            out, failure = self.body.decode(data)
+            chunks = self.chunks
+            self._call.content_chunks = chunks.content_chunks
+            if chunks.done and self._idle > _AFTER_DONE_S:
+                self._after_done()
+            watchdog = self._watchdog
+            deadline = self._loop.time() + self._idle
+            if deadline >= self._total_deadline:
+                deadline = self._total_deadline
+                watchdog.phase = "total"
+            watchdog.deadline = deadline
             if out:
                 self._sink_now(out)  # type: ignore[misc]  # set: stream(on_data) needs it
             if failure is not None:

@@ -56,19 +56,6 @@ class _Stream:
             if not w.fut.done():
                 w.fut.set_result(None)
 
-    def deliver(self, frames: list[bytes], before: int) -> None:
-        """New frames after ``before``: push them to caught-up followers, wake the rest."""
-        waiters, self.waiters = self.waiters, []
-        for w in waiters:
-            fut = w.fut
-            if fut.done():
-                continue
-            follower = w.follower
-            if follower is not None and follower.pos == before and follower.push(frames):
-                self.waiters.append(w)  # delivered: it stays parked
-            else:
-                fut.set_result(None)
-
 
 def _expire(stream: _Stream, waiter: _Waiter) -> None:
     """A read's wait ran out: wake it with nothing, and forget it."""
@@ -153,7 +140,9 @@ class MemoryJournal(Journal):
         self.append_now(stream_id, frames)
 
     def append_now(self, stream_id: str, frames: list[bytes]) -> None:
-        stream = self._get(stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.finished:
+            stream = self._get(stream_id)  # what it says about these (the same dict get)
         size = 0
         for f in frames:
             size += len(f)
@@ -170,7 +159,19 @@ class MemoryJournal(Journal):
         stream.frames.extend(frames)
         stream.nbytes += size
         if stream.waiters:
-            stream.deliver(frames, before)
+            # Push the new frames to caught-up followers, wake the other readers: in place
+            # (a push never adds or removes a waiter, and usually all stay parked).
+            woken = False
+            for w in stream.waiters:
+                fut = w.fut
+                if not fut.done():
+                    follower = w.follower
+                    if follower is not None and follower.pos == before and follower.push(frames):
+                        continue  # delivered: it stays parked
+                    fut.set_result(None)
+                woken = True
+            if woken:  # the parked ones are those whose future is still pending
+                stream.waiters = [w for w in stream.waiters if not w.fut.done()]
 
     async def finish(self, stream_id: str, frame: bytes, state: str) -> bool:
         stream = self._get(stream_id)
