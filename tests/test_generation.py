@@ -194,8 +194,6 @@ async def test_a_stream_past_the_journal_bound_ends_with_one_error_frame(
     assert stored["state"] == "error" and stored["content"].startswith(relayed)
 
 
-@pytest.mark.xfail(strict=True, reason="the store keeps the batch the journal refused: "
-                   "Generation._frames keeps text before the append succeeds")
 async def test_past_the_journal_bound_the_stored_text_is_the_text_relayed(
         fault_upstream: FaultUpstream, parts: Any) -> None:
     _, relayed, stored = await _past_the_journal_bound(fault_upstream, parts)

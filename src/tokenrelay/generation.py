@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from tokenrelay import events as ev
 from tokenrelay import timerwheel
@@ -39,6 +39,22 @@ from tokenrelay.upstream import (
 )
 
 log = logging.getLogger("tokenrelay.generation")
+
+
+class Observer(Protocol):
+    """The hooks a generation calls as its answer goes (``metrics.Metrics`` is the one
+    implementation). ``relayed`` runs on the hot path, once per upstream read that carried
+    events (after :meth:`Generation._append_now`); the rest once per answer or per retry."""
+
+    def first_token(self, gen: Generation, seconds: float, /) -> None: ...
+
+    def relayed(self, gen: Generation, count: int, /) -> None: ...
+
+    def retry(self, gen: Generation, notice: RetryNotice, /) -> None: ...
+
+    def continued(self, gen: Generation, notice: ContinueNotice, /) -> None: ...
+
+    def finished(self, gen: Generation, error: TokenRelayError | None, /) -> None: ...
 
 CANCEL_USER = "user"
 CANCEL_ABANDONED = "abandoned"
@@ -102,7 +118,7 @@ class Generation:
         store: Store | None,
         checkpoint_s: float = 1.0,
         on_finish: Callable[[Generation], Awaitable[None] | None] | None = None,
-        observer: Any = None,
+        observer: Observer | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.message_id = message_id
@@ -244,6 +260,7 @@ class Generation:
         frames, seq = self._frames(batch)
         if frames:
             await self.journal.append(self.stream_id, frames)
+            self._keep(batch)
             self._appended(len(frames), seq)
 
     def _append_now(self, batch: list[ev.Event]) -> None:
@@ -257,9 +274,9 @@ class Generation:
             seq = self.seq + 1
             text = item.text
             frame = ev.text_frame(seq, text)
-            self.text.append(text)
-            self.last_token_at = time.monotonic()
             self.journal.append_now(self.stream_id, [frame])
+            self.text.append(text)  # kept once relayed: the store holds what clients got
+            self.last_token_at = time.monotonic()
             self.seq = seq
             self._dirty = True
             if self.observer is not None:
@@ -268,24 +285,27 @@ class Generation:
         frames, seq = self._frames(batch)
         if frames:
             self.journal.append_now(self.stream_id, frames)
+            self._keep(batch)
             self._appended(len(frames), seq)
 
     def _frames(self, batch: list[ev.Event]) -> tuple[list[bytes], int]:
-        """The frames of ``batch`` (numbered after ``seq``), and the text kept so far."""
+        """The frames of ``batch`` (numbered after ``seq``). Their text is kept by
+        :meth:`_keep` once the journal took them (a refused batch is not stored)."""
         frames: list[bytes] = []
         seq = self.seq
         for item in batch:
             if type(item) is ev.TextDelta:
                 seq += 1
                 frames.append(ev.text_frame(seq, item.text))
-                self.text.append(item.text)
             elif type(item) is ev.ReasoningDelta:
                 seq += 1
                 frames.append(ev.frame(seq, ev.REASONING, ev.dumps({"reasoning": item.text})))
-                self.reasoning.append(item.text)
             elif type(item) is ev.ToolCallDelta:
                 seq += 1
-                frames.append(self._tool_frame(seq, item))
+                frames.append(ev.frame(seq, ev.TOOL_CALL, ev.dumps({
+                    "index": item.index, "id": item.id, "name": item.name,
+                    "arguments": item.arguments,
+                })))
             elif type(item) is ev.Usage:
                 self.usage = item
             elif type(item) is ev.Finish:
@@ -305,22 +325,22 @@ class Generation:
         if self.observer is not None:
             self.observer.relayed(self, count)
 
-    def _tool_frame(self, seq: int, item: ev.ToolCallDelta) -> bytes:
-        call = self.tool_calls.setdefault(
-            item.index, {"index": item.index, "id": None, "name": None, "arguments": ""}
-        )
-        if item.id:
-            call["id"] = item.id
-        if item.name:
-            call["name"] = item.name
-        call["arguments"] += item.arguments
-        payload = {
-            "index": item.index,
-            "id": item.id,
-            "name": item.name,
-            "arguments": item.arguments,
-        }
-        return ev.frame(seq, ev.TOOL_CALL, ev.dumps(payload))
+    def _keep(self, batch: list[ev.Event]) -> None:
+        """Keep the text, thoughts and tool calls of a batch the journal took."""
+        for item in batch:
+            if type(item) is ev.TextDelta:
+                self.text.append(item.text)
+            elif type(item) is ev.ReasoningDelta:
+                self.reasoning.append(item.text)
+            elif type(item) is ev.ToolCallDelta:
+                call = self.tool_calls.setdefault(
+                    item.index, {"index": item.index, "id": None, "name": None, "arguments": ""}
+                )
+                if item.id:
+                    call["id"] = item.id
+                if item.name:
+                    call["name"] = item.name
+                call["arguments"] += item.arguments
 
     def answered(self) -> _Flag:
         """Set once an upstream accepted the request (``accepted``) or the answer ended

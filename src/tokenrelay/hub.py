@@ -26,7 +26,13 @@ from typing import Any
 from tokenrelay import events as ev
 from tokenrelay.config import ModelRoute, Settings
 from tokenrelay.errors import ServiceUnavailable, StreamNotFound, TokenRelayError
-from tokenrelay.generation import CANCEL_ABANDONED, CANCEL_SHUTDOWN, CANCEL_USER, Generation
+from tokenrelay.generation import (
+    CANCEL_ABANDONED,
+    CANCEL_SHUTDOWN,
+    CANCEL_USER,
+    Generation,
+    Observer,
+)
 from tokenrelay.journal.base import Journal, StreamInfo
 from tokenrelay.limits import Lease
 from tokenrelay.store.base import Store, Turn
@@ -59,7 +65,7 @@ class Hub:
         journal: Journal,
         upstream: UpstreamClient,
         store: Store | None = None,
-        observer: Any = None,
+        observer: Observer | None = None,
     ) -> None:
         self.settings = settings
         self.journal = journal
