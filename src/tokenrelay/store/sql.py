@@ -418,6 +418,16 @@ def _raise_unavailable(exc: Exception) -> None:
         raise ServiceUnavailable("database unavailable") from exc
 
 
+def _asyncpg_unavailable(exc: Exception) -> bool:
+    """An error of asyncpg itself (not through SQLAlchemy) that means the database is gone
+    (as :func:`_raise_unavailable` reads SQLAlchemy's)."""
+    import asyncpg  # type: ignore[import-untyped]  # ships no type information
+
+    return isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError
+                      | asyncpg.PostgresConnectionError
+                      | asyncpg.exceptions.OperatorInterventionError)
+
+
 class _Row:
     """Attribute access to a row read as a dict (for :func:`_message_dict`)."""
 
@@ -558,8 +568,9 @@ class SQLStore(Store):
             if dialect.name == "sqlite" and self._sqlite_file() is not None:
                 self._rows = SQLiteRows(self._sqlite_file() or "", statements,
                                         self.command_timeout_s)
-            self._writer = Writer(self._begin_kept, statements,
-                                  rows=self._rows.write if self._rows else None)
+            self._writer = Writer(
+                self._begin_kept, statements, rows=self._rows.write if self._rows else None,
+                alone=self._alone if dialect.name == "postgresql" else None)
             self._writer.start()
             await self.interrupt_orphans(self.orphan_after_s)
         except BaseException:
@@ -643,18 +654,11 @@ class SQLStore(Store):
         engine = self._engine
         if engine is None:
             raise RuntimeError("the store is not started (call start() first)")
-        conn: AsyncConnection | None
         if self._lock is not None:  # one shared in-memory connection: no keeping
-            async with self._begin() as conn:
-                yield conn
+            async with self._begin() as shared:
+                yield shared
             return
-        conn, self._kept = self._kept, None
-        if conn is not None and time.monotonic() - self._kept_at > KEEP_IDLE_S:
-            with contextlib.suppress(Exception):
-                await conn.close()
-            conn = None
-        if conn is None:
-            conn = await self._connect(engine)
+        conn = await self._take_kept(engine)
         try:
             async with conn.begin():
                 yield conn
@@ -662,6 +666,39 @@ class SQLStore(Store):
             with contextlib.suppress(Exception):
                 await conn.invalidate()
             _raise_unavailable(exc)
+            raise
+        self._kept, self._kept_at = conn, time.monotonic()
+
+    async def _take_kept(self, engine: AsyncEngine) -> AsyncConnection:
+        """The writer's kept connection (a new one if none, or unused too long)."""
+        conn, self._kept = self._kept, None
+        if conn is not None and time.monotonic() - self._kept_at > KEEP_IDLE_S:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            conn = None
+        if conn is None:
+            conn = await self._connect(engine)
+        return conn
+
+    async def _alone(self, statement: str, row: tuple[Any, ...]) -> None:
+        """The writer's batch of one row of one statement, on PostgreSQL: the statement
+        alone, straight to asyncpg on the kept connection, is its own implicit
+        transaction, committed when its one round trip returns (``BEGIN``, statement,
+        ``COMMIT`` are three; issue 17). Errors as :meth:`_begin_kept` gives them."""
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("the store is not started (call start() first)")
+        conn = await self._take_kept(engine)
+        driver: Any = None
+        try:
+            driver = (await conn.get_raw_connection()).driver_connection
+            await driver.execute(statement, *row)
+        except Exception as exc:
+            closed = driver is None or driver.is_closed()  # lost, whatever the error says
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            if closed or _asyncpg_unavailable(exc):
+                raise ServiceUnavailable("database unavailable") from exc
             raise
         self._kept, self._kept_at = conn, time.monotonic()
 
