@@ -138,6 +138,25 @@ async def test_one_bad_write_does_not_lose_the_others_of_its_batch(
     assert one is not None and (one["state"], one["content"]) == ("complete", "one")
 
 
+async def test_a_refused_write_alone_is_an_error_not_an_outage(store: SQLStore) -> None:
+    # On PostgreSQL a short answer's end is one statement, sent without BEGIN/COMMIT: a
+    # constraint it breaks must still read as that write's error, not as a database down.
+    first = turn("one")
+    await store.begin_answer("local", first, "m1", "s1", "model")
+    await store.finish_assistant("m1", done("first"))
+    await store.begin_answer("local", turn("two"), "m1", "s2", "model")  # the same id
+    with pytest.raises(Exception) as caught:
+        await store.finish_assistant("m1", done("second"))
+    assert not isinstance(caught.value, ServiceUnavailable)
+    assert not store.writer.down
+    third = turn("three")
+    await store.begin_answer("local", third, "m3", "s3", "model")
+    await store.finish_assistant("m3", done("third"))  # the writer goes on
+    for t, answer in ((first, "first"), (third, "third")):
+        found = await store.get_conversation("local", t.conversation_id)
+        assert found is not None and found["messages"][-1]["content"] == answer
+
+
 async def test_sqlite_commits_without_an_fsync_each(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'x.db'}")
     assert isinstance(store, SQLStore)
