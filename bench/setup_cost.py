@@ -1,7 +1,8 @@
 """Gateway CPU per request: the cost of setting up one short answer (not part of ``make bench``).
 
     .venv/bin/python bench/setup_cost.py [--requests 2000] [--concurrency 20] [--tokens 5]
-        [--endpoint api|v1] [--store | --database-url URL] [--repeat 3] [--src DIR] [--profile [--top 30]]
+        [--endpoint api|v1] [--store | --database-url URL] [--repeat 3] [--src DIR]
+        [--profile [--top 30]]
     .venv/bin/python bench/setup_cost.py --callgrind [--requests 300]
     .venv/bin/python bench/setup_cost.py --callgrind --requests 20 --concurrency 5 \
         --tokens 105 --tokens-per-s 20      # minus the same with --tokens 5: cost per read

@@ -70,6 +70,11 @@ async def test_a_short_answer_costs_one_transaction_or_two_without_holding(
         assert answer["usage"] == {"prompt_tokens": None, "completion_tokens": 3,
                                    "estimated": False}
         assert found["updated_at"] >= found["created_at"]
+        async with store._begin() as conn:  # the conversation was bumped by the end
+            bumped = await conn.scalar(text(
+                "SELECT c.updated_at = m.updated_at FROM conversations c JOIN messages m "
+                "ON m.conversation_id = c.id WHERE m.id = 'm1'"))
+        assert bumped
     finally:
         await store.aclose()
 

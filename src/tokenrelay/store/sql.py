@@ -332,7 +332,8 @@ _MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("owner", "instance_i
 
 # The writer's statements, by rank (see store/writer.py: rows of a batch run rank by rank,
 # one executemany each). Driver-level SQL: no compilation, no per-row type processing.
-R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP, R_TURN = range(7)
+(R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP, R_TURN,
+ R_FINISHED) = range(8)
 _MESSAGE_INSERT = (
     "id", "conversation_id", "owner", "seq", "role", "content", "reasoning", "state",
     "model_requested", "stream_id", "instance_id", "usage_estimated", "created_at",
@@ -373,8 +374,13 @@ def _statements(dialect: str) -> list[str]:
         # statement is a round trip; PostgreSQL checks the foreign key at its end).
         conversation, question, answer = sql[R_CONVERSATION], sql[R_MESSAGE], sql[R_ANSWERED]
         sql.append(f"WITH c AS ({conversation}), q AS ({question}) {answer}")
+        # R_FINISHED: R_FINISH and R_BUMP of one answer in one statement (the end of an
+        # answer that outlived its hold: one round trip, written alone; store/writer.py).
+        finish = sql[R_FINISH]
+        sql.append(f"WITH f AS ({finish} RETURNING conversation_id) UPDATE conversations "
+                   "SET updated_at = ? WHERE id IN (SELECT conversation_id FROM f)")
         return [_dollars(statement) for statement in sql]  # asyncpg numbers its parameters
-    sql.append("")  # R_TURN: PostgreSQL only (SQLite has no INSERT in WITH)
+    sql += ["", ""]  # R_TURN, R_FINISHED: PostgreSQL only (SQLite has no UPDATE in WITH)
     return sql
 
 
@@ -487,7 +493,7 @@ class SQLStore(Store):
         self._kept_at = 0.0
         self._rows: SQLiteRows | None = None
         self._now: Callable[[], Any] = utcnow  # the driver's value of a UTCDateTime for now
-        self._turn_statement = False  # R_TURN exists (PostgreSQL)
+        self._turn_statement = False  # R_TURN and R_FINISHED exist (PostgreSQL)
 
     def __repr__(self) -> str:
         return f"SQLStore({self.url.render_as_string(hide_password=True)!r})"
@@ -931,9 +937,11 @@ class SQLStore(Store):
         # Its own rows are queued already (it is not held), and it depends on no other
         # turn: the other held ones stay held (``self.writer`` would queue them all, and
         # each of those would then end with these two UPDATEs instead of one insert).
-        await self._writer_now().submit(
-            [(R_FINISH, (*values, ts, message_id)), (R_BUMP, (ts, message_id))], retry=True
-        )
+        if self._turn_statement:  # and R_FINISHED
+            parts = [(R_FINISHED, (*values, ts, message_id, ts))]
+        else:
+            parts = [(R_FINISH, (*values, ts, message_id)), (R_BUMP, (ts, message_id))]
+        await self._writer_now().submit(parts, retry=True)
 
     async def set_active(self, owner: str, conversation_id: str, message_id: str) -> bool | None:
         """Show the branch through ``message_id`` (down to its newest leaf).
