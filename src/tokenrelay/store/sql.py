@@ -384,6 +384,13 @@ def _statements(dialect: str) -> list[str]:
     return sql
 
 
+# Where a request's messages leave a conversation (SQLStore.find_continuation).
+_CONTINUATION = (
+    "SELECT c.active_id, m.id, m.parent_id, m.seq, m.role, m.content FROM conversations c "
+    "LEFT OUTER JOIN messages m ON m.conversation_id = c.id WHERE c.id = ? AND c.owner = ?"
+)
+
+
 def _dollars(statement: str) -> str:
     parts = statement.split("?")
     return "".join(p + (f"${i}" if i < len(parts) else "") for i, p in enumerate(parts, 1))
@@ -432,6 +439,24 @@ def _asyncpg_unavailable(exc: Exception) -> bool:
     return isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError
                       | asyncpg.PostgresConnectionError
                       | asyncpg.exceptions.OperatorInterventionError)
+
+
+async def _on_driver(conn: AsyncConnection, method: str, statement: str,
+                     params: tuple[Any, ...]) -> Any:
+    """``statement`` run by the asyncpg connection under ``conn`` (its own implicit
+    transaction); on an error ``conn`` is invalidated and a lost database raised as
+    :class:`ServiceUnavailable`."""
+    driver: Any = None
+    try:
+        driver = (await conn.get_raw_connection()).driver_connection
+        return await getattr(driver, method)(statement, *params)
+    except Exception as exc:
+        closed = driver is None or driver.is_closed()  # lost, whatever the error says
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+        if closed or _asyncpg_unavailable(exc):
+            raise ServiceUnavailable("database unavailable") from exc
+        raise
 
 
 class _Row:
@@ -491,6 +516,9 @@ class SQLStore(Store):
         self._writer: Writer | None = None
         self._kept: AsyncConnection | None = None  # the writer's (see _begin_kept)
         self._kept_at = 0.0
+        self._reader: AsyncConnection | None = None  # see _read_alone
+        self._reader_at = 0.0
+        self._reading = False
         self._rows: SQLiteRows | None = None
         self._now: Callable[[], Any] = utcnow  # the driver's value of a UTCDateTime for now
         self._turn_statement = False  # R_TURN and R_FINISHED exist (PostgreSQL)
@@ -592,10 +620,11 @@ class SQLStore(Store):
         rows, self._rows = self._rows, None
         if rows is not None:
             await rows.aclose()
-        kept, self._kept = self._kept, None
-        if kept is not None:
-            with contextlib.suppress(Exception):
-                await kept.close()
+        for kept in (self._kept, self._reader):
+            if kept is not None:
+                with contextlib.suppress(Exception):
+                    await kept.close()
+        self._kept = self._reader = None
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
@@ -695,18 +724,32 @@ class SQLStore(Store):
         if engine is None:
             raise RuntimeError("the store is not started (call start() first)")
         conn = await self._take_kept(engine)
-        driver: Any = None
-        try:
-            driver = (await conn.get_raw_connection()).driver_connection
-            await driver.execute(statement, *row)
-        except Exception as exc:
-            closed = driver is None or driver.is_closed()  # lost, whatever the error says
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-            if closed or _asyncpg_unavailable(exc):
-                raise ServiceUnavailable("database unavailable") from exc
-            raise
+        await _on_driver(conn, "execute", statement, row)
         self._kept, self._kept_at = conn, time.monotonic()
+
+    async def _read_alone(self, statement: str, params: tuple[Any, ...]) -> list[Any] | None:
+        """One ``SELECT`` on PostgreSQL in one round trip, straight to asyncpg on a
+        connection kept for it (a pooled one costs a ping, ``BEGIN``, ``COMMIT``: ~1 ms);
+        None when that connection is busy with another read (then use the pool)."""
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("the store is not started (call start() first)")
+        if self._reading:
+            return None
+        self._reading = True
+        try:
+            conn, self._reader = self._reader, None
+            if conn is not None and time.monotonic() - self._reader_at > KEEP_IDLE_S:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                conn = None
+            if conn is None:
+                conn = await self._connect(engine)
+            rows: list[Any] = await _on_driver(conn, "fetch", statement, params)
+            self._reader, self._reader_at = conn, time.monotonic()
+            return rows
+        finally:
+            self._reading = False
 
     # -- streaming leftovers ------------------------------------------------------------
 
@@ -971,25 +1014,26 @@ class SQLStore(Store):
         :meth:`Tree.continuation`). Raises a 404 ``BadRequest`` when it is not the owner's."""
         await self.writer.flush()
         # One statement: the conversation (owner-checked) joined to its messages' tree
-        # columns; a conversation without messages is one row of NULLs.
-        tree_columns = (messages.c.id, messages.c.parent_id, messages.c.seq, messages.c.role,
-                        messages.c.content)
-        statement = (
-            select(conversations.c.active_id, *tree_columns)
-            .select_from(conversations.outerjoin(
-                messages, messages.c.conversation_id == conversations.c.id))
-            .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
-        )
-        async with self._begin() as conn:
-            rows = (await conn.execute(statement)).all()
+        # columns; a conversation without messages is one row of NULLs. On a SQLite file,
+        # in one hop to the writer's thread (this read delays a follow-up's first byte).
+        params = (conversation_id, owner)
+        rows: Sequence[Any] | None = None
+        if self._rows is not None:
+            rows = await self._rows.read(_CONTINUATION, params)
+        elif self._turn_statement:  # PostgreSQL
+            rows = await self._read_alone(_dollars(_CONTINUATION), params)
+        if rows is None:
+            async with self._begin() as conn:
+                rows = (await conn.exec_driver_sql(
+                    _dollars(_CONTINUATION) if self._turn_statement else _CONTINUATION,
+                    params)).all()
         if not rows:
             raise _not_found()
-        nodes = [
-            {"id": r.id, "parent_id": r.parent_id, "seq": r.seq, "role": r.role,
-             "content": r.content}
-            for r in rows if r.id is not None
+        nodes = [  # rows of (active_id, id, parent_id, seq, role, content)
+            {"id": id_, "parent_id": parent, "seq": seq, "role": role, "content": content}
+            for _, id_, parent, seq, role, content in map(tuple, rows) if id_ is not None
         ]
-        return Tree(nodes).continuation(rows[0].active_id, said)
+        return Tree(nodes).continuation(rows[0][0], said)
 
     async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> bool:
         """Set the title (stripped, ≤ 200 chars); does not change ``updated_at``."""
