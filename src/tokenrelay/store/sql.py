@@ -450,11 +450,12 @@ async def _on_driver(conn: AsyncConnection, method: str, statement: str,
     try:
         driver = (await conn.get_raw_connection()).driver_connection
         return await getattr(driver, method)(statement, *params)
-    except Exception as exc:
+    except BaseException as exc:  # cancelled too: a query cut short leaves no state
         closed = driver is None or driver.is_closed()  # lost, whatever the error says
         with contextlib.suppress(Exception):
             await conn.invalidate()
-        if closed or _asyncpg_unavailable(exc):
+            await conn.close()  # back to the pool, which will connect anew
+        if isinstance(exc, Exception) and (closed or _asyncpg_unavailable(exc)):
             raise ServiceUnavailable("database unavailable") from exc
         raise
 
