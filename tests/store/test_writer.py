@@ -143,6 +143,29 @@ async def test_one_bad_write_does_not_lose_the_others_of_its_batch(
     assert one is not None and (one["state"], one["content"]) == ("complete", "one")
 
 
+async def test_a_short_answer_in_an_existing_conversation_costs_one_transaction(
+        store: SQLStore) -> None:
+    first = turn("one")
+    await store.begin_answer("local", first, "m1", "s1", "model")
+    await store.finish_assistant("m1", done("first"))
+    cid = first.conversation_id
+    said = [("user", "one"), ("assistant", "first"), ("user", "two")]
+    parent, matched = await store.find_continuation("local", cid, said)
+    before = store.writer.transactions
+    await store.begin_answer("local", Turn(cid, False, "t", ["two"], parent), "m2", "s2", "m")
+    # What is queued is written while the answer streams (not what is held).
+    await store._writer_now().flush()
+    assert store.writer.transactions == before  # held: nothing runs before the first token
+    await store.finish_assistant("m2", done("second"))
+    assert store.writer.transactions - before == 1  # the turn and its end together
+    found = await store.get_conversation("local", cid)
+    assert found is not None
+    assert [(m["content"], m["state"]) for m in found["messages"]] == [
+        ("one", "complete"), ("first", "complete"), ("two", "complete"),
+        ("second", "complete")]
+    assert matched == 2 and found["messages"][-1]["id"] == "m2"
+
+
 async def test_a_refused_write_alone_is_an_error_not_an_outage(store: SQLStore) -> None:
     # On PostgreSQL a short answer's end is one statement, sent without BEGIN/COMMIT: a
     # constraint it breaks must still read as that write's error, not as a database down.
