@@ -1,7 +1,8 @@
 """Gateway CPU per request: the cost of setting up one short answer (not part of ``make bench``).
 
     .venv/bin/python bench/setup_cost.py [--requests 2000] [--concurrency 20] [--tokens 5]
-        [--endpoint api|v1] [--store] [--repeat 3] [--src DIR] [--profile [--top 30]]
+        [--endpoint api|v1] [--store | --database-url URL] [--repeat 3] [--src DIR]
+        [--profile [--top 30]]
     .venv/bin/python bench/setup_cost.py --callgrind [--requests 300]
     .venv/bin/python bench/setup_cost.py --callgrind --requests 20 --concurrency 5 \
         --tokens 105 --tokens-per-s 20      # minus the same with --tokens 5: cost per read
@@ -95,6 +96,8 @@ def gateway(upstream: str, cpus: set[int], args: argparse.Namespace) -> Iterator
         env.pop(name, None)
     if args.store:
         del env["TOKENRELAY_DATABASE_URL"]  # the default: sqlite:///tokenrelay.db in cwd
+    if args.database_url:
+        env["TOKENRELAY_DATABASE_URL"] = args.database_url
     if args.src:
         env["PYTHONPATH"] = args.src
     cmd = [str(run.BIN / "tokenrelay"), "serve"]
@@ -254,6 +257,8 @@ def main() -> int:
                              "difference of two --tokens counts gives the cost per read")
     parser.add_argument("--endpoint", choices=("api", "v1"), default="api")
     parser.add_argument("--store", action="store_true", help="the default SQLite store")
+    parser.add_argument("--database-url", default=None,
+                        help="this store instead (e.g. an empty PostgreSQL database)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--src", default=None,
                         help="import tokenrelay from this directory (a copy of src/)")

@@ -425,13 +425,18 @@ async def test_database_outage_and_recovery(pg_proxy: TcpProxy, pg_database: str
                 await conn.execute(text("SELECT 1"))
         await pg_proxy.start()
         assert [c["id"] for c in await proxied.list_conversations("local")] == [cid]
+        said = [("user", "q")]
+        assert await proxied.find_continuation("local", cid, said) == (None, 0)  # kept conn
         await pg_proxy.stop()  # the database goes away, pooled connections die
         with pytest.raises(ServiceUnavailable):
             await proxied.list_conversations("local")
         with pytest.raises(ServiceUnavailable):
             await proxied.checkpoint("nothing", "x", "")
+        with pytest.raises(ServiceUnavailable):
+            await proxied.find_continuation("local", cid, said)
         await pg_proxy.start()  # same port: the pool reconnects by itself
         assert [c["id"] for c in await proxied.list_conversations("local")] == [cid]
+        assert await proxied.find_continuation("local", cid, said) == (None, 0)
     finally:
         await proxied.aclose()
 

@@ -128,15 +128,26 @@ async def test_the_same_messages_sent_again_find_the_branch_shown(store: SQLStor
 
 async def test_finding_where_a_request_continues_is_one_statement(store: SQLStore) -> None:
     """Issue 17's budget: a request in an existing conversation reads once before it
-    streams (it used to be two reads: the owner check, then the messages)."""
+    streams (it used to be two reads: the owner check, then the messages), and that
+    read is one statement on the driver, without the pool's ping, BEGIN and COMMIT."""
     cid = await first_turn(store)
     await store.writer.flush()
     assert store._engine is not None
     statements: list[str] = []
+    pooled: list[str] = []  # through SQLAlchemy's pool: a ping, BEGIN, COMMIT, hops
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
+        pooled.append(statement)
 
+    # Not through SQLAlchemy (one round trip, one thread hop): the driver's statements.
+    await store.find_continuation("local", cid, [("user", "q1")])  # opens its connection
+    if store._rows is not None:  # a SQLite file: the writer's thread and connection
+        assert store._rows._conn is not None
+        store._rows._conn.set_trace_callback(statements.append)
+    elif store._reader is not None:  # PostgreSQL: a kept connection of its own
+        driver = (await store._reader.get_raw_connection()).driver_connection
+        assert driver is not None
+        driver.add_query_logger(lambda record: statements.append(record.query))
     event.listen(store._engine.sync_engine, "before_cursor_execute", seen)
     try:
         found = await store.find_continuation("local", cid, [("user", "q1")])
@@ -145,6 +156,7 @@ async def test_finding_where_a_request_continues_is_one_statement(store: SQLStor
     question = (await store.get_conversation("local", cid) or {})["messages"][0]["id"]
     assert found == (question, 1)
     assert len(statements) == 1 and statements[0].lstrip().upper().startswith("SELECT")
+    assert pooled == []
 
 
 async def test_switching_is_owner_scoped_and_checks_the_message(store: SQLStore) -> None:

@@ -70,6 +70,11 @@ async def test_a_short_answer_costs_one_transaction_or_two_without_holding(
         assert answer["usage"] == {"prompt_tokens": None, "completion_tokens": 3,
                                    "estimated": False}
         assert found["updated_at"] >= found["created_at"]
+        async with store._begin() as conn:  # the conversation was bumped by the end
+            bumped = await conn.scalar(text(
+                "SELECT c.updated_at = m.updated_at FROM conversations c JOIN messages m "
+                "ON m.conversation_id = c.id WHERE m.id = 'm1'"))
+        assert bumped
     finally:
         await store.aclose()
 
@@ -136,6 +141,48 @@ async def test_one_bad_write_does_not_lose_the_others_of_its_batch(
         assert await store.get_conversation("local", t.conversation_id) is not None
     one = await store.get_message("local", "m1")
     assert one is not None and (one["state"], one["content"]) == ("complete", "one")
+
+
+async def test_a_short_answer_in_an_existing_conversation_costs_one_transaction(
+        store: SQLStore) -> None:
+    first = turn("one")
+    await store.begin_answer("local", first, "m1", "s1", "model")
+    await store.finish_assistant("m1", done("first"))
+    cid = first.conversation_id
+    said = [("user", "one"), ("assistant", "first"), ("user", "two")]
+    parent, matched = await store.find_continuation("local", cid, said)
+    before = store.writer.transactions
+    await store.begin_answer("local", Turn(cid, False, "t", ["two"], parent), "m2", "s2", "m")
+    # What is queued is written while the answer streams (not what is held).
+    await store._writer_now().flush()
+    assert store.writer.transactions == before  # held: nothing runs before the first token
+    await store.finish_assistant("m2", done("second"))
+    assert store.writer.transactions - before == 1  # the turn and its end together
+    found = await store.get_conversation("local", cid)
+    assert found is not None
+    assert [(m["content"], m["state"]) for m in found["messages"]] == [
+        ("one", "complete"), ("first", "complete"), ("two", "complete"),
+        ("second", "complete")]
+    assert matched == 2 and found["messages"][-1]["id"] == "m2"
+
+
+async def test_a_refused_write_alone_is_an_error_not_an_outage(store: SQLStore) -> None:
+    # On PostgreSQL a short answer's end is one statement, sent without BEGIN/COMMIT: a
+    # constraint it breaks must still read as that write's error, not as a database down.
+    first = turn("one")
+    await store.begin_answer("local", first, "m1", "s1", "model")
+    await store.finish_assistant("m1", done("first"))
+    await store.begin_answer("local", turn("two"), "m1", "s2", "model")  # the same id
+    with pytest.raises(Exception) as caught:
+        await store.finish_assistant("m1", done("second"))
+    assert not isinstance(caught.value, ServiceUnavailable)
+    assert not store.writer.down
+    third = turn("three")
+    await store.begin_answer("local", third, "m3", "s3", "model")
+    await store.finish_assistant("m3", done("third"))  # the writer goes on
+    for t, answer in ((first, "first"), (third, "third")):
+        found = await store.get_conversation("local", t.conversation_id)
+        assert found is not None and found["messages"][-1]["content"] == answer
 
 
 async def test_sqlite_commits_without_an_fsync_each(tmp_path: Path) -> None:

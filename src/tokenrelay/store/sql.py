@@ -332,7 +332,8 @@ _MESSAGE_COLUMNS = [c for c in messages.c if c.name not in ("owner", "instance_i
 
 # The writer's statements, by rank (see store/writer.py: rows of a batch run rank by rank,
 # one executemany each). Driver-level SQL: no compilation, no per-row type processing.
-R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP, R_TURN = range(7)
+(R_CONVERSATION, R_MESSAGE, R_ANSWERED, R_CHECKPOINT, R_FINISH, R_BUMP, R_TURN,
+ R_FINISHED) = range(8)
 _MESSAGE_INSERT = (
     "id", "conversation_id", "owner", "seq", "role", "content", "reasoning", "state",
     "model_requested", "stream_id", "instance_id", "usage_estimated", "created_at",
@@ -373,9 +374,21 @@ def _statements(dialect: str) -> list[str]:
         # statement is a round trip; PostgreSQL checks the foreign key at its end).
         conversation, question, answer = sql[R_CONVERSATION], sql[R_MESSAGE], sql[R_ANSWERED]
         sql.append(f"WITH c AS ({conversation}), q AS ({question}) {answer}")
+        # R_FINISHED: R_FINISH and R_BUMP of one answer in one statement (the end of an
+        # answer that outlived its hold: one round trip, written alone; store/writer.py).
+        finish = sql[R_FINISH]
+        sql.append(f"WITH f AS ({finish} RETURNING conversation_id) UPDATE conversations "
+                   "SET updated_at = ? WHERE id IN (SELECT conversation_id FROM f)")
         return [_dollars(statement) for statement in sql]  # asyncpg numbers its parameters
-    sql.append("")  # R_TURN: PostgreSQL only (SQLite has no INSERT in WITH)
+    sql += ["", ""]  # R_TURN, R_FINISHED: PostgreSQL only (SQLite has no UPDATE in WITH)
     return sql
+
+
+# Where a request's messages leave a conversation (SQLStore.find_continuation).
+_CONTINUATION = (
+    "SELECT c.active_id, m.id, m.parent_id, m.seq, m.role, m.content FROM conversations c "
+    "LEFT OUTER JOIN messages m ON m.conversation_id = c.id WHERE c.id = ? AND c.owner = ?"
+)
 
 
 def _dollars(statement: str) -> str:
@@ -402,6 +415,22 @@ class _Held:
     def parts(self) -> list[tuple[int, tuple[Any, ...]]]:
         return [(R_CONVERSATION, self.conversation), *((R_MESSAGE, r) for r in self.rows)]
 
+    def release(self, writer: Writer) -> None:
+        writer.defer(self.parts())
+
+
+class _HeldAppend:
+    """A turn of an existing conversation, not yet queued: its writer function (it reads
+    the conversation's positions), queued with the answer's end if that comes first."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[AsyncConnection], Awaitable[None]]) -> None:
+        self.fn = fn
+
+    def release(self, writer: Writer) -> None:
+        writer.defer(fn=self.fn)
+
 
 KEEP_IDLE_S = 30.0  # the writer's kept connection, unused longer than this, is replaced
 
@@ -416,6 +445,35 @@ def _raise_unavailable(exc: Exception) -> None:
         return
     if isinstance(exc, OSError | TimeoutError):
         raise ServiceUnavailable("database unavailable") from exc
+
+
+def _asyncpg_unavailable(exc: Exception) -> bool:
+    """An error of asyncpg itself (not through SQLAlchemy) that means the database is gone
+    (as :func:`_raise_unavailable` reads SQLAlchemy's)."""
+    import asyncpg  # type: ignore[import-untyped]  # ships no type information
+
+    return isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError
+                      | asyncpg.PostgresConnectionError
+                      | asyncpg.exceptions.OperatorInterventionError)
+
+
+async def _on_driver(conn: AsyncConnection, method: str, statement: str,
+                     params: tuple[Any, ...]) -> Any:
+    """``statement`` run by the asyncpg connection under ``conn`` (its own implicit
+    transaction); on an error ``conn`` is invalidated and a lost database raised as
+    :class:`ServiceUnavailable`."""
+    driver: Any = None
+    try:
+        driver = (await conn.get_raw_connection()).driver_connection
+        return await getattr(driver, method)(statement, *params)
+    except BaseException as exc:  # cancelled too: a query cut short leaves no state
+        closed = driver is None or driver.is_closed()  # lost, whatever the error says
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+            await conn.close()  # back to the pool, which will connect anew
+        if isinstance(exc, Exception) and (closed or _asyncpg_unavailable(exc)):
+            raise ServiceUnavailable("database unavailable") from exc
+        raise
 
 
 class _Row:
@@ -468,16 +526,19 @@ class SQLStore(Store):
         self.pool_size = pool_size
         self.stats_window = stats_window
         self.hold_s = hold_s
-        self._held: dict[str, _Held] = {}  # by assistant message id
+        self._held: dict[str, _Held | _HeldAppend] = {}  # by assistant message id
         self._release: asyncio.TimerHandle | None = None
         self._engine: AsyncEngine | None = None
         self._lock: asyncio.Lock | None = None
         self._writer: Writer | None = None
         self._kept: AsyncConnection | None = None  # the writer's (see _begin_kept)
         self._kept_at = 0.0
+        self._reader: AsyncConnection | None = None  # see _read_alone
+        self._reader_at = 0.0
+        self._reading = False
         self._rows: SQLiteRows | None = None
         self._now: Callable[[], Any] = utcnow  # the driver's value of a UTCDateTime for now
-        self._turn_statement = False  # R_TURN exists (PostgreSQL)
+        self._turn_statement = False  # R_TURN and R_FINISHED exist (PostgreSQL)
 
     def __repr__(self) -> str:
         return f"SQLStore({self.url.render_as_string(hide_password=True)!r})"
@@ -558,8 +619,9 @@ class SQLStore(Store):
             if dialect.name == "sqlite" and self._sqlite_file() is not None:
                 self._rows = SQLiteRows(self._sqlite_file() or "", statements,
                                         self.command_timeout_s)
-            self._writer = Writer(self._begin_kept, statements,
-                                  rows=self._rows.write if self._rows else None)
+            self._writer = Writer(
+                self._begin_kept, statements, rows=self._rows.write if self._rows else None,
+                alone=self._alone if dialect.name == "postgresql" else None)
             self._writer.start()
             await self.interrupt_orphans(self.orphan_after_s)
         except BaseException:
@@ -575,10 +637,11 @@ class SQLStore(Store):
         rows, self._rows = self._rows, None
         if rows is not None:
             await rows.aclose()
-        kept, self._kept = self._kept, None
-        if kept is not None:
-            with contextlib.suppress(Exception):
-                await kept.close()
+        for kept in (self._kept, self._reader):
+            if kept is not None:
+                with contextlib.suppress(Exception):
+                    await kept.close()
+        self._kept = self._reader = None
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
@@ -606,7 +669,7 @@ class SQLStore(Store):
         writer = self._writer
         if writer is not None:
             for turn in held.values():
-                writer.defer(turn.parts())
+                turn.release(writer)
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
@@ -643,18 +706,11 @@ class SQLStore(Store):
         engine = self._engine
         if engine is None:
             raise RuntimeError("the store is not started (call start() first)")
-        conn: AsyncConnection | None
         if self._lock is not None:  # one shared in-memory connection: no keeping
-            async with self._begin() as conn:
-                yield conn
+            async with self._begin() as shared:
+                yield shared
             return
-        conn, self._kept = self._kept, None
-        if conn is not None and time.monotonic() - self._kept_at > KEEP_IDLE_S:
-            with contextlib.suppress(Exception):
-                await conn.close()
-            conn = None
-        if conn is None:
-            conn = await self._connect(engine)
+        conn = await self._take_kept(engine)
         try:
             async with conn.begin():
                 yield conn
@@ -664,6 +720,53 @@ class SQLStore(Store):
             _raise_unavailable(exc)
             raise
         self._kept, self._kept_at = conn, time.monotonic()
+
+    async def _take_kept(self, engine: AsyncEngine) -> AsyncConnection:
+        """The writer's kept connection (a new one if none, or unused too long)."""
+        conn, self._kept = self._kept, None
+        if conn is not None and time.monotonic() - self._kept_at > KEEP_IDLE_S:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            conn = None
+        if conn is None:
+            conn = await self._connect(engine)
+        return conn
+
+    async def _alone(self, statement: str, row: tuple[Any, ...]) -> None:
+        """The writer's batch of one row of one statement, on PostgreSQL: the statement
+        alone, straight to asyncpg on the kept connection, is its own implicit
+        transaction, committed when its one round trip returns (``BEGIN``, statement,
+        ``COMMIT`` are three; issue 17). Errors as :meth:`_begin_kept` gives them."""
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("the store is not started (call start() first)")
+        conn = await self._take_kept(engine)
+        await _on_driver(conn, "execute", statement, row)
+        self._kept, self._kept_at = conn, time.monotonic()
+
+    async def _read_alone(self, statement: str, params: tuple[Any, ...]) -> list[Any] | None:
+        """One ``SELECT`` on PostgreSQL in one round trip, straight to asyncpg on a
+        connection kept for it (a pooled one costs a ping, ``BEGIN``, ``COMMIT``: ~1 ms);
+        None when that connection is busy with another read (then use the pool)."""
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("the store is not started (call start() first)")
+        if self._reading:
+            return None
+        self._reading = True
+        try:
+            conn, self._reader = self._reader, None
+            if conn is not None and time.monotonic() - self._reader_at > KEEP_IDLE_S:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                conn = None
+            if conn is None:
+                conn = await self._connect(engine)
+            rows: list[Any] = await _on_driver(conn, "fetch", statement, params)
+            self._reader, self._reader_at = conn, time.monotonic()
+            return rows
+        finally:
+            self._reading = False
 
     # -- streaming leftovers ------------------------------------------------------------
 
@@ -840,10 +943,7 @@ class SQLStore(Store):
                 return
             # Held a moment, not queued: a short answer that ends meanwhile is inserted
             # finished (one row, no UPDATEs); anything else queues it first.
-            self._held[message_id] = held
-            if self._release is None:
-                loop = asyncio.get_running_loop()
-                self._release = loop.call_later(self.hold_s, self._release_held)
+            self._hold(message_id, held)
             return
         rows = [self._message_row(owner, cid, new_id(), 0, ts, role="user", content=text)
                 for text in turn.user_messages]
@@ -854,8 +954,19 @@ class SQLStore(Store):
         append = self._append(owner, cid, rows, after)
         if writer.down:
             await writer.submit(fn=append)
-        else:
+        elif self.hold_s <= 0:
             writer.defer(fn=append)
+        else:
+            # Held too: its transaction (SQLAlchemy, ~0.4 ms of this core) would otherwise
+            # run while the upstream is asked, delaying the first token; a short answer's
+            # end then comes in the same transaction.
+            self._hold(message_id, _HeldAppend(append))
+
+    def _hold(self, message_id: str, held: _Held | _HeldAppend) -> None:
+        self._held[message_id] = held
+        if self._release is None:
+            loop = asyncio.get_running_loop()
+            self._release = loop.call_later(self.hold_s, self._release_held)
 
     async def checkpoint(self, message_id: str, content: str, reasoning: str) -> None:
         """One UPDATE (batched); ignored once the message left ``streaming`` (or was
@@ -876,7 +987,9 @@ class SQLStore(Store):
                 listed[i] = _json(listed[i])
             values = tuple(listed)
         held = self._held.pop(message_id, None)
-        if held is not None:
+        if isinstance(held, _HeldAppend):  # queued first, then the end: one transaction
+            held.release(self._writer_now())
+        elif held is not None:
             *asked, answer = held.rows
             c = held.conversation
             conversation = (*c[:5], ts, c[6])
@@ -891,12 +1004,14 @@ class SQLStore(Store):
                          (R_ANSWERED, answered)]
             await self._writer_now().submit(parts, retry=True)
             return
-        # Its own rows are queued already (it is not held), and it depends on no other
-        # turn: the other held ones stay held (``self.writer`` would queue them all, and
+        # Its own rows are queued already (not held, or released just now), and it needs
+        # no other turn: the other held ones stay held (``self.writer`` would queue them all, and
         # each of those would then end with these two UPDATEs instead of one insert).
-        await self._writer_now().submit(
-            [(R_FINISH, (*values, ts, message_id)), (R_BUMP, (ts, message_id))], retry=True
-        )
+        if self._turn_statement:  # and R_FINISHED
+            parts = [(R_FINISHED, (*values, ts, message_id, ts))]
+        else:
+            parts = [(R_FINISH, (*values, ts, message_id)), (R_BUMP, (ts, message_id))]
+        await self._writer_now().submit(parts, retry=True)
 
     async def set_active(self, owner: str, conversation_id: str, message_id: str) -> bool | None:
         """Show the branch through ``message_id`` (down to its newest leaf).
@@ -926,25 +1041,26 @@ class SQLStore(Store):
         :meth:`Tree.continuation`). Raises a 404 ``BadRequest`` when it is not the owner's."""
         await self.writer.flush()
         # One statement: the conversation (owner-checked) joined to its messages' tree
-        # columns; a conversation without messages is one row of NULLs.
-        tree_columns = (messages.c.id, messages.c.parent_id, messages.c.seq, messages.c.role,
-                        messages.c.content)
-        statement = (
-            select(conversations.c.active_id, *tree_columns)
-            .select_from(conversations.outerjoin(
-                messages, messages.c.conversation_id == conversations.c.id))
-            .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
-        )
-        async with self._begin() as conn:
-            rows = (await conn.execute(statement)).all()
+        # columns; a conversation without messages is one row of NULLs. On a SQLite file,
+        # in one hop to the writer's thread (this read delays a follow-up's first byte).
+        params = (conversation_id, owner)
+        rows: Sequence[Any] | None = None
+        if self._rows is not None:
+            rows = await self._rows.read(_CONTINUATION, params)
+        elif self._turn_statement:  # PostgreSQL
+            rows = await self._read_alone(_dollars(_CONTINUATION), params)
+        if rows is None:
+            async with self._begin() as conn:
+                rows = (await conn.exec_driver_sql(
+                    _dollars(_CONTINUATION) if self._turn_statement else _CONTINUATION,
+                    params)).all()
         if not rows:
             raise _not_found()
-        nodes = [
-            {"id": r.id, "parent_id": r.parent_id, "seq": r.seq, "role": r.role,
-             "content": r.content}
-            for r in rows if r.id is not None
+        nodes = [  # rows of (active_id, id, parent_id, seq, role, content)
+            {"id": id_, "parent_id": parent, "seq": seq, "role": role, "content": content}
+            for _, id_, parent, seq, role, content in map(tuple, rows) if id_ is not None
         ]
-        return Tree(nodes).continuation(rows[0].active_id, said)
+        return Tree(nodes).continuation(rows[0][0], said)
 
     async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> bool:
         """Set the title (stripped, ≤ 200 chars); does not change ``updated_at``."""

@@ -6,8 +6,10 @@ aiosqlite's thread and back to the event loop: ~25 context switches per batch, o
 core that also serves the streams. Here a batch of rows (the hot path: new
 conversations, answers, checkpoints, finishes) is one call into one thread, which owns
 its own ``sqlite3`` connection: ``BEGIN``, one ``executemany`` per statement, ``COMMIT``.
-Everything else (reads, and writes that need a result) stays on SQLAlchemy; the writer
-task runs one batch at a time, so the two connections never write concurrently.
+The one read on the path to an answer's first byte (where a follow-up message leaves
+its conversation) also takes this thread. Everything else (other reads, and writes that
+need a result) stays on SQLAlchemy; the writer task runs one batch at a time, so the two
+connections never write concurrently.
 
 SQLite keeps the values last bound to each cached statement (Python's ``sqlite3`` resets a
 statement but does not clear its bindings) and up to its page cache: after a batch with a
@@ -74,6 +76,21 @@ class SQLiteRows:
         try:
             await loop.run_in_executor(self._thread, self._write, rows)
         except sqlite3.OperationalError as exc:  # locked past the timeout, disk, I/O
+            raise ServiceUnavailable("database unavailable") from exc
+
+    def _read(self, statement: str, params: tuple[Any, ...]) -> list[Any]:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._connect()
+        return conn.execute(statement, params).fetchall()
+
+    async def read(self, statement: str, params: tuple[Any, ...]) -> list[Any]:
+        """The rows of one ``SELECT`` (its own read transaction), in one thread hop: a read
+        on the path to an answer's first byte (through aiosqlite: ~1 ms of hops)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._thread, self._read, statement, params)
+        except sqlite3.OperationalError as exc:
             raise ServiceUnavailable("database unavailable") from exc
 
     def _close(self) -> None:  # in this object's thread

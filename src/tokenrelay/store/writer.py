@@ -70,7 +70,10 @@ class Writer:
     ``begin`` opens one transaction (the store's ``_begin``); ``statements[rank]`` is the
     driver-level SQL of each rank, its parameters in the driver's own style. ``rows``, if
     given, writes a batch made only of rows in one transaction by a faster way (SQLite:
-    ``store/sqlitefast.py``).
+    ``store/sqlitefast.py``). ``alone``, if given, writes a batch of one row of one
+    statement as that statement alone, its own implicit transaction (PostgreSQL: one
+    round trip where ``BEGIN``, the statement and ``COMMIT`` are three); committed when
+    it returns, as a transaction is.
     """
 
     def __init__(
@@ -81,9 +84,11 @@ class Writer:
         max_batch: int = 1000,
         retry_s: float = 10.0,
         rows: Callable[[dict[int, list[tuple[Any, ...]]]], Awaitable[None]] | None = None,
+        alone: Callable[[str, tuple[Any, ...]], Awaitable[None]] | None = None,
     ) -> None:
         self._begin = begin
         self._fast_rows = rows
+        self._alone = alone
         self.statements = statements
         self.max_batch = max_batch
         self.retry_s = retry_s
@@ -189,6 +194,9 @@ class Writer:
             if rows:  # only rows: one statement per rank
                 if self._fast_rows is not None:
                     await self._fast_rows(rows)
+                elif self._alone is not None and _one_row(rows):
+                    [(rank, [row])] = rows.items()
+                    await self._alone(self.statements[rank], row)
                 else:
                     async with self._begin() as conn:
                         await self._rows(conn, rows)
@@ -265,6 +273,15 @@ class Writer:
             else:
                 self.transactions += 1
                 _done(op, result)
+
+
+def _one_row(rows: dict[int, list[tuple[Any, ...]]]) -> bool:
+    """The batch is one row of one statement (a short answer's end, at low load)."""
+    if len(rows) != 1:
+        return False
+    for batch in rows.values():
+        return len(batch) == 1
+    return False
 
 
 def _done(op: Op, result: Any) -> None:
