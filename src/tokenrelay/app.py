@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -230,30 +231,61 @@ class _ExactRouter(Router):
 
     def __init__(self, routes: list[BaseRoute], **kwargs: Any) -> None:
         super().__init__(routes, **kwargs)
-        self._exact: dict[str, Route] = {}
+        self._exact: dict[str, tuple[Route, frozenset[str]]] = {}
         for i, route in enumerate(routes):
             if not isinstance(route, Route) or route.param_convertors or not route.methods:
                 continue
             probes = [{"type": "http", "path": route.path, "root_path": "", "method": m}
                       for m in route.methods]
-            if not any(earlier.matches(probe)[0] is not Match.NONE
-                       for earlier in routes[:i] for probe in probes):
-                self._exact.setdefault(route.path, route)
+            if route.matches(probes[0])[0] is Match.FULL and not any(
+                    earlier.matches(probe)[0] is not Match.NONE
+                    for earlier in routes[:i] for probe in probes):
+                self._exact.setdefault(route.path, (route, frozenset(route.methods)))
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):  # else: as Starlette
-            route = self._exact.get(scope["path"])
-            if route is not None:
-                match, child_scope = route.matches(scope)
-                if match is Match.FULL:  # what Router.app then Route.handle would do
-                    # Not scope["route"], which nothing here reads: with it the scope
-                    # outgrows its hash table, which lives as long as the stream.
-                    if "router" not in scope:
-                        scope["router"] = self
-                    scope.update(child_scope)
-                    await route.app(scope, receive, send)
-                    return
+            exact = self._exact.get(scope["path"])
+            # What Route.matches answers for its own path (checked in __init__), without
+            # its regex match and dicts: FULL when the method is one of the route's.
+            if exact is not None and scope["method"] in exact[1]:
+                route = exact[0]
+                # Then what Router.app and Route.handle would do. Not scope["route"], which
+                # nothing here reads: with it the scope outgrows its hash table, which
+                # lives as long as the stream.
+                if "router" not in scope:
+                    scope["router"] = self
+                scope["endpoint"] = route.endpoint
+                scope["path_params"] = dict(scope.get("path_params", {}))
+                await route.app(scope, receive, send)
+                return
         await super().app(scope, receive, send)
+
+
+class _AppState(State):
+    """Starlette's ``State``, each entry kept as an instance attribute too.
+
+    ``State`` keeps its entries in a dict that only ``__getattr__`` reads, and Python calls
+    that after the ordinary lookup failed (an AttributeError built and dropped): ~1.6k
+    instructions a read, and a request reads the app's state a couple of dozen times. With
+    the entries in the instance dict the ordinary lookup finds them; both stay in step
+    through every way ``State`` offers to set or delete one.
+    """
+
+    def __setattr__(self, key: Any, value: Any) -> None:
+        super().__setattr__(key, value)
+        if key != "_state":
+            object.__setattr__(self, key, value)
+
+    def __delattr__(self, key: Any) -> None:
+        super().__delattr__(key)
+        if key != "_state":
+            self.__dict__.pop(key, None)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.__setattr__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.__delattr__(key)
 
 
 class TokenRelayApp(Starlette):
@@ -269,6 +301,7 @@ class TokenRelayApp(Starlette):
     def __init__(self, *, routes: list[BaseRoute], lifespan: Lifespan[Starlette],
                  **kwargs: Any) -> None:
         super().__init__(routes=routes, lifespan=lifespan, **kwargs)
+        self.state = _AppState()
         self.router = _ExactRouter(routes, lifespan=lifespan)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -100,6 +100,9 @@ COUPLINGS: tuple[Coupling, ...] = (
                "a pushed body chunk skips the send coroutine (its body branch, inlined)")
       for name in ("disconnected", "flow", "chunked_encoding", "response_complete",
                    "transport")),
+    *(Coupling("uvicorn", _CYCLE, name, "validation.read_json_body",
+               "a body uvicorn already holds whole is read without a timer")
+      for name in ("more_body", "message_event")),
     Coupling(
         "uvicorn", "uvicorn.protocols.http.flow_control:FlowControl()", "write_paused",
         "protocol.write_chunk", "a paused transport leaves the chunk to send (it drains)",

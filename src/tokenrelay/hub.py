@@ -16,10 +16,11 @@ live generations so readers elsewhere can tell a dead owner from a slow one.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import logging
 import math
-import secrets
+import os
 import time
 from typing import Any
 
@@ -41,9 +42,19 @@ from tokenrelay.upstream import UpstreamClient
 log = logging.getLogger("tokenrelay.hub")
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _random_urlsafe() -> str:
+    """``secrets.token_urlsafe(16)``, the same text from the same 16 random bytes, without
+    its three Python calls (three ids per request)."""
+    return binascii.b2a_base64(os.urandom(16), newline=False).translate(_URLSAFE)[
+        :22].decode("ascii")
+
+
 def new_id(prefix: str = "") -> str:
     """An unguessable id: 128 random bits, URL-safe."""
-    return prefix + secrets.token_urlsafe(16)
+    return prefix + _random_urlsafe()
 
 
 def new_sortable_id(prefix: str = "") -> str:
@@ -53,7 +64,7 @@ def new_sortable_id(prefix: str = "") -> str:
     a batch of answers dirties a few shared pages instead of a random page per row (with
     SQLite, each dirty page is a WAL frame written per commit; issue 17).
     """
-    return f"{prefix}{time.time_ns() // 1_000_000:012x}{secrets.token_urlsafe(16)}"
+    return f"{prefix}{time.time_ns() // 1_000_000:012x}{_random_urlsafe()}"
 
 
 class Hub:

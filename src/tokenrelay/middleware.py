@@ -16,8 +16,8 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import re
-import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -224,7 +224,7 @@ class AccessLogMiddleware:
             if name == b"x-request-id" and request_id is None:
                 text = value.decode("latin-1")
                 request_id = text if _REQUEST_ID.fullmatch(text) else ""
-        request_id = request_id or secrets.token_hex(8)
+        request_id = request_id or os.urandom(8).hex()  # secrets.token_hex(8), less Python
         count = len(scope["headers"])
         if header_bytes > self.max_header_bytes or count > self.max_headers:
             log.info("%s %s 431 %d request headers of %d bytes refused rid=%s",

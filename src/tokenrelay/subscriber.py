@@ -25,6 +25,7 @@ from typing import Any, cast
 import orjson
 
 from tokenrelay import events as ev
+from tokenrelay import timerwheel
 from tokenrelay.asgi import (
     DEFERRED,
     ON_DISCONNECT,
@@ -313,7 +314,9 @@ class _SendDeadline:
         self._loop = loop
         self.task: asyncio.Task[None] | None = None  # the send loop, set once created
         self._timeout = timeout
-        self._handle: asyncio.TimerHandle | None = None
+        # On the timer wheel: a loop timer costs ~5k instructions to arm and drop, and a
+        # short answer armed one per write; a send stuck for seconds may be cut a tick late.
+        self._handle: timerwheel.Deadline | None = None
         self.started = 0.0  # loop time the pending write began; 0.0 when none
         self.expired = False
 
@@ -327,13 +330,14 @@ class _SendDeadline:
             if self.task is not None:
                 self.task.cancel()
         else:
-            self._handle = self._loop.call_at(due, self._fire)
+            self._handle = timerwheel.call_at(self._loop, due, self._fire)
 
     def begin(self) -> None:
         """A write starts now (it may finish elsewhere: see ``_Follower``)."""
         self.started = self._loop.time()
         if self._handle is None:
-            self._handle = self._loop.call_at(self.started + self._timeout, self._fire)
+            self._handle = timerwheel.call_at(self._loop, self.started + self._timeout,
+                                              self._fire)
 
     async def wait(self, write: Awaitable[None]) -> None:
         """Await a write begun with ``begin``; TimeoutError if the deadline cancelled it."""
@@ -351,10 +355,10 @@ class _SendDeadline:
         await self.wait(send(message))
 
     def park(self) -> None:
-        """No write is pending: drop the timer, so an idle subscriber holds none (a uvloop
-        timer is ~0.5 KB; a push while parked arms it again through ``begin``)."""
-        if not self.started:
-            self.close()
+        """No write is pending. The deadline stays on the timer wheel (a few dozen bytes,
+        where a uvloop timer was ~0.5 KB): when its tick comes with no write pending it is
+        dropped, and until then the next write arms nothing. Cancelled instead, a parked
+        subscriber would leave one dead entry per write on the wheel for ``timeout``."""
 
     def close(self) -> None:
         if self._handle is not None:

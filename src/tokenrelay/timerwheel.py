@@ -25,6 +25,8 @@ _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wheel] = (
     weakref.WeakKeyDictionary()
 )
 
+_last: _Wheel | None = None  # the wheel of the loop call_at last served
+
 
 class Deadline:
     """A scheduled callback; ``cancel()`` makes it a no-op."""
@@ -78,7 +80,13 @@ def call_at(loop: asyncio.AbstractEventLoop, when: float, callback: Callable[...
             *args: Any) -> Deadline:
     """Run ``callback(*args)`` on ``loop`` once loop time ``when`` has passed (up to one
     tick later), unless cancelled."""
-    wheel = _wheels.get(loop)
-    if wheel is None:
-        wheel = _wheels[loop] = _Wheel(loop)
+    global _last
+    wheel = _last
+    if wheel is None or wheel._loop is not loop:
+        # WeakKeyDictionary.get is a Python call that makes a weak reference: looked up
+        # only when the loop changes (several deadlines per request, one loop in serving).
+        wheel = _wheels.get(loop)
+        if wheel is None:
+            wheel = _wheels[loop] = _Wheel(loop)
+        _last = wheel
     return wheel.call_at(when, callback, args)

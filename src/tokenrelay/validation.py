@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from tokenrelay.config import Limits, ModelRoute, Settings
 from tokenrelay.errors import BadRequest
+from tokenrelay.protocol import chunk_cycle
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
@@ -84,28 +85,21 @@ async def read_json_body(request: Request, limits: Limits) -> Any:
     # ``receive`` directly rather than ``request.stream()``: the same messages without an
     # async generator per request (the body is nearly always in the first message).
     receive = request.receive
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(limits.body_timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.request":
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limits.max_body_bytes:
-                        raise _too_large(limits)
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-                elif message["type"] == "http.disconnect":
-                    raise ClientDisconnect()
-    except TimeoutError:
-        raise BadRequest(
-            f"the request body did not arrive within {limits.body_timeout_s:g} s",
-            code="request_timeout",
-            status=408,
-        ) from None
+    cycle = chunk_cycle(receive)
+    if cycle is not None and not cycle.more_body and cycle.message_event.is_set():
+        # uvicorn has the whole body already: receive() returns it without waiting, so no
+        # timer (an asyncio.timeout is a handle scheduled and cancelled per request).
+        chunks = await _receive_body(receive, limits)
+    else:
+        try:
+            async with asyncio.timeout(limits.body_timeout_s):
+                chunks = await _receive_body(receive, limits)
+        except TimeoutError:
+            raise BadRequest(
+                f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                code="request_timeout",
+                status=408,
+            ) from None
     body = b"".join(chunks)
     if not body.strip():
         raise BadRequest("the request body is empty; expected a JSON object", code="invalid_json")
@@ -115,6 +109,23 @@ async def read_json_body(request: Request, limits: Limits) -> Any:
         raise BadRequest(
             f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
+
+
+async def _receive_body(receive: Any, limits: Limits) -> list[bytes]:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise _too_large(limits)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
 
 
 def _too_large(limits: Limits) -> BadRequest:
