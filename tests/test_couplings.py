@@ -28,12 +28,14 @@ async def _live_objects() -> dict[str, Any]:
     """Real instances for the instance attributes: a protocol in the middle of a request."""
     entered = asyncio.Event()
     release = asyncio.Event()
+    answered = asyncio.Event()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         entered.set()
         await release.wait()
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
+        answered.set()
 
     config = uvicorn.Config(app, http="httptools", lifespan="off", log_config=None)
     config.load()
@@ -54,7 +56,7 @@ async def _live_objects() -> dict[str, Any]:
         ),
     }
     release.set()
-    await asyncio.sleep(0)
+    await asyncio.wait_for(answered.wait(), 10)  # the request ends before its socket closes
     theirs.close()
     return objects
 
