@@ -29,7 +29,8 @@ async def test_a_finished_stream_leaves_when_its_retention_ends_and_a_big_one_as
     assert len(journal) == 0
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="malloc_trim and M_MMAP_THRESHOLD are glibc's (CI is Linux)")
 async def test_on_glibc_the_trim_runs_and_big_buffers_get_their_own_mapping() -> None:
     assert memtrim.fix_mmap_threshold()
     trimmer = memtrim.Trimmer()
