@@ -33,6 +33,8 @@ from typing import Any
 
 import orjson
 
+from tokenrelay.simulator.plan import after_prefix
+
 __all__ = [
     "FaultUpstream",
     "RecordedRequest",
@@ -732,17 +734,10 @@ def _prefix_of(request: RecordedRequest) -> str | None:
 
 
 def _rest_after(tokens: Sequence[str], prefix: str) -> tuple[str, ...] | None:
-    """The tokens that follow ``prefix`` (the one it ends inside, cut), or None."""
-    if not "".join(tokens).startswith(prefix):
-        return None
-    rest, seen = [], 0
-    for token in tokens:
-        if seen >= len(prefix):
-            rest.append(token)
-        elif seen + len(token) > len(prefix):
-            rest.append(token[len(prefix) - seen:])
-        seen += len(token)
-    return tuple(rest)
+    """The tokens that follow ``prefix`` (the one it ends inside, cut), or None: the
+    simulator's own rule for a prefilled answer."""
+    rest = after_prefix(list(tokens), prefix)
+    return None if rest is None else tuple(rest)
 
 
 async def _respond_failover(

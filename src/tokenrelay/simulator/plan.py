@@ -97,7 +97,7 @@ def plan_answer(
     prefix = _prefill(spec, messages)
     rest = None  # prefill: the tokens after an assistant prefix of this very answer
     if prefix is not None:
-        rest = _after_prefix(content_tokens(material, spec, messages[:-1], seed, size),
+        rest = after_prefix(content_tokens(material, spec, messages[:-1], seed, size),
                              prefix)
         if rest is not None:
             messages = messages[:-1]  # the turn being continued
@@ -154,7 +154,7 @@ def _prefill(spec: ModelSpec, messages: list[Any]) -> str | None:
     return text
 
 
-def _after_prefix(tokens: list[str], prefix: str) -> list[str] | None:
+def after_prefix(tokens: list[str], prefix: str) -> list[str] | None:
     """The tokens after ``prefix`` (the one it ends inside, cut there), or None when the
     answer does not start with it (then the request is answered as a new turn)."""
     if not "".join(tokens).startswith(prefix):
