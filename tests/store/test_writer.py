@@ -98,6 +98,45 @@ async def test_overlapping_answers_are_each_inserted_once_finished(store: SQLSto
             answer, "complete")
 
 
+async def test_answers_that_end_a_loop_turn_apart_share_one_transaction(
+        store: SQLStore) -> None:
+    # Group commit: under load, answers end on successive turns of the loop, not in the
+    # same one; the writer lets the loop go round before it takes a batch.
+    store.hold_s = 3600
+    turns = [turn(f"q{i}") for i in range(8)]
+    for i, t in enumerate(turns):
+        await store.begin_answer("local", t, f"m{i}", f"s{i}", "m")
+    await store._writer_now().flush()
+    before = store.writer.transactions
+
+    async def one_a_turn() -> list[asyncio.Future[None]]:
+        ends = []
+        for i in range(len(turns)):
+            ends.append(asyncio.ensure_future(store.finish_assistant(f"m{i}", done(f"a{i}"))))
+            await asyncio.sleep(0)
+        return ends
+
+    await asyncio.gather(*await one_a_turn())
+    assert store.writer.transactions - before == 1
+    for i, t in enumerate(turns):
+        found = await store.get_conversation("local", t.conversation_id)
+        assert found is not None and found["messages"][-1]["content"] == f"a{i}"
+
+
+@pytest.mark.parametrize(("turns", "seconds"), [(16, 3600.0), (10**9, 0.0)])
+async def test_a_lone_write_commits_at_whichever_linger_bound_comes_first(
+        store: SQLStore, turns: int, seconds: float) -> None:
+    # A few turns of an idle loop, or no time at all: neither waits for the other bound.
+    writer = store._writer_now()
+    writer.linger_turns, writer.linger_s = turns, seconds
+    t = turn()
+    await store.begin_answer("local", t, "m1", "s1", "model")
+    async with asyncio.timeout(30):  # a guard: the unbounded one would wait an hour / ever
+        await store.finish_assistant("m1", done("answer"))
+    found = await store.get_conversation("local", t.conversation_id)
+    assert found is not None and found["messages"][-1]["content"] == "answer"
+
+
 async def test_a_read_sees_a_write_that_nobody_waited_for(store: SQLStore) -> None:
     t = turn()
     await store.begin_answer("local", t, "m1", "s1", "model")
