@@ -421,3 +421,54 @@ async def test_metrics_count_streams_tokens_and_resumes(gateway, http):
     assert f'tokenrelay_inter_token_seconds_bucket{{le="+Inf",model="sim-chat"}} {gaps.group(1)}' \
         in text
     assert 'tokenrelay_inter_token_seconds_bucket{le="0.001",model="sim-chat"}' in text
+
+
+async def _chunks(base_url: str, request: bytes) -> list[bytes]:
+    """The HTTP chunks of one chunked response, in order, as the server framed them."""
+    host, port = base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        chunks = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                return chunks
+            chunks.append(data[:-2])
+    finally:
+        writer.close()
+
+
+async def test_the_opening_comment_and_what_the_journal_holds_share_one_chunk(gateway, http):
+    # One write (one chunk) where there were two: the comment and the start event; and a
+    # finished stream replayed is its comment and all its frames in one.
+    body = orjson.dumps(chat_body("one write", sim={"first_token_delay_s": 30}))
+    host, port = gateway.base_url.removeprefix("http://").split(":")
+    request = (b"POST /api/chat HTTP/1.1\r\nHost: %b:%b\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\nconnection: close\r\n\r\n%b"
+               % (host.encode(), port.encode(), len(body), body))
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        found = re.search(rb"x-stream-id: (\S+)", head)
+        assert found is not None, head
+        stream_id = found.group(1).decode()
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        first = (await reader.readexactly(size + 2))[:-2]
+        assert first.startswith(b": stream " + stream_id.encode() + b"\n\n")
+        assert b"event: start\n" in first
+        generation = gateway.hub.generations[stream_id]
+        await http.post(f"{gateway.base_url}/api/streams/{stream_id}/cancel")
+        await generation.finished.wait()
+    finally:
+        writer.close()
+    replay = await _chunks(gateway.base_url, (
+        f"GET /api/streams/{stream_id}/events HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "connection: close\r\n\r\n").encode())
+    assert len(replay) == 1
+    assert replay[0].startswith(b": stream ") and replay[0].count(b"\nid: ") >= 1
+    assert b"event: start\n" in replay[0] and b"event: done\n" in replay[0]

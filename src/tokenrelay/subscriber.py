@@ -116,6 +116,7 @@ class SubscriberResponse:
                 hook.callbacks.append(listener.disconnected)
             follower = _Follower(self.after, send, self.transform, deadline)
             completed = False
+            final = b""  # the last frames, written with the end of the response
             try:
                 # The send loop (module docstring).
                 heartbeat_s = hub.settings.heartbeat_s
@@ -125,9 +126,20 @@ class SubscriberResponse:
                 transform = self.transform
                 write = follower.write
                 # A comment first: bytes reach the client (and any proxy) before the
-                # upstream answers.
-                await write(b": stream " + self.stream_id.encode() + b"\n\n")
-                while True:
+                # upstream answers. What the journal holds already (the start event, or
+                # a resumed stream's frames) goes in the same write: one syscall and one
+                # segment where there were two, on every request.
+                result = await journal.read(self.stream_id, follower.pos, 0.0)
+                data = b": stream " + self.stream_id.encode() + b"\n\n"
+                if result.frames:
+                    follower.pos += len(result.frames)
+                    data += transform(result.frames) if transform is not None else (
+                        b"".join(result.frames))
+                if result.finished:
+                    final = data
+                else:
+                    await write(data)
+                while not result.finished:
                     wait = max(0.0, heartbeat_s - (time.monotonic() - follower.last_write))
                     if lease_check is not None:
                         wait = min(wait, check_every)
@@ -140,16 +152,16 @@ class SubscriberResponse:
                     await follower.settle()
                     if result.frames:
                         follower.pos += len(result.frames)
-                        if transform is not None:
-                            data = transform(result.frames)
-                            if data:
-                                await write(data)
-                        else:
-                            await write(b"".join(result.frames))
+                        data = transform(result.frames) if transform is not None else (
+                            b"".join(result.frames))
+                        if result.finished:
+                            final = data  # with the end of the response: one write
+                            break
+                        if data:
+                            await write(data)
+                        continue
                     if result.finished:
                         break
-                    if result.frames:
-                        continue
                     if time.monotonic() - follower.last_write >= heartbeat_s * 0.999:
                         await write(self.heartbeat)
                     if lease_check is not None and self.stream_id not in hub.generations:
@@ -174,7 +186,8 @@ class SubscriberResponse:
                 elif hook is not None and not hook.gone:
                     hook.callbacks.remove(listener.disconnected)
             if completed and not listener.gone:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await deadline.send(send, {"type": "http.response.body", "body": final,
+                                           "more_body": False})
 
 
 class _Follower:
