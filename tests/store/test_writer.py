@@ -15,6 +15,7 @@ from sqlalchemy import text
 from tokenrelay.errors import ServiceUnavailable
 from tokenrelay.hub import new_id
 from tokenrelay.store import AssistantResult, Turn, open_store
+from tokenrelay.store import writer as writer_module
 from tokenrelay.store.sql import SQLStore
 
 from .conftest import TcpProxy, pg_url
@@ -123,10 +124,14 @@ async def test_answers_that_end_a_loop_turn_apart_share_one_transaction(
         assert found is not None and found["messages"][-1]["content"] == f"a{i}"
 
 
-@pytest.mark.parametrize(("turns", "seconds"), [(16, 3600.0), (10**9, 0.0)])
+@pytest.mark.parametrize(("turns", "seconds", "idle"),
+                         [(16, 3600.0, 0.0), (10**9, 0.0, 0.0), (10**9, 3600.0, 50e-6)])
 async def test_a_lone_write_commits_at_whichever_linger_bound_comes_first(
-        store: SQLStore, turns: int, seconds: float) -> None:
-    # A few turns of an idle loop, or no time at all: neither waits for the other bound.
+        store: SQLStore, monkeypatch: pytest.MonkeyPatch, turns: int, seconds: float,
+        idle: float) -> None:
+    # A few turns, no time at all, or a turn of an idle loop that brought no other write:
+    # none waits for the others.
+    monkeypatch.setattr(writer_module, "IDLE_TURN_S", idle)
     writer = store._writer_now()
     writer.linger_turns, writer.linger_s = turns, seconds
     t = turn()

@@ -10,9 +10,10 @@ executed as one ``executemany`` per statement) or a *function* of the connection
 that needs a result or a read inside the transaction, e.g. the next message position).
 Group commit: woken by a write, the task lets the event loop go round up to
 ``linger_turns`` times (at most ``linger_s``) before it takes the batch, so the answers
-that end meanwhile share the transaction. An idle loop goes round in microseconds, so at
-low load a write commits at once; a busy one takes longer per turn and gathers more, which
-is when a transaction per answer would cost the most. Measured on 2,000 short answers, 32
+that end meanwhile share the transaction. It stops at the first turn that brought no
+write and ran nothing else (under ``IDLE_TURN_S``): at low load a write commits after one
+turn; under load each turn runs other streams' work, the writes gather, and that is when a
+transaction per answer would cost the most. Measured on 2,000 short answers, 32
 at a time, through ``/api/chat`` with SQLite history: without it a transaction held ~2
 answers (one thread hop, one ``BEGIN``/``COMMIT`` and ~10 WAL pages each); with 16 turns,
 ~18, and the gateway's CPU per answer fell 14 % (issue 17, ``bench/README.md``).
@@ -49,6 +50,8 @@ from typing import Any
 from tokenrelay.errors import ServiceUnavailable, TokenRelayError
 
 log = logging.getLogger("tokenrelay.store")
+
+IDLE_TURN_S = 50e-6  # a turn of the loop this short ran nothing but the writer itself
 
 Conn = Any  # an SQLAlchemy AsyncConnection
 Fn = Callable[[Conn], Awaitable[Any]]
@@ -173,7 +176,7 @@ class Writer:
                 self._wake = loop.create_future()
                 await self._wake
                 self._wake = None
-            await self._linger(loop)
+            await self._linger()
             batch = self._queue[: self.max_batch]
             del self._queue[: len(batch)]
             self._busy = True
@@ -186,13 +189,19 @@ class Writer:
             if backoff:
                 await asyncio.sleep(backoff)
 
-    async def _linger(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _linger(self) -> None:
         """Let the loop go round (see "Group commit" in the module docstring)."""
-        deadline = loop.time() + self.linger_s
+        queue = self._queue
+        now = time.monotonic()
+        deadline = now + self.linger_s
         for _ in range(self.linger_turns):
-            if len(self._queue) >= self.max_batch or loop.time() >= deadline:
+            if len(queue) >= self.max_batch or now >= deadline:
                 return
+            queued, began = len(queue), now
             await asyncio.sleep(0)
+            now = time.monotonic()
+            if len(queue) == queued and now - began < IDLE_TURN_S:
+                return
 
     async def _write(self, batch: list[Op]) -> bool:
         """Apply one batch; False when the database was unreachable."""
