@@ -186,8 +186,14 @@ class SubscriberResponse:
                 elif hook is not None and not hook.gone:
                     hook.callbacks.remove(listener.disconnected)
             if completed and not listener.gone:
-                await deadline.send(send, {"type": "http.response.body", "body": final,
-                                           "more_body": False})
+                try:  # under the send deadline too: the last frames may wait for a reader
+                    await deadline.send(send, {"type": "http.response.body", "body": final,
+                                               "more_body": False})
+                except (TimeoutError, OSError) as exc:
+                    log.debug("subscriber of %s ended: %s", self.stream_id[:8],
+                              type(exc).__name__)
+                finally:
+                    deadline.close()  # not left on the timer wheel, holding this task
 
 
 class _Follower:
