@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import gc
 import random
 import re
 import socket
@@ -472,3 +473,37 @@ async def test_the_opening_comment_and_what_the_journal_holds_share_one_chunk(ga
     assert len(replay) == 1
     assert replay[0].startswith(b": stream ") and replay[0].count(b"\nid: ") >= 1
     assert b"event: start\n" in replay[0] and b"event: done\n" in replay[0]
+
+
+async def test_a_finished_request_leaves_no_cycle_and_no_task_behind(gateway, http):
+    # Each short answer used to leave ~30 objects in reference cycles (the scope held the
+    # Deferred, whose send is bound to the request cycle that holds the scope) and its
+    # send loop's task on the timer wheel for the send timeout: more garbage collections
+    # under load, each with more survivors (bench/setup_cost.py).
+    from tokenrelay.protocol import RequestResponseCycle
+    from tokenrelay.subscriber import SubscriberResponse, _SendDeadline
+
+    async def answer() -> None:
+        async with http.post(gateway.base_url + "/api/chat",
+                             json=chat_body("no cycles", model="sim-fast")) as resp:
+            stream = await read_stream(resp)
+        assert stream.events[-1].event == "done"
+
+    await answer()  # first-use objects (caches, pools) out of the way
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            await answer()
+        # Ended means the server's task is done too, not only the client's read.
+        serving = [t for t in asyncio.all_tasks() if "run_asgi" in repr(t)]
+        if serving:
+            await asyncio.wait(serving)
+        gc.collect()
+        in_cycles = [type(o) for o in gc.garbage
+                     if type(o) in (RequestResponseCycle, SubscriberResponse)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert in_cycles == []
+    assert [o for o in gc.get_objects() if type(o) is _SendDeadline] == []

@@ -313,14 +313,21 @@ class TokenRelayApp(Starlette):
         scope["app"] = self
         if self.middleware_stack is None:
             self.middleware_stack = self.build_middleware_stack()
-        await self.middleware_stack(scope, receive, send)
-        if deferred is not None and deferred.body is not None:
-            # Deferred.run inlined: this frame waits under every open stream anyway.
-            try:
-                await deferred.body()
-            finally:
-                for callback in deferred.after:
-                    callback()
+        try:
+            await self.middleware_stack(scope, receive, send)
+            if deferred is not None and deferred.body is not None:
+                # Deferred.run inlined: this frame waits under every open stream anyway.
+                try:
+                    await deferred.body()
+                finally:
+                    for callback in deferred.after:
+                        callback()
+        finally:
+            # The scope holds the Deferred, which holds the server's send, bound to the
+            # request cycle that holds the scope: a reference cycle per request, which
+            # only the garbage collector would free (and its young-generation count
+            # grows with every such object: more collections, each with more survivors).
+            scope.pop(DEFERRED, None)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
