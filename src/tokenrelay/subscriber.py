@@ -130,15 +130,17 @@ class SubscriberResponse:
                 # a resumed stream's frames) goes in the same write: one syscall and one
                 # segment where there were two, on every request.
                 result = await journal.read(self.stream_id, follower.pos, 0.0)
-                data = b": stream " + self.stream_id.encode() + b"\n\n"
+                opening = b": stream " + self.stream_id.encode() + b"\n\n"
                 if result.frames:
                     follower.pos += len(result.frames)
-                    data += transform(result.frames) if transform is not None else (
+                    opening += transform(result.frames) if transform is not None else (
                         b"".join(result.frames))
                 if result.finished:
-                    final = data
+                    final = opening
                 else:
-                    await write(data)
+                    await write(opening)
+                # Not kept by this frame, which waits under every open stream.
+                opening = b""
                 while not result.finished:
                     wait = max(0.0, heartbeat_s - (time.monotonic() - follower.last_write))
                     if lease_check is not None:
@@ -152,13 +154,16 @@ class SubscriberResponse:
                     await follower.settle()
                     if result.frames:
                         follower.pos += len(result.frames)
-                        data = transform(result.frames) if transform is not None else (
-                            b"".join(result.frames))
-                        if result.finished:
-                            final = data  # with the end of the response: one write
+                        if result.finished:  # with the end of the response: one write
+                            final = transform(result.frames) if transform is not None else (
+                                b"".join(result.frames))
                             break
-                        if data:
-                            await write(data)
+                        if transform is not None:
+                            data = transform(result.frames)
+                            if data:
+                                await write(data)
+                        else:
+                            await write(b"".join(result.frames))
                         continue
                     if result.finished:
                         break
