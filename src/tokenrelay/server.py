@@ -30,6 +30,17 @@ from tokenrelay.asgi import ASGIApp
 
 _SLACK_S = 3.0  # time for subscribers to deliver the interrupted event and close
 
+# Allocations between two young-generation collections (Python's default: 700). With
+# history on, an answer's objects live until its end is committed (the writer's group
+# commit holds ~18 answers for a few ms), so at 700 most of a collection's objects were
+# still alive: promoted, then scanned again by the older generations. At 2,000: 4x fewer
+# collections and -13 % gateway CPU per short answer with SQLite history (32 concurrent,
+# bench/setup_cost.py --store; unchanged without history), and no more memory per idle
+# open stream (bench/memory_probe.py, 2,000 streams: 19.6-19.8 KB). An earlier try cost
+# ~0.5 KB per idle stream: each request then left ~30 objects in reference cycles, which
+# waited for a collection (fixed in app.py: the scope lets go of its Deferred).
+YOUNG_GC_THRESHOLD = 2000
+
 
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server that starts the hub's drain when asked to exit."""
@@ -52,10 +63,7 @@ class DrainingServer(uvicorn.Server):
         # with it).
         gc.collect()
         gc.freeze()
-        # The young generation's threshold stays at Python's 700: 7,000 saved ~20k
-        # instructions per short request (1.5 %) but kept ~0.5 KB more per idle open stream
-        # (bench/memory_probe.py, 2,000 streams: 20.2 KB against 19.7), past the 20 KB
-        # target of the capacity row.
+        gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
         # Buffers of 1 MB or more (a long answer's text) go back to the kernel when freed.
         memtrim.fix_mmap_threshold()
 
