@@ -252,3 +252,13 @@ async def test_shutdown_ends_every_running_answer_as_interrupted(hub_of: Any) ->
             assert end.data["state"] == "interrupted"
         with pytest.raises(ServiceUnavailable):
             await start(hub, p)
+
+
+async def test_the_answer_took_its_first_step_when_start_returns(hub_of) -> None:
+    # Its upstream request is on its way before the caller writes the response's head,
+    # so the upstream's time to answer overlaps that work (the first token, at low load).
+    async with hub_of() as (hub, p):
+        gen = await start(hub, p)
+        assert gen._relaying  # its task runs the upstream call (a new connection: begun)
+        gen.cancel(CANCEL_USER)
+        assert await cancelled_for(gen) == CANCEL_USER

@@ -219,6 +219,11 @@ class Hub:
         if grace_s is not None:
             self._grace_override[stream_id] = grace_s
         gen.start()
+        # One step for the answer's task before this request's response goes out: its
+        # upstream request is written (or its connection begun) first, so the upstream's
+        # time to answer runs while the response's head and opening are written, not
+        # after them (on the path to the first token at low load).
+        await asyncio.sleep(0)
         return gen
 
     async def _forget(self, gen: Generation) -> None:
