@@ -77,3 +77,24 @@ def test_each_loop_has_its_own_wheel():
 
         asyncio.run(main())
     assert results == ["fired", "fired"]
+
+
+async def test_cancelled_deadlines_do_not_pile_up_until_their_tick():
+    # Most deadlines are cancelled long before their time; kept until their tick they
+    # were objects for the garbage collector to walk, ~8 per short request.
+    loop = asyncio.get_running_loop()
+    fired: list[int] = []
+    done = loop.create_future()
+    when = loop.time() + 0.2
+    deadlines = [timerwheel.call_at(loop, when, fired.append, i) for i in range(200)]
+    timerwheel.call_at(loop, when + timerwheel.TICK, done.set_result, None)
+    for i, deadline in enumerate(deadlines):
+        if i % 20:
+            deadline.cancel()
+            deadline.cancel()  # twice counts once
+    [due] = [t for t in timerwheel._wheels[loop]._ticks.values() if len(t) > 1]
+    assert len(due) <= 2 * timerwheel._COMPACT_AT  # 10 live ones and the latest cancelled
+    assert all(d.tick is None for i, d in enumerate(deadlines) if i % 20)
+    await asyncio.wait_for(done, 5)
+    assert fired == list(range(0, 200, 20))
+    assert all(d.tick is None for d in deadlines)  # no cycle left with a fired tick
