@@ -109,6 +109,32 @@ def test_the_inlined_starlette_call_is_still_what_starlette_does():
     ], f"starlette {version('starlette')} changed Starlette.__call__"
 
 
+def test_the_head_that_head_hold_holds_is_still_one_write_after_response_started():
+    # protocol._HeadHold holds the cycle's first write once response_started is set (the
+    # head) and passes any earlier one (a 100 Continue in receive()): send must still set
+    # the flag, then write the whole head in one transport.write; and only receive()
+    # writes before it.
+    lines = [line.strip() for line in inspect.getsource(RequestResponseCycle.send).splitlines()]
+    path = [
+        "if not self.response_started:",
+        "self.response_started = True",
+        'content.append(b"\\r\\n")',
+        'self.transport.write(b"".join(content))',
+        "elif not self.response_complete:",
+    ]
+    missing, at = [], 0
+    for line in path:  # each in order, after the one before
+        if line in lines[at:]:
+            at = lines.index(line, at) + 1
+        else:
+            missing.append(line)
+    assert not missing, f"uvicorn {version('uvicorn')} changed the head's write: {missing}"
+    head = lines.index("self.response_started = True")
+    assert sum("self.transport.write(" in line for line in lines[head:at - 1]) == 1
+    receive = inspect.getsource(RequestResponseCycle.receive)
+    assert "self.transport.write(" in receive and "100 Continue" in receive
+
+
 def test_the_body_chunk_that_write_chunk_inlines_is_still_what_send_does():
     # protocol.write_chunk writes a chunk of a chunked response as RequestResponseCycle.send
     # does; if send grows a step on that path (or drains differently), ours would skip it.

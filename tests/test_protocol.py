@@ -339,3 +339,97 @@ async def test_a_head_that_never_ends_is_refused_once_it_outgrows_the_buffer_bou
         writer.close()
         assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
         assert b'"headers_too_large"' in answer
+
+
+# -- the head goes with the first body bytes (_HeadHold) -----------------------------------
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.response_started = False
+        self.response_complete = False
+        self.transport: Any = None
+
+
+def _held() -> tuple[_Transport, _Cycle, Any]:
+    from tokenrelay.protocol import _HeadHold
+
+    transport, cycle = _Transport(), _Cycle()
+    cycle.transport = hold = _HeadHold(transport, cycle, asyncio.get_running_loop())
+    return transport, cycle, hold
+
+
+async def test_the_head_goes_out_with_the_first_body_bytes_in_one_write():
+    transport, cycle, hold = _held()
+    hold.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the response: passes at once
+    cycle.response_started = True
+    hold.write(b"HEAD")
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    hold.write(b"BODY")
+    assert transport.writes[1:] == [b"HEADBODY"]
+    assert cycle.transport is transport  # its own transport back, for every later write
+    assert hold.get_extra_info("peername") == "info:peername"  # the rest is the transport's
+    await asyncio.sleep(0)  # the end-of-turn flush was cancelled: nothing more
+    assert len(transport.writes) == 2
+
+
+async def test_a_head_with_no_body_in_its_turn_goes_out_alone_at_the_turns_end():
+    transport, cycle, hold = _held()
+    cycle.response_started = True
+    hold.write(b"HEAD")
+    assert transport.writes == []
+    await asyncio.sleep(0)
+    assert transport.writes == [b"HEAD"] and cycle.transport is transport
+
+
+async def test_a_held_head_is_written_before_a_close_and_never_to_a_closed_transport():
+    transport, cycle, hold = _held()
+    cycle.response_started = True
+    hold.write(b"HEAD")
+    hold.close()
+    assert transport.writes == [b"HEAD"] and transport.closed
+    transport, cycle, hold = _held()
+    cycle.response_started = True
+    hold.write(b"HEAD")
+    transport.closed = True  # the client left meanwhile
+    await asyncio.sleep(0)
+    assert transport.writes == []
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent():
+    # The interim response is the cycle's first write, before any head: never held.
+    async with running_gateway(TOKENRELAY_DATABASE_URL="none") as gw:
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        body = orjson.dumps({"model": "sim-fast", "stream": False,
+                             "messages": [{"role": "user", "content": "hi"}]})
+        reader, writer = await request(port, (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "content-type: application/json\r\nexpect: 100-continue\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode())
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(re.search(rb"content-length: (\d+)", head).group(1))
+        answer = orjson.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+        assert answer["choices"][0]["message"]["content"]
+        writer.close()

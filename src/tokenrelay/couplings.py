@@ -100,6 +100,9 @@ COUPLINGS: tuple[Coupling, ...] = (
                "a pushed body chunk skips the send coroutine (its body branch, inlined)")
       for name in ("disconnected", "flow", "chunked_encoding", "response_complete",
                    "transport")),
+    *(Coupling("uvicorn", _CYCLE, name, "protocol._HeadHold",
+               "the response's head waits for its first body bytes (one write)")
+      for name in ("transport", "response_started", "response_complete")),
     *(Coupling("uvicorn", _CYCLE, name, "validation.read_json_body",
                "a body uvicorn already holds whole is read without a timer")
       for name in ("more_body", "message_event")),

@@ -16,6 +16,12 @@ open stream parked there, with its coroutine frames. This protocol puts a
 before the response ended, so the subscriber needs no listener task (it falls back to
 one under any other server).
 
+A response's head waits for its first body bytes (:class:`_HeadHold`): uvicorn writes
+the head as soon as the app sends ``http.response.start`` and the body apart, two writes
+where one does; each write to a loopback socket also runs the client's receive in the
+kernel and wakes it. The head goes with the first body bytes written in the same turn of
+the event loop, or alone at the end of that turn.
+
 It also bounds what a client may hold before the app sees a request, which plain uvicorn
 does not (:class:`HeadLimits`, read from the app's settings): a request head must be
 complete within ``header_timeout_s`` (else ``408`` and close; a connection that sent
@@ -106,6 +112,52 @@ def write_chunk(cycle: RequestResponseCycle, data: bytes) -> bool:
     if data:
         cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
     return True
+
+
+class _HeadHold:
+    """A request cycle's transport until its response's head has gone out (see the module
+    docstring): the head is held, then written with the next bytes the cycle writes, or
+    alone by a loop callback at the end of this turn; then the cycle gets its transport
+    back. Anything else is the transport's own (a ``100 Continue`` before the head, too)."""
+
+    __slots__ = ("_cycle", "_handle", "_head", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._loop = loop
+        self._head = b""
+        self._handle: asyncio.Handle | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head:
+            self._release(self._head + data)
+        elif self._cycle.response_started and not self._cycle.response_complete:
+            self._head = data
+            self._handle = self._loop.call_soon(self._flush)
+        else:
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def _flush(self) -> None:
+        if self._head:
+            self._release(self._head)
+
+    def _release(self, data: bytes) -> None:
+        self._head = b""
+        self._cycle.transport = self._transport
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _HeadRefused(Exception):
@@ -294,6 +346,7 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         if cycle is None or cycle is before:
             return  # an upgrade (websocket) request: no new request cycle
         _lean(cycle.message_event)
+        cycle.transport = _HeadHold(cycle.transport, cycle, self.loop)  # type: ignore[assignment]
         # A scope extension: not a key of uvicorn's HTTPScope TypedDict.
         cycle.scope[ON_DISCONNECT] = Disconnect()  # type: ignore[literal-required]
 
