@@ -109,25 +109,35 @@ def test_the_inlined_starlette_call_is_still_what_starlette_does():
     ], f"starlette {version('starlette')} changed Starlette.__call__"
 
 
+def _send_lines() -> list[str]:
+    return [line.strip() for line in inspect.getsource(RequestResponseCycle.send).splitlines()]
+
+
+def _in_order(lines: list[str], path: list[str]) -> tuple[list[str], int]:
+    """The lines of ``path`` not found in ``lines`` each after the one before, and the
+    index just past the last one found."""
+    missing, at = [], 0
+    for line in path:
+        if line in lines[at:]:
+            at = lines.index(line, at) + 1
+        else:
+            missing.append(line)
+    return missing, at
+
+
 def test_the_head_that_head_hold_holds_is_still_one_write_after_response_started():
     # protocol._HeadHold holds the cycle's first write once response_started is set (the
     # head) and passes any earlier one (a 100 Continue in receive()): send must still set
     # the flag, then write the whole head in one transport.write; and only receive()
     # writes before it.
-    lines = [line.strip() for line in inspect.getsource(RequestResponseCycle.send).splitlines()]
-    path = [
+    lines = _send_lines()
+    missing, at = _in_order(lines, [
         "if not self.response_started:",
         "self.response_started = True",
         'content.append(b"\\r\\n")',
         'self.transport.write(b"".join(content))',
         "elif not self.response_complete:",
-    ]
-    missing, at = [], 0
-    for line in path:  # each in order, after the one before
-        if line in lines[at:]:
-            at = lines.index(line, at) + 1
-        else:
-            missing.append(line)
+    ])
     assert not missing, f"uvicorn {version('uvicorn')} changed the head's write: {missing}"
     head = lines.index("self.response_started = True")
     assert sum("self.transport.write(" in line for line in lines[head:at - 1]) == 1
@@ -138,8 +148,7 @@ def test_the_head_that_head_hold_holds_is_still_one_write_after_response_started
 def test_the_body_chunk_that_write_chunk_inlines_is_still_what_send_does():
     # protocol.write_chunk writes a chunk of a chunked response as RequestResponseCycle.send
     # does; if send grows a step on that path (or drains differently), ours would skip it.
-    lines = [line.strip() for line in inspect.getsource(RequestResponseCycle.send).splitlines()]
-    path = [
+    missing, _ = _in_order(_send_lines(), [
         "if self.flow.write_paused and not self.disconnected:",
         "await self.flow.drain()  # pragma: full coverage",
         "if self.disconnected:",
@@ -157,13 +166,7 @@ def test_the_body_chunk_that_write_chunk_inlines_is_still_what_send_does():
         "if not more_body:",
         'content.append(b"0\\r\\n\\r\\n")',
         'self.transport.write(b"".join(content))',
-    ]
-    missing, at = [], 0
-    for line in path:  # each in order, after the one before
-        if line in lines[at:]:
-            at = lines.index(line, at) + 1
-        else:
-            missing.append(line)
+    ])
     assert not missing, (
         f"uvicorn {version('uvicorn')} changed the body branch of RequestResponseCycle.send "
         f"(missing or moved: {missing})")
