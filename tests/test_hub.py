@@ -262,3 +262,22 @@ async def test_the_answer_took_its_first_step_when_start_returns(hub_of) -> None
         assert gen._relaying  # its task runs the upstream call (a new connection: begun)
         gen.cancel(CANCEL_USER)
         assert await cancelled_for(gen) == CANCEL_USER
+
+
+async def test_a_start_cancelled_at_its_first_step_cancels_the_answer(
+        hub_of, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The request that started it is gone (the server is stopping): nobody will follow it.
+    started = Generation.start
+
+    def start_then_cancel_the_caller(gen: Generation) -> None:
+        started(gen)
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # delivered at the caller's next await: the first step's yield
+
+    monkeypatch.setattr(Generation, "start", start_then_cancel_the_caller)
+    async with hub_of() as (hub, p):
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.ensure_future(start(hub, p))
+        [gen] = hub.generations.values()
+        assert await cancelled_for(gen) == CANCEL_ABANDONED

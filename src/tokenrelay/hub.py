@@ -223,7 +223,11 @@ class Hub:
         # upstream request is written (or its connection begun) first, so the upstream's
         # time to answer runs while the response's head and opening are written, not
         # after them (on the path to the first token at low load).
-        await asyncio.sleep(0)
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            gen.cancel(CANCEL_ABANDONED)  # its request is gone: nobody will follow it
+            raise
         return gen
 
     async def _forget(self, gen: Generation) -> None:

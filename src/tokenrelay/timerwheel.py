@@ -56,8 +56,8 @@ class Deadline:
     def __init__(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
         self.callback: Callable[..., object] | None = callback
         self.args = args
-        # Its tick's list until that fires (a reference cycle only while both are in the
-        # wheel: _fire and compact() break it).
+        # Its tick's list until that fires or this is cancelled (a reference cycle only
+        # while both are in the wheel: _fire and cancel() break it).
         self.tick: _Tick | None = None
 
     def cancel(self) -> None:
