@@ -724,13 +724,17 @@ class SQLStore(Store):
     async def _take_kept(self, engine: AsyncEngine) -> AsyncConnection:
         """The writer's kept connection (a new one if none, or unused too long)."""
         conn, self._kept = self._kept, None
-        if conn is not None and time.monotonic() - self._kept_at > KEEP_IDLE_S:
+        return await self._usable(engine, conn, self._kept_at)
+
+    async def _usable(self, engine: AsyncEngine, conn: AsyncConnection | None,
+                      used_at: float) -> AsyncConnection:
+        """``conn`` if it was used within ``KEEP_IDLE_S`` (a server may close an idle
+        one), else a new connection (the old one closed)."""
+        if conn is not None and time.monotonic() - used_at > KEEP_IDLE_S:
             with contextlib.suppress(Exception):
                 await conn.close()
             conn = None
-        if conn is None:
-            conn = await self._connect(engine)
-        return conn
+        return conn if conn is not None else await self._connect(engine)
 
     async def _alone(self, statement: str, row: tuple[Any, ...]) -> None:
         """The writer's batch of one row of one statement, on PostgreSQL: the statement
@@ -756,12 +760,7 @@ class SQLStore(Store):
         self._reading = True
         try:
             conn, self._reader = self._reader, None
-            if conn is not None and time.monotonic() - self._reader_at > KEEP_IDLE_S:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                conn = None
-            if conn is None:
-                conn = await self._connect(engine)
+            conn = await self._usable(engine, conn, self._reader_at)
             rows: list[Any] = await _on_driver(conn, "fetch", statement, params)
             self._reader, self._reader_at = conn, time.monotonic()
             return rows
