@@ -369,6 +369,15 @@ class _Cycle:
         self.transport: Any = None
 
 
+async def _queued_callbacks_ran() -> None:
+    """Return once the loop has run every callback queued before this call (a loop runs
+    its ready callbacks in order): the end of the turn a held head waits for."""
+    loop = asyncio.get_running_loop()
+    ran = loop.create_future()
+    loop.call_soon(ran.set_result, None)
+    await ran
+
+
 def _held() -> tuple[_Transport, _Cycle, Any]:
     from tokenrelay.protocol import _HeadHold
 
@@ -387,7 +396,7 @@ async def test_the_head_goes_out_with_the_first_body_bytes_in_one_write():
     assert transport.writes[1:] == [b"HEADBODY"]
     assert cycle.transport is transport  # its own transport back, for every later write
     assert hold.get_extra_info("peername") == "info:peername"  # the rest is the transport's
-    await asyncio.sleep(0)  # the end-of-turn flush was cancelled: nothing more
+    await _queued_callbacks_ran()  # the end-of-turn flush was cancelled: nothing more
     assert len(transport.writes) == 2
 
 
@@ -396,7 +405,7 @@ async def test_a_head_with_no_body_in_its_turn_goes_out_alone_at_the_turns_end()
     cycle.response_started = True
     hold.write(b"HEAD")
     assert transport.writes == []
-    await asyncio.sleep(0)
+    await _queued_callbacks_ran()
     assert transport.writes == [b"HEAD"] and cycle.transport is transport
 
 
@@ -410,7 +419,7 @@ async def test_a_held_head_is_written_before_a_close_and_never_to_a_closed_trans
     cycle.response_started = True
     hold.write(b"HEAD")
     transport.closed = True  # the client left meanwhile
-    await asyncio.sleep(0)
+    await _queued_callbacks_ran()
     assert transport.writes == []
 
 

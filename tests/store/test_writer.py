@@ -114,7 +114,7 @@ async def test_answers_that_end_a_loop_turn_apart_share_one_transaction(
         ends = []
         for i in range(len(turns)):
             ends.append(asyncio.ensure_future(store.finish_assistant(f"m{i}", done(f"a{i}"))))
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the next answer ends on the next turn: the scenario itself
         return ends
 
     await asyncio.gather(*await one_a_turn())
